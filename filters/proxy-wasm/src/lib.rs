@@ -1,0 +1,171 @@
+//! agentgate as a proxy-wasm HTTP filter: host calls in, the core's decision out.
+//! Only `proxy_wasm::hostcalls` are used: the SDK's trait helpers unwrap host statuses and a
+//! panic would abort the VM (and every request on that worker).
+
+use agentgate::{Action, Gate, Reason, Request};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action as HostAction, BufferType, ContextType, LogLevel, MapType, MetricType};
+use std::rc::Rc;
+use std::time::UNIX_EPOCH;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| Box::new(Root::default()));
+}}
+
+/// Counters, defined once per VM. A failed definition leaves the counter out (metrics must
+/// never stop a request).
+#[derive(Default)]
+struct Metrics {
+    allowed: Option<u32>,
+    dry_run_denied: Option<u32>,
+    denied: Vec<(Reason, u32)>,
+}
+
+impl Metrics {
+    fn define() -> Metrics {
+        let counter = |name: &str| hostcalls::define_metric(MetricType::Counter, name).ok();
+        Metrics {
+            allowed: counter("agentgate.allowed"),
+            dry_run_denied: counter("agentgate.dry_run.denied"),
+            denied: Reason::ALL.iter().filter_map(|&r| counter(&r.metric()).map(|id| (r, id))).collect(),
+        }
+    }
+
+    fn count(&self, reason: Option<Reason>, dry_run: bool) {
+        let bump = |id: Option<u32>| {
+            if let Some(id) = id {
+                let _ = hostcalls::increment_metric(id, 1);
+            }
+        };
+        match reason {
+            None => bump(self.allowed),
+            Some(reason) => {
+                bump(self.denied.iter().find(|(r, _)| *r == reason).map(|&(_, id)| id));
+                if dry_run {
+                    bump(self.dry_run_denied);
+                }
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Root {
+    gate: Option<Rc<Gate>>,
+    metrics: Rc<Metrics>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
+        self.metrics = Rc::new(Metrics::define());
+        true
+    }
+
+    /// Returning false makes Envoy refuse the plugin: a bad policy never serves traffic.
+    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        let config = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return refuse("no policy configured (set the plugin configuration)"),
+            Err(status) => return refuse(&format!("cannot read the plugin configuration: {status:?}")),
+        };
+        let Ok(json) = std::str::from_utf8(&config) else {
+            return refuse("the plugin configuration is not UTF-8");
+        };
+        match Gate::from_json(json) {
+            Ok(gate) => {
+                let policy = gate.policy();
+                log(LogLevel::Info, &format!(
+                    "agentgate: policy loaded ({} providers, {} rules, mode {:?})",
+                    policy.providers.len(),
+                    policy.rules.len(),
+                    policy.mode
+                ));
+                self.gate = Some(Rc::new(gate));
+                true
+            }
+            Err(error) => refuse(&format!("invalid policy: {error}")),
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Filter { gate: self.gate.clone(), metrics: Rc::clone(&self.metrics) }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+fn refuse(message: &str) -> bool {
+    log(LogLevel::Error, &format!("agentgate: {message}"));
+    false
+}
+
+fn log(level: LogLevel, message: &str) {
+    let _ = hostcalls::log(level, message);
+}
+
+struct Filter {
+    gate: Option<Rc<Gate>>,
+    metrics: Rc<Metrics>,
+}
+
+impl Context for Filter {}
+
+impl HttpContext for Filter {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> HostAction {
+        let headers = hostcalls::get_map(MapType::HttpRequestHeaders);
+        let now = hostcalls::get_current_time().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok());
+        // Fail closed: without a policy, headers or a clock nothing can be verified.
+        let (gate, headers, now) = match (&self.gate, headers, now) {
+            (Some(gate), Ok(headers), Some(now)) => (gate, headers, now),
+            (None, _, _) => return self.refuse_request(Reason::NotConfigured),
+            _ => return self.refuse_request(Reason::HostError),
+        };
+        let pseudo = |name: &str| headers.iter().find(|(n, _)| n == name).map_or("", |(_, v)| v.as_str());
+        let request = Request {
+            method: pseudo(":method"),
+            path: pseudo(":path"),
+            headers: &headers,
+            now: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
+        };
+        let decision = gate.evaluate(&request);
+        log(LogLevel::Info, &format!("agentgate audit {}", decision.audit.to_json()));
+        self.metrics.count(decision.reason, decision.dry_run);
+        apply(&decision.action)
+    }
+}
+
+impl Filter {
+    fn refuse_request(&self, reason: Reason) -> HostAction {
+        log(LogLevel::Error, &format!("agentgate: request denied: {reason}"));
+        self.metrics.count(Some(reason), false);
+        apply(&Action::deny(reason, None))
+    }
+}
+
+fn apply(action: &Action) -> HostAction {
+    match action {
+        Action::Continue { remove, set } => {
+            for name in remove {
+                let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+            }
+            for (name, value) in set {
+                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
+            }
+            HostAction::Continue
+        }
+        Action::Respond { status, headers, body } => {
+            let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            if hostcalls::send_http_response(u32::from(*status), headers, Some(body.as_bytes())).is_err() {
+                // The host could not answer for us: stop the stream rather than let it through.
+                let _ = hostcalls::reset_http_request();
+            }
+            HostAction::Pause
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! The policy as users write it (JSON). Parsing only: every field is typed, unknown fields
+//! are rejected, and an error names the JSON path. [`crate::policy`] compiles it.
+
+use serde::Deserialize;
+use serde_json::Value;
+use std::fmt;
+
+/// A policy error a user can act on: where in the JSON, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// JSON path such as `rules[0].match.path`; empty for the document itself.
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn at(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError { path: path.into(), message: message.into() }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "policy: {}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Denied requests are refused.
+    #[default]
+    Enforce,
+    /// Decisions are computed, logged and sent upstream in the audit headers, but nothing is
+    /// blocked: how a new policy is rolled out safely.
+    DryRun,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    #[serde(default)]
+    pub mode: Mode,
+    pub providers: Vec<ProviderConfig>,
+    pub rules: Vec<RuleConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub name: String,
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub algorithms: Vec<String>,
+    pub jwks: JwksConfig,
+    #[serde(default = "default_clock_skew")]
+    pub clock_skew_seconds: u64,
+}
+
+pub const DEFAULT_CLOCK_SKEW_SECONDS: u64 = 30;
+pub const MAX_CLOCK_SKEW_SECONDS: u64 = 300;
+
+fn default_clock_skew() -> u64 {
+    DEFAULT_CLOCK_SKEW_SECONDS
+}
+
+/// An inline JSON Web Key Set (RFC 7517 section 5). Keys stay raw here: each is checked and
+/// decoded, with its own path in errors, when the policy is compiled.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwksConfig {
+    pub keys: Vec<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub matcher: MatchConfig,
+    #[serde(default)]
+    pub require: RequireConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    /// HTTP methods; absent means any method.
+    pub methods: Option<Vec<String>>,
+    /// Path template such as `/invoices/{id}` or `/files/{*rest}`; absent means any path.
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequireConfig {
+    /// Every one of these must be granted by the token's `scope` (or `scp`) claim.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
+
+/// Parses a policy document, reporting the JSON path of the first error.
+pub fn parse(json: &str) -> Result<PolicyConfig, ConfigError> {
+    let mut de = serde_json::Deserializer::from_str(json);
+    let parsed: PolicyConfig = serde_path_to_error::deserialize(&mut de).map_err(|err| {
+        let path = err.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        ConfigError::at(path, strip_position(&err.inner().to_string()))
+    })?;
+    de.end().map_err(|err| ConfigError::at("", err.to_string()))?;
+    Ok(parsed)
+}
+
+/// serde_json appends " at line L column C" to data errors; with the JSON path given the
+/// position only adds noise, except for syntax errors where it is all there is.
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(at) if !message.starts_with("expected") && !message.starts_with("EOF") => {
+            message.get(..at).unwrap_or(message).to_string()
+        }
+        _ => message.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(json: &str) -> String {
+        match parse(json) {
+            Ok(_) => String::from("<accepted>"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn unknown_field_is_rejected_with_its_path() {
+        let e = err(r#"{"providers": [], "rules": [{"name": "r", "match": {"paths": "/x"}}]}"#);
+        assert!(e.starts_with("rules[0].match: unknown field `paths`"), "{e}");
+    }
+
+    #[test]
+    fn invalid_mode_names_the_field() {
+        let e = err(r#"{"mode": "audit", "providers": [], "rules": []}"#);
+        assert!(e.starts_with("mode: unknown variant `audit`"), "{e}");
+    }
+
+    #[test]
+    fn missing_required_field_is_reported() {
+        let e = err(r#"{"providers": []}"#);
+        assert_eq!(e, "policy: missing field `rules`");
+    }
+
+    #[test]
+    fn syntax_error_keeps_its_position() {
+        let e = err("{\"providers\": [,]}");
+        assert!(e.contains("line 1 column"), "{e}");
+    }
+
+    #[test]
+    fn mode_defaults_to_enforce_and_skew_to_30s() {
+        let p = parse(
+            r#"{"providers": [{"name": "a", "issuer": "i", "audiences": ["x"], "algorithms": ["ES256"], "jwks": {"keys": []}}], "rules": []}"#,
+        );
+        let p = p.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(p.mode, Mode::Enforce);
+        assert_eq!(p.providers.first().map(|p| p.clock_skew_seconds), Some(30));
+    }
+}

@@ -1,0 +1,21 @@
+//! agentgate core: host-independent policy, token verification, rules, decision and audit.
+//!
+//! The pipeline is one module per stage: [`extract`] → [`verify`] → [`authorize`] →
+//! [`audit`], driven by [`gate::Gate::evaluate`]. Every denial is one [`reason::Reason`].
+//! Hosts (the proxy-wasm filter, the CLI) fill a [`gate::Request`] and apply the
+//! [`gate::Action`]; none of them holds policy logic.
+
+pub mod audit;
+pub mod authorize;
+pub mod config;
+pub mod extract;
+pub mod gate;
+pub mod keys;
+pub mod policy;
+pub mod reason;
+mod routes;
+pub mod verify;
+
+pub use config::{ConfigError, Mode};
+pub use gate::{Action, Decision, Gate, Request};
+pub use reason::Reason;

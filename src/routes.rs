@@ -1,0 +1,205 @@
+//! Rule lookup by path: every distinct path template goes into one matchit router, so the
+//! cost of finding a request's rule does not grow with the number of rules.
+//!
+//! A router answers with the most specific template, but rules are "first match wins". To
+//! keep that exact, each template also lists the templates that could match some of the same
+//! paths (found once, at configure time); only those are checked in addition, and in
+//! practice there are few.
+
+use matchit::Router;
+
+/// Compiled path templates and which rules use them.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    router: Router<usize>,
+    templates: Vec<Template>,
+    /// Rules without a path template: they match every path.
+    any_path: Vec<usize>,
+}
+
+#[derive(Debug)]
+struct Template {
+    source: String,
+    /// Indices of the rules using this template, ascending.
+    rules: Vec<usize>,
+    /// Other templates that may match the same paths.
+    overlaps: Vec<usize>,
+    /// This template alone, to test one overlapping template against a path.
+    alone: Router<()>,
+}
+
+impl RouteTable {
+    /// Adds rule `rule` (rules must be added in ascending order) for `template`, or for every
+    /// path when `None`. Errors are messages for the rule's `match.path`.
+    pub fn add(&mut self, rule: usize, template: Option<&str>) -> Result<(), String> {
+        let Some(template) = template else {
+            self.any_path.push(rule);
+            return Ok(());
+        };
+        validate_template(template)?;
+        if let Some(existing) = self.templates.iter_mut().find(|t| t.source == template) {
+            existing.rules.push(rule);
+            return Ok(());
+        }
+        let id = self.templates.len();
+        self.router.insert(template, id).map_err(|e| format!("invalid path template: {e}"))?;
+        let mut alone = Router::new();
+        alone.insert(template, ()).map_err(|e| format!("invalid path template: {e}"))?;
+        self.templates.push(Template { source: template.to_string(), rules: vec![rule], overlaps: Vec::new(), alone });
+        Ok(())
+    }
+
+    /// Computes the overlap lists; call once after all rules are added.
+    pub fn finish(&mut self) {
+        let overlaps: Vec<Vec<usize>> = {
+            let shapes: Vec<Vec<Segment<'_>>> = self.templates.iter().map(|t| segments(&t.source)).collect();
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(i, mine)| {
+                    shapes
+                        .iter()
+                        .enumerate()
+                        .filter(|&(j, other)| j != i && may_overlap(mine, other))
+                        .map(|(j, _)| j)
+                        .collect()
+                })
+                .collect()
+        };
+        for (template, overlaps) in self.templates.iter_mut().zip(overlaps) {
+            template.overlaps = overlaps;
+        }
+    }
+
+    /// The lowest-numbered rule whose template matches `path` and for which `accept` holds.
+    pub fn first_match(&self, path: &str, accept: impl Fn(usize) -> bool) -> Option<usize> {
+        let first = |rules: &[usize]| rules.iter().copied().find(|&r| accept(r));
+        let mut best = first(&self.any_path);
+        let mut consider = |candidate: Option<usize>| {
+            if let Some(c) = candidate {
+                best = Some(best.map_or(c, |b| b.min(c)));
+            }
+        };
+        if let Ok(found) = self.router.at(path) {
+            if let Some(template) = self.templates.get(*found.value) {
+                consider(first(&template.rules));
+                for other in template.overlaps.iter().filter_map(|&j| self.templates.get(j)) {
+                    if other.alone.at(path).is_ok() {
+                        consider(first(&other.rules));
+                    }
+                }
+            }
+        }
+        best
+    }
+}
+
+fn validate_template(template: &str) -> Result<(), String> {
+    if !template.starts_with('/') {
+        return Err("must start with '/'".into());
+    }
+    if template.contains(['?', '#']) {
+        return Err("must not contain a query or fragment".into());
+    }
+    if template.split('/').any(|s| s == "." || s == "..") {
+        return Err("must not contain '.' or '..' segments".into());
+    }
+    Ok(())
+}
+
+#[derive(Debug, PartialEq)]
+enum Segment<'a> {
+    Static(&'a str),
+    Param,
+    CatchAll,
+}
+
+fn segments(template: &str) -> Vec<Segment<'_>> {
+    template
+        .split('/')
+        .map(|s| match s {
+            s if s.starts_with("{*") => Segment::CatchAll,
+            // Segments with a parameter inside (`img-{id}.png`) are treated as parameters:
+            // this check may over-approximate, never miss an overlap.
+            s if s.contains('{') => Segment::Param,
+            s => Segment::Static(s),
+        })
+        .collect()
+}
+
+fn may_overlap(a: &[Segment<'_>], b: &[Segment<'_>]) -> bool {
+    for (x, y) in a.iter().zip(b) {
+        match (x, y) {
+            (Segment::CatchAll, _) | (_, Segment::CatchAll) => return true,
+            (Segment::Static(x), Segment::Static(y)) if x != y => return false,
+            _ => {}
+        }
+    }
+    a.len() == b.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(templates: &[Option<&str>]) -> RouteTable {
+        let mut t = RouteTable::default();
+        for (i, template) in templates.iter().enumerate() {
+            if let Err(e) = t.add(i, *template) {
+                panic!("{template:?}: {e}");
+            }
+        }
+        t.finish();
+        t
+    }
+
+    #[test]
+    fn parameter_and_static_templates_match() {
+        let t = table(&[Some("/invoices/{id}"), Some("/health")]);
+        assert_eq!(t.first_match("/invoices/42", |_| true), Some(0));
+        assert_eq!(t.first_match("/health", |_| true), Some(1));
+        assert_eq!(t.first_match("/invoices", |_| true), None);
+        assert_eq!(t.first_match("/invoices/42/pay", |_| true), None);
+    }
+
+    #[test]
+    fn first_rule_wins_even_when_a_later_one_is_more_specific() {
+        let t = table(&[Some("/invoices/{id}"), Some("/invoices/special")]);
+        assert_eq!(t.first_match("/invoices/special", |_| true), Some(0));
+        // ...but when the first rule does not accept the request, the later one still can.
+        assert_eq!(t.first_match("/invoices/special", |r| r == 1), Some(1));
+    }
+
+    #[test]
+    fn catch_all_and_pathless_rules_take_part_in_order() {
+        let t = table(&[Some("/files/{*rest}"), None, Some("/files/a/b")]);
+        assert_eq!(t.first_match("/files/a/b", |r| r != 0), Some(1));
+        assert_eq!(t.first_match("/anything", |_| true), Some(1));
+        assert_eq!(t.first_match("/files/x/y/z", |_| true), Some(0));
+    }
+
+    #[test]
+    fn rules_sharing_a_template_keep_their_order() {
+        let t = table(&[Some("/a/{x}"), Some("/a/{x}")]);
+        assert_eq!(t.first_match("/a/1", |r| r == 1), Some(1));
+        assert_eq!(t.first_match("/a/1", |_| true), Some(0));
+    }
+
+    #[test]
+    fn bad_templates_are_explained() {
+        let mut t = RouteTable::default();
+        assert_eq!(t.add(0, Some("invoices")), Err("must start with '/'".into()));
+        assert!(t.add(0, Some("/a/{*rest}/b")).is_err_and(|e| e.starts_with("invalid path template")));
+        assert!(t.add(0, Some("/a/../b")).is_err());
+        assert!(t.add(0, Some("/a?x=1")).is_err());
+    }
+
+    #[test]
+    fn overlap_detection() {
+        let s = |t| segments(t);
+        assert!(may_overlap(&s("/a/{x}"), &s("/a/b")));
+        assert!(!may_overlap(&s("/a/{x}"), &s("/b/{x}")));
+        assert!(!may_overlap(&s("/a/{x}"), &s("/a/{x}/c")));
+        assert!(may_overlap(&s("/a/{*rest}"), &s("/a/b/c")));
+    }
+}

@@ -1,0 +1,180 @@
+//! The release filter in the real Envoy 1.40: statuses, challenges, audit headers as the
+//! upstream receives them, audit records and counters, and refusal of a bad policy.
+
+use agentgate_test_harness::envoy::{validate, Envoy};
+use agentgate_test_harness::tokens::{agent_claims, now, policy, read_invoice_rule, Signer, AUDIENCE};
+use agentgate_test_harness::upstream::Upstream;
+use serde_json::{json, Value};
+
+struct Setup {
+    envoy: Envoy,
+    signer: Signer,
+    _upstream: Upstream,
+}
+
+fn start_with(signer: Signer, jwks: Value, mode: &str) -> Setup {
+    let upstream = Upstream::start();
+    let envoy = Envoy::start(&policy(&jwks, &read_invoice_rule(), mode), upstream.port).unwrap_or_else(|e| panic!("{e}"));
+    Setup { envoy, signer, _upstream: upstream }
+}
+
+fn start() -> Setup {
+    let signer = Signer::es256("es-1", 1);
+    let jwks = signer.jwks();
+    start_with(signer, jwks, "enforce")
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+#[test]
+fn allowed_request_reaches_upstream_with_audit_headers() {
+    let s = start();
+    let token = s.signer.sign(&agent_claims("agent-7", "invoices:read", now()));
+    let r = s.envoy.get("/invoices/42", &[("authorization", &bearer(&token)), ("x-request-id", "req-123")]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.upstream_header("x-agent-id").as_deref(), Some("agent-7"));
+    assert_eq!(r.upstream_header("x-agent-decision").as_deref(), Some("allow"));
+    assert_eq!(r.upstream_header("x-agent-rule").as_deref(), Some("read-invoice"));
+    assert_eq!(r.upstream_header("x-agent-audit-id").as_deref(), Some("req-123"));
+
+    let records = s.envoy.audit_records();
+    let record = records.last().unwrap_or_else(|| panic!("no audit record in:\n{}", s.envoy.logs()));
+    assert_eq!(record["decision"], "allow");
+    assert_eq!(record["agent"], "agent-7");
+    assert_eq!(record["rule"], "read-invoice");
+    assert_eq!(record["audit_id"], "req-123");
+}
+
+#[test]
+fn forged_agent_headers_are_removed_before_the_upstream_sees_them() {
+    let s = start();
+    let token = s.signer.sign(&agent_claims("agent-7", "invoices:read", now()));
+    let r = s.envoy.get(
+        "/invoices/42",
+        &[
+            ("authorization", &bearer(&token)),
+            ("x-agent-id", "root"),
+            ("X-Agent-Rule", "admin"),
+            ("x-agent-on-behalf-of", "ceo"),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.upstream_header("x-agent-id").as_deref(), Some("agent-7"));
+    assert_eq!(r.upstream_header("x-agent-rule").as_deref(), Some("read-invoice"));
+    assert_eq!(r.upstream_header("x-agent-on-behalf-of"), None);
+}
+
+#[test]
+fn every_supported_algorithm_is_accepted() {
+    let signers = [Signer::es256("es", 1), Signer::rs256("rs", 1), Signer::ps256("ps", 1), Signer::eddsa("ed", 1)];
+    let jwks = json!({"keys": signers.iter().map(Signer::jwk).collect::<Vec<_>>()});
+    let s = start_with(Signer::es256("es", 1), jwks, "enforce");
+    for signer in &signers {
+        let token = signer.sign(&agent_claims("agent-7", "invoices:read", now()));
+        let r = s.envoy.get("/invoices/1", &[("authorization", &bearer(&token))]);
+        assert_eq!(r.status, 200, "{}: {}", signer.alg, r.body);
+    }
+}
+
+#[test]
+fn missing_token_gets_a_bare_bearer_challenge() {
+    let s = start();
+    let r = s.envoy.get("/invoices/42", &[("x-request-id", "req-1")]);
+    assert_eq!(r.status, 401);
+    assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+    assert_eq!(r.header("x-agent-audit-id"), Some("req-1"));
+    assert_eq!(s.envoy.audit_records().last().map(|r| r["reason"].clone()), Some(json!("missing_token")));
+}
+
+#[test]
+fn invalid_tokens_get_401_invalid_token() {
+    let s = start();
+    let t = now();
+    let other_key = Signer::es256("es-1", 2);
+    let mut wrong_audience = agent_claims("agent-7", "invoices:read", t);
+    wrong_audience["aud"] = json!("https://other.example.com");
+    let mut expired = agent_claims("agent-7", "invoices:read", t - 3600);
+    expired["exp"] = json!(t - 600);
+    let cases = [
+        ("expired", s.signer.sign(&expired)),
+        ("bad_signature", other_key.sign(&agent_claims("agent-7", "invoices:read", t))),
+        ("audience_mismatch", s.signer.sign(&wrong_audience)),
+        ("malformed", "not-a-jwt".to_string()),
+        ("alg_not_allowed", s.signer.sign_with_header(&json!({"alg": "none", "kid": "es-1"}), &agent_claims("a", "invoices:read", t))),
+    ];
+    for (reason, token) in cases {
+        let r = s.envoy.get("/invoices/42", &[("authorization", &bearer(&token))]);
+        assert_eq!(r.status, 401, "{reason}: {}", r.body);
+        let challenge = r.header("www-authenticate").unwrap_or_default();
+        assert!(challenge.starts_with("Bearer error=\"invalid_token\""), "{reason}: {challenge}");
+        assert_eq!(r.json()["error"], "invalid_token", "{reason}");
+        // Only expiry is told to the client (so a legitimate agent refreshes); the rest stays in the audit record.
+        if reason != "expired" {
+            assert!(!r.body.contains(reason), "client body must not carry the precise reason: {}", r.body);
+        }
+        assert_eq!(s.envoy.audit_records().last().map(|r| r["reason"].clone()), Some(json!(reason)));
+    }
+    // The filter survived every one of them.
+    let ok = s.signer.sign(&agent_claims("agent-7", "invoices:read", t));
+    assert_eq!(s.envoy.get("/invoices/42", &[("authorization", &bearer(&ok))]).status, 200);
+}
+
+#[test]
+fn valid_token_without_the_rule_scope_gets_403() {
+    let s = start();
+    let token = s.signer.sign(&agent_claims("agent-7", "invoices:write", now()));
+    for path in ["/invoices/42", "/payroll/1"] {
+        let r = s.envoy.get(path, &[("authorization", &bearer(&token))]);
+        assert_eq!(r.status, 403, "{path}");
+        let challenge = r.header("www-authenticate").unwrap_or_default();
+        assert!(challenge.starts_with("Bearer error=\"insufficient_scope\""), "{challenge}");
+    }
+    let reasons: Vec<Value> = s.envoy.audit_records().iter().map(|r| r["reason"].clone()).collect();
+    assert_eq!(reasons, [json!("insufficient_scope"), json!("no_matching_rule")]);
+}
+
+#[test]
+fn dry_run_lets_a_denied_request_through_marked_deny() {
+    let signer = Signer::eddsa("ed", 3);
+    let jwks = signer.jwks();
+    let s = start_with(signer, jwks, "dry_run");
+    let token = s.signer.sign(&agent_claims("agent-7", "invoices:write", now()));
+    let r = s.envoy.get("/invoices/42", &[("authorization", &bearer(&token))]);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.upstream_header("x-agent-decision").as_deref(), Some("deny"));
+    assert_eq!(r.upstream_header("x-agent-reason").as_deref(), Some("insufficient_scope"));
+    assert_eq!(r.upstream_header("x-agent-dry-run").as_deref(), Some("true"));
+}
+
+#[test]
+fn counters_show_in_envoy_stats() {
+    let s = start();
+    let token = s.signer.sign(&agent_claims("agent-7", "invoices:read", now()));
+    s.envoy.get("/invoices/1", &[("authorization", &bearer(&token))]);
+    s.envoy.get("/invoices/1", &[]);
+    s.envoy.get("/invoices/1", &[]);
+    let stats = s.envoy.admin("/stats?filter=agentgate").body;
+    assert!(stats.contains("agentgate.allowed: 1"), "{stats}");
+    assert!(stats.contains("agentgate.denied.missing_token: 2"), "{stats}");
+}
+
+#[test]
+fn invalid_policy_makes_envoy_refuse_the_filter() {
+    let signer = Signer::es256("es-1", 1);
+    let bad_rules = json!([{"name": "r", "match": {"path": "invoices/{id}"}}]);
+    let (accepted, output) = validate(&policy(&signer.jwks(), &bad_rules, "enforce"));
+    assert!(!accepted, "envoy accepted an invalid policy:\n{output}");
+    assert!(output.contains("agentgate: invalid policy: rules[0].match.path: must start with '/'"), "{output}");
+
+    let (accepted, output) = validate(&policy(&signer.jwks(), &read_invoice_rule(), "enforce"));
+    assert!(accepted, "envoy refused a valid policy:\n{output}");
+}
+
+#[test]
+fn audience_constant_is_what_the_policy_trusts() {
+    // Guards the fixtures themselves: the e2e policy trusts exactly the audience tokens carry.
+    let p: Value = serde_json::from_str(&policy(&json!({"keys": []}), &json!([]), "enforce")).unwrap_or_default();
+    assert_eq!(p["providers"][0]["audiences"], json!([AUDIENCE]));
+}
