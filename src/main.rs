@@ -1,1 +1,108 @@
-fn main() {}
+//! `agentgate`: the same core as the filter, from the command line.
+//!
+//! * `agentgate eval --config POLICY.json --method GET --path /invoices/1 [--header 'name: value']... [--now SECS]`
+//!   prints the decision as JSON; exit 0 on allow, 1 on deny, 2 on usage or policy error.
+//! * `agentgate check-config POLICY.json` validates a policy; exit 0, or 2 with the error.
+
+use agentgate::{Action, Gate, Request};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Map, Value};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+#[derive(Parser)]
+#[command(name = "agentgate", version, about = "Evaluate and check agentgate policies")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Decide one request against a policy, exactly as the filter would.
+    Eval {
+        /// The policy file (JSON).
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// The request path, query string included if any.
+        #[arg(long)]
+        path: String,
+        /// A request header as 'name: value'; repeatable.
+        #[arg(long = "header", value_name = "NAME: VALUE", value_parser = parse_header)]
+        headers: Vec<(String, String)>,
+        /// The time to decide at, in Unix seconds (default: now).
+        #[arg(long)]
+        now: Option<i64>,
+    },
+    /// Validate a policy file.
+    CheckConfig {
+        /// The policy file (JSON).
+        policy: PathBuf,
+    },
+}
+
+const EXIT_DENY: u8 = 1;
+const EXIT_ERROR: u8 = 2;
+
+fn parse_header(raw: &str) -> Result<(String, String), String> {
+    let (name, value) = raw.split_once(':').ok_or("expected 'name: value'")?;
+    let name = name.trim();
+    if name.is_empty() {
+        return Err("empty header name".into());
+    }
+    Ok((name.to_ascii_lowercase(), value.trim().to_string()))
+}
+
+fn load(path: &Path) -> Result<Gate, String> {
+    let json = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Gate::from_json(&json).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::CheckConfig { policy } => match load(&policy) {
+            Ok(gate) => {
+                let p = gate.policy();
+                println!("{}: ok ({} providers, {} rules)", policy.display(), p.providers.len(), p.rules.len());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(EXIT_ERROR)
+            }
+        },
+        Command::Eval { config, method, path, headers, now } => {
+            let gate = match load(&config) {
+                Ok(gate) => gate,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(EXIT_ERROR);
+                }
+            };
+            let now = now.unwrap_or_else(|| {
+                SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+            });
+            let request = Request { method: &method, path: &path, headers: &headers, now };
+            let decision = gate.evaluate(&request);
+            let (status, headers) = match &decision.action {
+                Action::Continue { set, .. } => (200, set),
+                Action::Respond { status, headers, .. } => (*status, headers),
+            };
+            let headers: Map<String, Value> = headers.iter().map(|(n, v)| (n.to_string(), json!(v))).collect();
+            let out = json!({
+                "decision": decision.audit.decision,
+                "status": status,
+                "reason": decision.reason.map(|r| r.code()),
+                "rule": decision.rule,
+                "dry_run": decision.dry_run,
+                "headers": headers,
+                "audit": decision.audit,
+            });
+            println!("{out:#}");
+            if decision.allowed { ExitCode::SUCCESS } else { ExitCode::from(EXIT_DENY) }
+        }
+    }
+}

@@ -58,11 +58,7 @@ pub fn verify(policy: &Policy, token: &str, now: i64) -> Result<VerifiedToken, R
         .as_deref()
         .and_then(|iss| policy.provider_for(iss))
         .ok_or(Reason::UnknownIssuer)?;
-    let alg = Alg::from_name(untrusted.algorithm())
-        .filter(|alg| provider.algorithms.contains(alg))
-        .ok_or(Reason::AlgNotAllowed)?;
-    let signed = token.rsplit_once('.').map(|(signed, _)| signed).ok_or(Reason::Malformed)?;
-    check_signature(provider, alg, untrusted.header().key_id.as_deref(), signed.as_bytes(), untrusted.signature_bytes())?;
+    check_signature(provider, &untrusted, token)?;
     check_claims(provider, &claims, now)?;
 
     let custom = claims.custom;
@@ -81,9 +77,23 @@ pub fn verify(policy: &Policy, token: &str, now: i64) -> Result<VerifiedToken, R
     })
 }
 
+/// Checks only the signature of `token` with `provider`'s keys: no claim is looked at.
+pub fn verify_signature(provider: &Provider, token: &str) -> Result<(), Reason> {
+    let untrusted = UntrustedToken::new(token).map_err(|_| Reason::Malformed)?;
+    check_signature(provider, &untrusted, token)
+}
+
+fn check_signature(provider: &Provider, untrusted: &UntrustedToken<'_>, token: &str) -> Result<(), Reason> {
+    let alg = Alg::from_name(untrusted.algorithm())
+        .filter(|alg| provider.algorithms.contains(alg))
+        .ok_or(Reason::AlgNotAllowed)?;
+    let signed = token.rsplit_once('.').map(|(signed, _)| signed).ok_or(Reason::Malformed)?;
+    select_and_check(provider, alg, untrusted.header().key_id.as_deref(), signed.as_bytes(), untrusted.signature_bytes())
+}
+
 /// A token with a `kid` is checked with that key only; one without is tried against every
 /// key that accepts its algorithm.
-fn check_signature(provider: &Provider, alg: Alg, kid: Option<&str>, signed: &[u8], signature: &[u8]) -> Result<(), Reason> {
+fn select_and_check(provider: &Provider, alg: Alg, kid: Option<&str>, signed: &[u8], signature: &[u8]) -> Result<(), Reason> {
     let mut candidates = provider.keys.iter().filter(|key| kid.is_none() || key.kid.as_deref() == kid).peekable();
     if candidates.peek().is_none() {
         return Err(Reason::UnknownKid);
