@@ -1,5 +1,6 @@
-//! Rule lookup by path: every distinct path template goes into one matchit router, so the
-//! cost of finding a request's rule does not grow with the number of rules.
+//! Rule lookup by path: distinct path templates go into a matchit router, so the cost of
+//! finding a request's rule does not grow with the number of rules. Templates a router
+//! refuses to hold together (`/a/{id}/b` beside `/a/{*rest}`) go into another layer.
 //!
 //! A router answers with the most specific template, but rules are "first match wins". To
 //! keep that exact, each template also lists the templates that could match some of the same
@@ -11,7 +12,7 @@ use matchit::Router;
 /// Compiled path templates and which rules use them.
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    router: Router<usize>,
+    layers: Vec<Router<usize>>,
     templates: Vec<Template>,
     /// Rules without a path template: they match every path.
     any_path: Vec<usize>,
@@ -42,9 +43,14 @@ impl RouteTable {
             return Ok(());
         }
         let id = self.templates.len();
-        self.router.insert(template, id).map_err(|e| format!("invalid path template: {e}"))?;
+        // Alone, a template can only fail for its syntax; in a layer, only by conflict.
         let mut alone = Router::new();
         alone.insert(template, ()).map_err(|e| format!("invalid path template: {e}"))?;
+        if !self.layers.iter_mut().any(|layer| layer.insert(template, id).is_ok()) {
+            let mut layer = Router::new();
+            layer.insert(template, id).map_err(|e| format!("invalid path template: {e}"))?;
+            self.layers.push(layer);
+        }
         self.templates.push(Template { source: template.to_string(), rules: vec![rule], overlaps: Vec::new(), alone });
         Ok(())
     }
@@ -80,7 +86,9 @@ impl RouteTable {
                 best = Some(best.map_or(c, |b| b.min(c)));
             }
         };
-        if let Ok(found) = self.router.at(path) {
+        // Every template matching `path` overlaps the first one found, so its overlap list
+        // covers the other layers too.
+        if let Some(found) = self.layers.iter().find_map(|layer| layer.at(path).ok()) {
             if let Some(template) = self.templates.get(*found.value) {
                 consider(first(&template.rules));
                 for other in template.overlaps.iter().filter_map(|&j| self.templates.get(j)) {
@@ -176,6 +184,15 @@ mod tests {
         assert_eq!(t.first_match("/files/a/b", |r| r != 0), Some(1));
         assert_eq!(t.first_match("/anything", |_| true), Some(1));
         assert_eq!(t.first_match("/files/x/y/z", |_| true), Some(0));
+    }
+
+    #[test]
+    fn templates_a_router_cannot_hold_together_still_match() {
+        let t = table(&[Some("/a/{id}/b"), Some("/a/{*rest}"), Some("/a/{x}")]);
+        assert_eq!(t.first_match("/a/1/b", |_| true), Some(0));
+        assert_eq!(t.first_match("/a/1/c", |_| true), Some(1));
+        assert_eq!(t.first_match("/a/1", |r| r != 1), Some(2));
+        assert_eq!(t.first_match("/b", |_| true), None);
     }
 
     #[test]
