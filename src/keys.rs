@@ -157,26 +157,25 @@ pub fn parse_jwk(jwk: &Value, allowed: &[Alg]) -> Result<Option<Key>, String> {
 }
 
 fn decode_material(jwk: &Value, kty: Option<&str>, crv: Option<&str>) -> Result<KeyMaterial, String> {
-    let parsed: JsonWebKey<'_> = serde_json::from_value(jwk.clone()).map_err(|e| match kty {
-        None => "missing kty".to_string(),
-        Some(_) => format!("invalid key: {e}"),
-    })?;
-    let invalid = |e: jwt_compact::jwk::JwkError| format!("invalid key: {e}");
     match (kty, crv) {
-        (Some("RSA"), _) => {
+        (Some("RSA"), _) | (Some("EC"), Some("P-256")) | (Some("OKP"), Some("Ed25519")) => {}
+        (Some("EC" | "OKP"), crv) => return Err(format!("unsupported curve {crv:?} (supported: P-256, Ed25519)")),
+        (None, _) => return Err("missing kty".into()),
+        (kty, _) => return Err(format!("unsupported kty {kty:?} (supported: RSA, EC, OKP)")),
+    }
+    let parsed: JsonWebKey<'_> = serde_json::from_value(jwk.clone()).map_err(|e| format!("invalid key: {e}"))?;
+    let invalid = |e: jwt_compact::jwk::JwkError| format!("invalid key: {e}");
+    match &parsed {
+        JsonWebKey::Rsa { .. } => {
             let key = RsaPublicKey::try_from(&parsed).map_err(invalid)?;
             StrongKey::try_from(key)
                 .map(KeyMaterial::Rsa)
                 .map_err(|_| "RSA key is shorter than 2048 bits".to_string())
         }
-        (Some("EC"), Some("P-256")) => {
+        JsonWebKey::EllipticCurve { .. } => {
             p256::ecdsa::VerifyingKey::try_from(&parsed).map(KeyMaterial::P256).map_err(invalid)
         }
-        (Some("OKP"), Some("Ed25519")) => {
-            ed25519_dalek::VerifyingKey::try_from(&parsed).map(KeyMaterial::Ed25519).map_err(invalid)
-        }
-        (Some("EC" | "OKP"), crv) => Err(format!("unsupported curve {crv:?} (supported: P-256, Ed25519)")),
-        (kty, _) => Err(format!("unsupported kty {kty:?} (supported: RSA, EC, OKP)")),
+        _ => ed25519_dalek::VerifyingKey::try_from(&parsed).map(KeyMaterial::Ed25519).map_err(invalid),
     }
 }
 

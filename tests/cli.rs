@@ -1,0 +1,94 @@
+//! `agentgate eval` and `agentgate check-config`: the same core as the filter, with exit
+//! codes a CI job can use.
+
+use agentgate_test_harness::tokens::{agent_claims, policy, read_invoice_rule, Signer};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::process::Command;
+
+const NOW: i64 = 1_800_000_000;
+
+fn write_policy(name: &str, policy: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("agentgate-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(name);
+    std::fs::write(&path, policy).expect("write policy");
+    path
+}
+
+fn agentgate(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_agentgate")).args(args).output().expect("run agentgate");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn eval(policy_file: &PathBuf, path: &str, token: Option<&str>) -> (i32, Value) {
+    let config = policy_file.to_string_lossy().to_string();
+    let now = NOW.to_string();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}"));
+    let mut args = vec!["eval", "--config", &config, "--method", "GET", "--path", path, "--now", &now, "--header", "x-request-id: cli-1"];
+    if let Some(auth) = &auth {
+        args.extend(["--header", auth]);
+    }
+    let (code, stdout, stderr) = agentgate(&args);
+    (code, serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout} {stderr}")))
+}
+
+#[test]
+fn eval_allows_with_the_upstream_headers() {
+    let signer = Signer::es256("k", 1);
+    let file = write_policy("allow.json", &policy(&signer.jwks(), &read_invoice_rule(), "enforce"));
+    let (code, out) = eval(&file, "/invoices/1", Some(&signer.sign(&agent_claims("agent-7", "invoices:read", NOW))));
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out["decision"], "allow");
+    assert_eq!(out["status"], 200);
+    assert_eq!(out["reason"], Value::Null);
+    assert_eq!(out["rule"], "read-invoice");
+    assert_eq!(out["headers"]["x-agent-id"], "agent-7");
+    assert_eq!(out["headers"]["x-agent-audit-id"], "cli-1");
+}
+
+#[test]
+fn eval_reports_the_precise_reason_on_deny() {
+    let signer = Signer::es256("k", 1);
+    let file = write_policy("deny.json", &policy(&signer.jwks(), &read_invoice_rule(), "enforce"));
+    let mut expired = agent_claims("agent-7", "invoices:read", NOW - 1000);
+    expired["exp"] = json!(NOW - 500);
+    let (code, out) = eval(&file, "/invoices/1", Some(&signer.sign(&expired)));
+    assert_eq!(code, 1);
+    assert_eq!((out["decision"].clone(), out["status"].clone(), out["reason"].clone()), (json!("deny"), json!(401), json!("expired")));
+    assert!(out["headers"]["www-authenticate"].as_str().is_some_and(|c| c.contains("invalid_token")));
+
+    let (code, out) = eval(&file, "/invoices/1", None);
+    assert_eq!((code, out["reason"].clone(), out["headers"]["www-authenticate"].clone()), (1, json!("missing_token"), json!("Bearer")));
+}
+
+#[test]
+fn eval_with_a_bad_policy_exits_2_naming_the_path() {
+    let file = write_policy("bad.json", r#"{"providers": [], "rules": []}"#);
+    let (code, stdout, stderr) = agentgate(&["eval", "--config", &file.to_string_lossy(), "--path", "/x"]);
+    assert_eq!(code, 2);
+    assert!(stdout.is_empty());
+    assert!(stderr.contains("providers: at least one token provider is required"), "{stderr}");
+}
+
+#[test]
+fn check_config_accepts_a_valid_policy_and_names_the_error_in_a_bad_one() {
+    let signer = Signer::eddsa("k", 1);
+    let good = write_policy("good.json", &policy(&signer.jwks(), &read_invoice_rule(), "enforce"));
+    let (code, stdout, _) = agentgate(&["check-config", &good.to_string_lossy()]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("ok (1 providers, 1 rules)"), "{stdout}");
+
+    let rules = json!([{"name": "r", "match": {"methods": []}}]);
+    let bad = write_policy("bad-methods.json", &policy(&signer.jwks(), &rules, "enforce"));
+    let (code, _, stderr) = agentgate(&["check-config", &bad.to_string_lossy()]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("rules[0].match.methods: is empty"), "{stderr}");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(agentgate(&["eval"]).0, 2);
+    assert_eq!(agentgate(&["eval", "--config", "x", "--path", "/", "--header", "no-colon"]).0, 2);
+    assert_eq!(agentgate(&["check-config", "/nonexistent/policy.json"]).0, 2);
+}
