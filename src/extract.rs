@@ -8,7 +8,7 @@ pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 /// The token from `Authorization: Bearer <token>` (scheme case-insensitive). `headers` names
 /// are lower-case, as HTTP/2 and Envoy deliver them. A non-Bearer `Authorization` counts as
 /// no token; two different bearer tokens are an invalid request.
-pub fn bearer_token<'a>(headers: &'a [(String, String)]) -> Result<&'a str, Reason> {
+pub fn bearer_token(headers: &[(String, String)]) -> Result<&str, Reason> {
     let mut found: Option<&str> = None;
     for (name, value) in headers {
         if name != "authorization" {

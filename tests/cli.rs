@@ -1,9 +1,12 @@
 //! `agentgate eval` and `agentgate check-config`: the same core as the filter, with exit
 //! codes a CI job can use.
 
+// Test code: a panic is how a test fails.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
 use agentgate_test_harness::tokens::{agent_claims, policy, read_invoice_rule, Signer};
 use serde_json::{json, Value};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const NOW: i64 = 1_800_000_000;
@@ -21,7 +24,7 @@ fn agentgate(args: &[&str]) -> (i32, String, String) {
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
-fn eval(policy_file: &PathBuf, path: &str, token: Option<&str>) -> (i32, Value) {
+fn eval(policy_file: &Path, path: &str, token: Option<&str>) -> (i32, Value) {
     let config = policy_file.to_string_lossy().to_string();
     let now = NOW.to_string();
     let auth = token.map(|t| format!("Authorization: Bearer {t}"));

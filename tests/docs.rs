@@ -1,6 +1,9 @@
 //! The examples in docs/policy.md are real: each JSON policy compiles, or fails with exactly
 //! the error printed after it; the reason table matches the code.
 
+// Test code: a panic is how a test fails.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
 use agentgate::{Gate, Reason};
 
 const POLICY_DOC: &str = include_str!("../docs/policy.md");

@@ -1,5 +1,8 @@
 //! A bad policy is refused with the JSON path and what is wrong.
 
+// Test code: a panic is how a test fails.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
 use agentgate::Gate;
 use agentgate_test_harness::tokens::{policy, read_invoice_rule, Signer};
 use serde_json::{json, Value};
@@ -25,7 +28,8 @@ fn the_foundation_example_policy_is_accepted() {
 
 #[test]
 fn each_mistake_names_its_path() {
-    let cases: Vec<(Box<dyn FnOnce(&mut Value)>, &str)> = vec![
+    type Edit = Box<dyn FnOnce(&mut Value)>;
+    let cases: Vec<(Edit, &str)> = vec![
         (Box::new(|p| p["providers"] = json!([])), "providers: at least one token provider is required"),
         (Box::new(|p| p["providers"][0]["audiences"] = json!([])), "providers[0].audiences: at least one audience is required"),
         (Box::new(|p| p["providers"][0]["issuer"] = json!(" ")), "providers[0].issuer: must not be empty"),

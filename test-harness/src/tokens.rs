@@ -53,6 +53,12 @@ impl Signer {
         Signer { alg: "ES256", kid: kid.into(), key: SigningKey::Es256(key) }
     }
 
+    /// A fresh P-256 key from the operating system's randomness.
+    pub fn generate_es256(kid: &str) -> Signer {
+        let key = p256::ecdsa::SigningKey::random(&mut rand_core::OsRng);
+        Signer { alg: "ES256", kid: kid.into(), key: SigningKey::Es256(key) }
+    }
+
     pub fn rs256(kid: &str, seed: u64) -> Signer {
         Signer { alg: "RS256", kid: kid.into(), key: SigningKey::Rsa(Rsa::rs256(), Box::new(rsa_key(seed))) }
     }
