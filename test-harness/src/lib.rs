@@ -1,6 +1,9 @@
 //! What runs the built agentgate filter in tests and in the demo: token minting for a test
-//! identity provider, an echo upstream, and a real Envoy process.
+//! identity provider, an echo upstream, a real Envoy process, and an in-process proxy-wasm
+//! host on wasmtime.
 
 pub mod envoy;
+#[cfg(feature = "host")]
+pub mod host;
 pub mod tokens;
 pub mod upstream;

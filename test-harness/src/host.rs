@@ -1,0 +1,634 @@
+//! A proxy-wasm host of our own on wasmtime: loads the real release filter in-process and
+//! drives it the way Envoy does (ABI 0.2.1), with a clock the test controls, scripted HTTP
+//! callouts, shared data and metrics shared between "worker" VMs. Any import the harness does
+//! not implement, and any trap or panic inside the filter, is an `Err` — never silently
+//! ignored.
+
+use crate::envoy::filter_wasm;
+use rand_chacha::ChaCha8Rng;
+use rand_core::{RngCore, SeedableRng};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use wasmtime::{Caller, Engine, Extern, Instance, Linker, Memory, Module, Store, TypedFunc};
+
+const ROOT_CONTEXT: i32 = 1;
+
+// proxy-wasm ABI constants.
+const OK: i32 = 0;
+const NOT_FOUND: i32 = 1;
+const BAD_ARGUMENT: i32 = 2;
+const CAS_MISMATCH: i32 = 8;
+const MAP_REQUEST_HEADERS: i32 = 0;
+const MAP_HTTP_CALL_RESPONSE_HEADERS: i32 = 6;
+const BUFFER_HTTP_CALL_RESPONSE_BODY: i32 = 4;
+const BUFFER_VM_CONFIGURATION: i32 = 6;
+const BUFFER_PLUGIN_CONFIGURATION: i32 = 7;
+
+/// Why driving the filter failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostError {
+    /// The filter trapped (a Rust panic aborts into a trap) or called an import the harness
+    /// does not implement.
+    Trap(String),
+    /// `proxy_on_vm_start` or `proxy_on_configure` returned false: the host would refuse the plugin.
+    Refused { logs: Vec<String> },
+    /// The harness itself could not load the module.
+    Setup(String),
+}
+
+impl fmt::Display for HostError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostError::Trap(e) => write!(f, "filter trapped: {e}"),
+            HostError::Refused { logs } => write!(f, "filter refused its configuration; logs:\n{}", logs.join("\n")),
+            HostError::Setup(e) => write!(f, "harness setup: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for HostError {}
+
+/// What happened to a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Forwarded upstream with these headers.
+    Continued { upstream_headers: Vec<(String, String)> },
+    /// Answered by the filter.
+    Responded { status: u32, headers: Vec<(String, String)>, body: String },
+    /// Held by the filter (waiting for a callout, say), with this context id.
+    Paused { context: i32 },
+}
+
+impl Outcome {
+    /// The status a client would see: the local response's, or 200 from the upstream.
+    pub fn status(&self) -> u32 {
+        match self {
+            Outcome::Responded { status, .. } => *status,
+            Outcome::Continued { .. } => 200,
+            Outcome::Paused { .. } => 0,
+        }
+    }
+
+    /// A header of the local response, or of the request as forwarded upstream.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let headers = match self {
+            Outcome::Responded { headers, .. } => headers,
+            Outcome::Continued { upstream_headers } => upstream_headers,
+            Outcome::Paused { .. } => return None,
+        };
+        headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// An HTTP callout the filter dispatched and the test has not answered yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpCall {
+    pub token: u32,
+    pub upstream: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub timeout_ms: u32,
+}
+
+/// What several VMs of one proxy share, as Envoy's workers do: shared data and stats.
+#[derive(Default)]
+pub struct Process {
+    shared_data: Mutex<HashMap<String, (Vec<u8>, u32)>>,
+    metrics: Mutex<Vec<(String, i64)>>,
+}
+
+impl Process {
+    pub fn new() -> Arc<Process> {
+        Arc::new(Process::default())
+    }
+
+    /// A counter or gauge by name.
+    pub fn metric(&self, name: &str) -> Option<i64> {
+        lock(&self.metrics).iter().find(|(n, _)| n == name).map(|&(_, v)| v)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+type Headers = Vec<(String, String)>;
+
+struct State {
+    process: Arc<Process>,
+    plugin_configuration: Vec<u8>,
+    now_nanos: u64,
+    rng: ChaCha8Rng,
+    logs: Vec<(i32, String)>,
+    request_headers: Vec<(String, String)>,
+    local_response: Option<(u32, Headers, Vec<u8>)>,
+    properties: HashMap<String, Vec<u8>>,
+    tick_period_ms: u32,
+    calls: Vec<HttpCall>,
+    next_call: u32,
+    call_response: Option<(Headers, Vec<u8>)>,
+}
+
+fn engine_and_module() -> Result<&'static (Engine, Module), HostError> {
+    static LOADED: OnceLock<Result<(Engine, Module), String>> = OnceLock::new();
+    LOADED
+        .get_or_init(|| {
+            let engine = Engine::default();
+            let path = filter_wasm();
+            let module = Module::from_file(&engine, &path).map_err(|e| format!("{}: {e} (run `make build`)", path.display()))?;
+            Ok((engine, module))
+        })
+        .as_ref()
+        .map_err(|e| HostError::Setup(e.clone()))
+}
+
+/// One VM running the filter with one root context (one Envoy worker).
+pub struct Host {
+    store: Store<State>,
+    instance: Instance,
+    memory: Memory,
+    next_context: i32,
+}
+
+fn trap(e: wasmtime::Error) -> HostError {
+    HostError::Trap(format!("{e:?}"))
+}
+
+impl Host {
+    /// A VM configured with `policy`, in a process of its own.
+    pub fn new(policy: &str) -> Result<Host, HostError> {
+        Host::in_process(policy, &Process::new())
+    }
+
+    /// A VM configured with `policy` that shares `process` with other VMs.
+    pub fn in_process(policy: &str, process: &Arc<Process>) -> Result<Host, HostError> {
+        let (engine, module) = engine_and_module()?;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        let state = State {
+            process: Arc::clone(process),
+            plugin_configuration: policy.as_bytes().to_vec(),
+            now_nanos: now,
+            rng: ChaCha8Rng::seed_from_u64(7),
+            logs: Vec::new(),
+            request_headers: Vec::new(),
+            local_response: None,
+            properties: HashMap::new(),
+            tick_period_ms: 0,
+            calls: Vec::new(),
+            next_call: 1,
+            call_response: None,
+        };
+        let mut store = Store::new(engine, state);
+        let mut linker = Linker::new(engine);
+        define_proxy_wasm(&mut linker).map_err(|e| HostError::Setup(e.to_string()))?;
+        define_wasi(&mut linker).map_err(|e| HostError::Setup(e.to_string()))?;
+        linker.define_unknown_imports_as_traps(module).map_err(|e| HostError::Setup(e.to_string()))?;
+        let instance = linker.instantiate(&mut store, module).map_err(trap)?;
+        let memory = instance.get_memory(&mut store, "memory").ok_or_else(|| HostError::Setup("no memory export".into()))?;
+        let mut host = Host { store, instance, memory, next_context: ROOT_CONTEXT + 1 };
+        host.call::<(), ()>("_initialize", ())?;
+        host.call::<(i32, i32), ()>("proxy_on_context_create", (ROOT_CONTEXT, 0))?;
+        let started = host.call::<(i32, i32), i32>("proxy_on_vm_start", (ROOT_CONTEXT, 0))?;
+        let configured = started != 0 && {
+            let size = i32::try_from(policy.len()).unwrap_or(i32::MAX);
+            host.call::<(i32, i32), i32>("proxy_on_configure", (ROOT_CONTEXT, size))? != 0
+        };
+        if !configured {
+            return Err(HostError::Refused { logs: host.logs() });
+        }
+        Ok(host)
+    }
+
+    fn call<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(&mut self, name: &str, params: P) -> Result<R, HostError> {
+        let func: TypedFunc<P, R> = self
+            .instance
+            .get_typed_func(&mut self.store, name)
+            .map_err(|e| HostError::Setup(format!("export {name}: {e}")))?;
+        func.call(&mut self.store, params).map_err(trap)
+    }
+
+    /// Sends a request's headers (pseudo-headers included) through the filter.
+    pub fn request(&mut self, headers: &[(&str, &str)]) -> Result<Outcome, HostError> {
+        let context = self.next_context;
+        self.next_context += 1;
+        {
+            let state = self.store.data_mut();
+            state.request_headers = headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.to_string())).collect();
+            state.local_response = None;
+        }
+        self.call::<(i32, i32), ()>("proxy_on_context_create", (context, ROOT_CONTEXT))?;
+        let count = i32::try_from(headers.len()).unwrap_or(i32::MAX);
+        let action = self.call::<(i32, i32, i32), i32>("proxy_on_request_headers", (context, count, 1))?;
+        let state = self.store.data_mut();
+        let outcome = match (state.local_response.take(), action) {
+            (Some((status, headers, body)), _) => {
+                Outcome::Responded { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
+            }
+            (None, 0) => Outcome::Continued { upstream_headers: state.request_headers.clone() },
+            (None, _) => return Ok(Outcome::Paused { context }),
+        };
+        self.finish(context)?;
+        Ok(outcome)
+    }
+
+    fn finish(&mut self, context: i32) -> Result<(), HostError> {
+        self.call::<i32, i32>("proxy_on_done", context)?;
+        self.call::<i32, ()>("proxy_on_log", context)?;
+        self.call::<i32, ()>("proxy_on_delete", context)
+    }
+
+    /// Calls `proxy_on_request_headers` for a context that was never created. The SDK panics
+    /// on that: used to prove that a panic inside the filter surfaces as an error.
+    pub fn request_on_unknown_context(&mut self) -> Result<i32, HostError> {
+        self.call::<(i32, i32, i32), i32>("proxy_on_request_headers", (9999, 0, 1))
+    }
+
+    /// Moves the VM's clock forward.
+    pub fn advance_clock(&mut self, by: Duration) {
+        self.store.data_mut().now_nanos += by.as_nanos() as u64;
+    }
+
+    /// The VM's clock, Unix seconds.
+    pub fn now(&self) -> i64 {
+        (self.store.data().now_nanos / 1_000_000_000) as i64
+    }
+
+    /// Fires the root context's timer, as the host does every tick period.
+    pub fn tick(&mut self) -> Result<(), HostError> {
+        self.call::<i32, ()>("proxy_on_tick", ROOT_CONTEXT)
+    }
+
+    /// The tick period the filter asked for, in milliseconds (0: none).
+    pub fn tick_period_ms(&self) -> u32 {
+        self.store.data().tick_period_ms
+    }
+
+    pub fn pending_http_calls(&self) -> Vec<HttpCall> {
+        self.store.data().calls.clone()
+    }
+
+    /// Answers the callout `token` with `status` and `body`.
+    pub fn respond(&mut self, token: u32, status: u16, body: &[u8]) -> Result<(), HostError> {
+        let state = self.store.data_mut();
+        state.calls.retain(|c| c.token != token);
+        let headers = vec![(":status".to_string(), status.to_string())];
+        state.call_response = Some((headers, body.to_vec()));
+        let body_size = i32::try_from(body.len()).unwrap_or(i32::MAX);
+        let result = self.call::<(i32, i32, i32, i32, i32), ()>("proxy_on_http_call_response", (ROOT_CONTEXT, token as i32, 1, body_size, 0));
+        self.store.data_mut().call_response = None;
+        result
+    }
+
+    /// Sets a host property such as `source.address` (path segments joined with '.').
+    pub fn set_property(&mut self, path: &str, value: &[u8]) {
+        self.store.data_mut().properties.insert(path.replace('.', "\0"), value.to_vec());
+    }
+
+    /// Every line the filter logged (WASI stdout/stderr included), oldest first.
+    pub fn logs(&self) -> Vec<String> {
+        self.store.data().logs.iter().map(|(_, line)| line.clone()).collect()
+    }
+
+    pub fn metric(&self, name: &str) -> Option<i64> {
+        self.store.data().process.metric(name)
+    }
+
+    /// Bytes of linear memory the VM uses now.
+    pub fn memory_bytes(&self) -> usize {
+        self.memory.data_size(&self.store)
+    }
+
+    /// Mean wall time per request of sending each of `requests` once through the filter,
+    /// after one warm-up request. The same token in every request measures the hot path; a
+    /// new token in each, the cold one.
+    pub fn time_requests(&mut self, requests: &[Vec<(String, String)>]) -> Result<Duration, HostError> {
+        fn as_refs(r: &[(String, String)]) -> Vec<(&str, &str)> {
+            r.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect()
+        }
+        if let Some(first) = requests.first() {
+            self.request(&as_refs(first))?;
+        }
+        let start = Instant::now();
+        for request in requests {
+            self.request(&as_refs(request))?;
+        }
+        Ok(start.elapsed() / u32::try_from(requests.len()).unwrap_or(u32::MAX).max(1))
+    }
+}
+
+// ---- guest memory -------------------------------------------------------------------------
+
+fn memory(caller: &mut Caller<'_, State>) -> wasmtime::Result<Memory> {
+    match caller.get_export("memory") {
+        Some(Extern::Memory(m)) => Ok(m),
+        _ => Err(wasmtime::Error::msg("guest has no memory export")),
+    }
+}
+
+fn read(caller: &mut Caller<'_, State>, ptr: i32, len: i32) -> wasmtime::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len as u32 as usize];
+    memory(caller)?.read(&*caller, ptr as u32 as usize, &mut buf)?;
+    Ok(buf)
+}
+
+fn read_string(caller: &mut Caller<'_, State>, ptr: i32, len: i32) -> wasmtime::Result<String> {
+    Ok(String::from_utf8_lossy(&read(caller, ptr, len)?).into_owned())
+}
+
+fn write(caller: &mut Caller<'_, State>, ptr: i32, bytes: &[u8]) -> wasmtime::Result<()> {
+    memory(caller)?.write(caller, ptr as u32 as usize, bytes)?;
+    Ok(())
+}
+
+/// Copies `data` into guest memory it allocates, and stores the pointer and size.
+fn return_bytes(caller: &mut Caller<'_, State>, data: &[u8], ptr_out: i32, size_out: i32) -> wasmtime::Result<i32> {
+    let alloc = match caller.get_export("proxy_on_memory_allocate") {
+        Some(Extern::Func(f)) => f.typed::<i32, i32>(&*caller)?,
+        _ => return Err(wasmtime::Error::msg("guest has no proxy_on_memory_allocate")),
+    };
+    let size = i32::try_from(data.len())?;
+    let ptr = alloc.call(&mut *caller, size)?;
+    write(caller, ptr, data)?;
+    write(caller, ptr_out, &ptr.to_le_bytes())?;
+    write(caller, size_out, &size.to_le_bytes())?;
+    Ok(OK)
+}
+
+fn serialize_map(map: &[(String, String)]) -> Vec<u8> {
+    let mut out = (map.len() as u32).to_le_bytes().to_vec();
+    for (k, v) in map {
+        out.extend((k.len() as u32).to_le_bytes());
+        out.extend((v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in map {
+        out.extend(k.as_bytes());
+        out.push(0);
+        out.extend(v.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+fn deserialize_map(bytes: &[u8]) -> Vec<(String, String)> {
+    let word = |at: usize| bytes.get(at..at + 4).map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+    let count = word(0);
+    let mut at = 4 + count * 8;
+    let mut out = Vec::with_capacity(count);
+    for i in 0..count {
+        let (klen, vlen) = (word(4 + i * 8), word(8 + i * 8));
+        let text = |from: usize, len: usize| String::from_utf8_lossy(bytes.get(from..from + len).unwrap_or_default()).into_owned();
+        out.push((text(at, klen), text(at + klen + 1, vlen)));
+        at += klen + vlen + 2;
+    }
+    out
+}
+
+// ---- proxy-wasm ABI 0.2.1 -------------------------------------------------------------------
+
+fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
+    linker.func_wrap("env", "proxy_log", |mut c: Caller<'_, State>, level: i32, ptr: i32, len: i32| -> wasmtime::Result<i32> {
+        let line = read_string(&mut c, ptr, len)?;
+        c.data_mut().logs.push((level, line));
+        Ok(OK)
+    })?;
+    linker.func_wrap("env", "proxy_get_log_level", |mut c: Caller<'_, State>, out: i32| -> wasmtime::Result<i32> {
+        write(&mut c, out, &0i32.to_le_bytes())?;
+        Ok(OK)
+    })?;
+    linker.func_wrap("env", "proxy_get_current_time_nanoseconds", |mut c: Caller<'_, State>, out: i32| -> wasmtime::Result<i32> {
+        let now = c.data().now_nanos;
+        write(&mut c, out, &now.to_le_bytes())?;
+        Ok(OK)
+    })?;
+    linker.func_wrap("env", "proxy_set_tick_period_milliseconds", |mut c: Caller<'_, State>, period: i32| -> i32 {
+        c.data_mut().tick_period_ms = period as u32;
+        OK
+    })?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_buffer_bytes",
+        |mut c: Caller<'_, State>, kind: i32, start: i32, max: i32, ptr_out: i32, size_out: i32| -> wasmtime::Result<i32> {
+            let data = match kind {
+                BUFFER_PLUGIN_CONFIGURATION => c.data().plugin_configuration.clone(),
+                BUFFER_VM_CONFIGURATION => Vec::new(),
+                BUFFER_HTTP_CALL_RESPONSE_BODY => match &c.data().call_response {
+                    Some((_, body)) => body.clone(),
+                    None => return Ok(NOT_FOUND),
+                },
+                _ => return Ok(BAD_ARGUMENT),
+            };
+            let start = (start as u32 as usize).min(data.len());
+            let end = start.saturating_add(max as u32 as usize).min(data.len());
+            let slice = data.get(start..end).unwrap_or_default().to_vec();
+            if slice.is_empty() {
+                return Ok(NOT_FOUND);
+            }
+            return_bytes(&mut c, &slice, ptr_out, size_out)
+        },
+    )?;
+    linker.func_wrap("env", "proxy_get_header_map_pairs", |mut c: Caller<'_, State>, map: i32, ptr_out: i32, size_out: i32| -> wasmtime::Result<i32> {
+        let pairs = match map {
+            MAP_REQUEST_HEADERS => c.data().request_headers.clone(),
+            MAP_HTTP_CALL_RESPONSE_HEADERS => c.data().call_response.as_ref().map(|(h, _)| h.clone()).unwrap_or_default(),
+            _ => return Ok(BAD_ARGUMENT),
+        };
+        return_bytes(&mut c, &serialize_map(&pairs), ptr_out, size_out)
+    })?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_header_map_value",
+        |mut c: Caller<'_, State>, map: i32, kptr: i32, klen: i32, ptr_out: i32, size_out: i32| -> wasmtime::Result<i32> {
+            if map != MAP_REQUEST_HEADERS {
+                return Ok(BAD_ARGUMENT);
+            }
+            let key = read_string(&mut c, kptr, klen)?.to_ascii_lowercase();
+            let value = c.data().request_headers.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone());
+            match value {
+                Some(v) => return_bytes(&mut c, v.as_bytes(), ptr_out, size_out),
+                None => Ok(NOT_FOUND),
+            }
+        },
+    )?;
+    linker.func_wrap("env", "proxy_remove_header_map_value", |mut c: Caller<'_, State>, map: i32, kptr: i32, klen: i32| -> wasmtime::Result<i32> {
+        if map != MAP_REQUEST_HEADERS {
+            return Ok(BAD_ARGUMENT);
+        }
+        let key = read_string(&mut c, kptr, klen)?.to_ascii_lowercase();
+        c.data_mut().request_headers.retain(|(k, _)| *k != key);
+        Ok(OK)
+    })?;
+    for (name, replace) in [("proxy_replace_header_map_value", true), ("proxy_add_header_map_value", false)] {
+        linker.func_wrap(
+            "env",
+            name,
+            move |mut c: Caller<'_, State>, map: i32, kptr: i32, klen: i32, vptr: i32, vlen: i32| -> wasmtime::Result<i32> {
+                if map != MAP_REQUEST_HEADERS {
+                    return Ok(BAD_ARGUMENT);
+                }
+                let key = read_string(&mut c, kptr, klen)?.to_ascii_lowercase();
+                let value = read_string(&mut c, vptr, vlen)?;
+                let headers = &mut c.data_mut().request_headers;
+                if replace {
+                    headers.retain(|(k, _)| *k != key);
+                }
+                headers.push((key, value));
+                Ok(OK)
+            },
+        )?;
+    }
+    linker.func_wrap(
+        "env",
+        "proxy_send_local_response",
+        |mut c: Caller<'_, State>, status: i32, _dptr: i32, _dlen: i32, bptr: i32, blen: i32, hptr: i32, hlen: i32, _grpc: i32| -> wasmtime::Result<i32> {
+            let body = read(&mut c, bptr, blen)?;
+            let headers = deserialize_map(&read(&mut c, hptr, hlen)?);
+            c.data_mut().local_response = Some((status as u32, headers, body));
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap("env", "proxy_get_property", |mut c: Caller<'_, State>, pptr: i32, plen: i32, ptr_out: i32, size_out: i32| -> wasmtime::Result<i32> {
+        let path = read_string(&mut c, pptr, plen)?;
+        match c.data().properties.get(&path).cloned() {
+            Some(value) => return_bytes(&mut c, &value, ptr_out, size_out),
+            None => Ok(NOT_FOUND),
+        }
+    })?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_shared_data",
+        |mut c: Caller<'_, State>, kptr: i32, klen: i32, ptr_out: i32, size_out: i32, cas_out: i32| -> wasmtime::Result<i32> {
+            let key = read_string(&mut c, kptr, klen)?;
+            let entry = lock(&c.data().process.shared_data).get(&key).cloned();
+            match entry {
+                Some((value, cas)) => {
+                    write(&mut c, cas_out, &cas.to_le_bytes())?;
+                    if value.is_empty() {
+                        write(&mut c, ptr_out, &0i32.to_le_bytes())?;
+                        write(&mut c, size_out, &0i32.to_le_bytes())?;
+                        return Ok(OK);
+                    }
+                    return_bytes(&mut c, &value, ptr_out, size_out)
+                }
+                None => Ok(NOT_FOUND),
+            }
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_set_shared_data",
+        |mut c: Caller<'_, State>, kptr: i32, klen: i32, vptr: i32, vlen: i32, cas: i32| -> wasmtime::Result<i32> {
+            let key = read_string(&mut c, kptr, klen)?;
+            let value = read(&mut c, vptr, vlen)?;
+            let mut store = lock(&c.data().process.shared_data);
+            let current = store.get(&key).map_or(0, |(_, cas)| *cas);
+            if cas != 0 && cas as u32 != current {
+                return Ok(CAS_MISMATCH);
+            }
+            store.insert(key, (value, current + 1));
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap("env", "proxy_define_metric", |mut c: Caller<'_, State>, _kind: i32, nptr: i32, nlen: i32, id_out: i32| -> wasmtime::Result<i32> {
+        let name = read_string(&mut c, nptr, nlen)?;
+        let id = {
+            let mut metrics = lock(&c.data().process.metrics);
+            match metrics.iter().position(|(n, _)| *n == name) {
+                Some(i) => i,
+                None => {
+                    metrics.push((name, 0));
+                    metrics.len() - 1
+                }
+            }
+        };
+        write(&mut c, id_out, &(id as u32).to_le_bytes())?;
+        Ok(OK)
+    })?;
+    linker.func_wrap("env", "proxy_increment_metric", |c: Caller<'_, State>, id: i32, offset: i64| -> i32 {
+        match lock(&c.data().process.metrics).get_mut(id as u32 as usize) {
+            Some((_, value)) => {
+                *value += offset;
+                OK
+            }
+            None => NOT_FOUND,
+        }
+    })?;
+    linker.func_wrap("env", "proxy_record_metric", |c: Caller<'_, State>, id: i32, value: i64| -> i32 {
+        match lock(&c.data().process.metrics).get_mut(id as u32 as usize) {
+            Some((_, v)) => {
+                *v = value;
+                OK
+            }
+            None => NOT_FOUND,
+        }
+    })?;
+    linker.func_wrap("env", "proxy_get_metric", |mut c: Caller<'_, State>, id: i32, out: i32| -> wasmtime::Result<i32> {
+        let value = lock(&c.data().process.metrics).get(id as u32 as usize).map(|&(_, v)| v);
+        match value {
+            Some(v) => {
+                write(&mut c, out, &(v as u64).to_le_bytes())?;
+                Ok(OK)
+            }
+            None => Ok(NOT_FOUND),
+        }
+    })?;
+    linker.func_wrap(
+        "env",
+        "proxy_http_call",
+        |mut c: Caller<'_, State>, uptr: i32, ulen: i32, hptr: i32, hlen: i32, bptr: i32, blen: i32, _tptr: i32, _tlen: i32, timeout: i32, token_out: i32| -> wasmtime::Result<i32> {
+            let upstream = read_string(&mut c, uptr, ulen)?;
+            let headers = deserialize_map(&read(&mut c, hptr, hlen)?);
+            let body = read(&mut c, bptr, blen)?;
+            let token = c.data().next_call;
+            c.data_mut().next_call += 1;
+            c.data_mut().calls.push(HttpCall { token, upstream, headers, body, timeout_ms: timeout as u32 });
+            write(&mut c, token_out, &token.to_le_bytes())?;
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap("env", "proxy_set_effective_context", |_: Caller<'_, State>, _context: i32| -> i32 { OK })?;
+    linker.func_wrap("env", "proxy_continue_stream", |_: Caller<'_, State>, _stream: i32| -> i32 { OK })?;
+    linker.func_wrap("env", "proxy_done", |_: Caller<'_, State>| -> i32 { OK })?;
+    Ok(())
+}
+
+// ---- the WASI preview1 calls a Rust wasip1 module makes -------------------------------------
+
+fn define_wasi(linker: &mut Linker<State>) -> wasmtime::Result<()> {
+    const WASI: &str = "wasi_snapshot_preview1";
+    linker.func_wrap(WASI, "fd_write", |mut c: Caller<'_, State>, fd: i32, iovs: i32, count: i32, written_out: i32| -> wasmtime::Result<i32> {
+        let mut text = Vec::new();
+        for i in 0..count {
+            let iov = read(&mut c, iovs + i * 8, 8)?;
+            let ptr = i32::from_le_bytes([iov[0], iov[1], iov[2], iov[3]]);
+            let len = i32::from_le_bytes([iov[4], iov[5], iov[6], iov[7]]);
+            text.extend(read(&mut c, ptr, len)?);
+        }
+        let written = text.len() as u32;
+        c.data_mut().logs.push((-fd, String::from_utf8_lossy(&text).trim_end().to_string()));
+        write(&mut c, written_out, &written.to_le_bytes())?;
+        Ok(0)
+    })?;
+    linker.func_wrap(WASI, "environ_sizes_get", |mut c: Caller<'_, State>, count_out: i32, size_out: i32| -> wasmtime::Result<i32> {
+        write(&mut c, count_out, &0u32.to_le_bytes())?;
+        write(&mut c, size_out, &0u32.to_le_bytes())?;
+        Ok(0)
+    })?;
+    linker.func_wrap(WASI, "environ_get", |_: Caller<'_, State>, _a: i32, _b: i32| -> i32 { 0 })?;
+    linker.func_wrap(WASI, "clock_time_get", |mut c: Caller<'_, State>, _id: i32, _precision: i64, out: i32| -> wasmtime::Result<i32> {
+        let now = c.data().now_nanos;
+        write(&mut c, out, &now.to_le_bytes())?;
+        Ok(0)
+    })?;
+    linker.func_wrap(WASI, "random_get", |mut c: Caller<'_, State>, ptr: i32, len: i32| -> wasmtime::Result<i32> {
+        let mut bytes = vec![0u8; len as u32 as usize];
+        c.data_mut().rng.fill_bytes(&mut bytes);
+        write(&mut c, ptr, &bytes)?;
+        Ok(0)
+    })?;
+    linker.func_wrap(WASI, "proc_exit", |_: Caller<'_, State>, code: i32| -> wasmtime::Result<()> {
+        Err(wasmtime::Error::msg(format!("proc_exit({code})")))
+    })?;
+    Ok(())
+}

@@ -1,0 +1,104 @@
+//! The release filter in the in-process wasmtime host: the same .wasm Envoy loads, with a
+//! clock the test moves. Time-dependent rules are tested here, deterministically.
+
+use agentgate_test_harness::host::{Host, HostError, Outcome, Process};
+use agentgate_test_harness::tokens::{agent_claims, policy, read_invoice_rule, Signer};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+fn signer() -> Signer {
+    Signer::eddsa("ed-1", 4)
+}
+
+fn host() -> Host {
+    Host::new(&policy(&signer().jwks(), &read_invoice_rule(), "enforce")).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn get(host: &mut Host, token: &str) -> Outcome {
+    let auth = format!("Bearer {token}");
+    host.request(&[(":method", "GET"), (":path", "/invoices/7"), (":authority", "api"), ("authorization", &auth), ("x-request-id", "r-9")])
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn token_at(host: &Host, edit: impl FnOnce(&mut Value)) -> String {
+    let mut claims = agent_claims("agent-7", "invoices:read", host.now());
+    edit(&mut claims);
+    signer().sign(&claims)
+}
+
+fn last_audit(host: &Host) -> Value {
+    host.logs()
+        .iter()
+        .rev()
+        .find_map(|l| l.strip_prefix("agentgate audit ").and_then(|j| serde_json::from_str(j).ok()))
+        .unwrap_or(Value::Null)
+}
+
+#[test]
+fn allowed_request_continues_with_audit_headers() {
+    let mut host = host();
+    let token = token_at(&host, |_| {});
+    let outcome = get(&mut host, &token);
+    assert_eq!(outcome.status(), 200);
+    assert_eq!(outcome.header("x-agent-id"), Some("agent-7"));
+    assert_eq!(outcome.header("x-agent-rule"), Some("read-invoice"));
+    assert_eq!(outcome.header("x-agent-audit-id"), Some("r-9"));
+    assert_eq!(host.metric("agentgate.allowed"), Some(1));
+}
+
+#[test]
+fn expired_token_is_rejected_once_the_clock_passes_exp_and_skew() {
+    let mut host = host();
+    let token = token_at(&host, |c| c["exp"] = json!(c["iat"].as_i64().unwrap_or(0) + 60));
+    assert_eq!(get(&mut host, &token).status(), 200);
+    host.advance_clock(Duration::from_secs(60 + 29));
+    assert_eq!(get(&mut host, &token).status(), 200, "within the 30 s skew");
+    host.advance_clock(Duration::from_secs(2));
+    let outcome = get(&mut host, &token);
+    assert_eq!(outcome.status(), 401);
+    assert!(outcome.header("www-authenticate").is_some_and(|c| c.contains("invalid_token")));
+    assert_eq!(last_audit(&host)["reason"], "expired");
+    assert_eq!(host.metric("agentgate.denied.expired"), Some(1));
+}
+
+#[test]
+fn token_becomes_valid_at_nbf() {
+    let mut host = host();
+    let token = token_at(&host, |c| c["nbf"] = json!(c["iat"].as_i64().unwrap_or(0) + 120));
+    assert_eq!(get(&mut host, &token).status(), 401);
+    assert_eq!(last_audit(&host)["reason"], "not_yet_valid");
+    host.advance_clock(Duration::from_secs(120 - 30));
+    assert_eq!(get(&mut host, &token).status(), 200);
+}
+
+#[test]
+fn bad_policy_is_refused_with_its_path() {
+    let bad = policy(&signer().jwks(), &json!([{"name": "r", "match": {"methods": ["GET"], "path": "/a/{*x}/b"}}]), "enforce");
+    match Host::new(&bad) {
+        Err(HostError::Refused { logs }) => {
+            assert!(logs.iter().any(|l| l.starts_with("agentgate: invalid policy: rules[0].match.path: invalid path template")), "{logs:?}");
+        }
+        other => panic!("expected refusal, got {:?}", other.map(|_| "a running filter")),
+    }
+}
+
+#[test]
+fn a_panic_inside_the_filter_is_a_harness_error() {
+    let mut host = host();
+    match host.request_on_unknown_context() {
+        Err(HostError::Trap(message)) => assert!(message.contains("unreachable") || message.contains("wasm trap"), "{message}"),
+        other => panic!("a panic in the filter went unnoticed: {other:?}"),
+    }
+}
+
+#[test]
+fn worker_vms_of_one_process_share_their_counters() {
+    let process = Process::new();
+    let policy = policy(&signer().jwks(), &read_invoice_rule(), "enforce");
+    let mut workers = [Host::in_process(&policy, &process), Host::in_process(&policy, &process)].map(|h| h.unwrap_or_else(|e| panic!("{e}")));
+    for worker in &mut workers {
+        let outcome = worker.request(&[(":method", "GET"), (":path", "/invoices/1")]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(outcome.status(), 401);
+    }
+    assert_eq!(process.metric("agentgate.denied.missing_token"), Some(2));
+}
