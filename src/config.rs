@@ -49,6 +49,31 @@ pub struct PolicyConfig {
     pub mode: Mode,
     pub providers: Vec<ProviderConfig>,
     pub rules: Vec<RuleConfig>,
+    /// Where tokens are looked for; default: `Authorization: Bearer`.
+    pub token_sources: Option<Vec<TokenSourceConfig>>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// One place a token may come from: exactly one of `header`, `cookie`, `query`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSourceConfig {
+    pub header: Option<String>,
+    /// With `header`: the scheme before the token, compared case-insensitively (`"Bearer "`).
+    pub prefix: Option<String>,
+    pub cookie: Option<String>,
+    pub query: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_token_bytes: Option<usize>,
+    pub max_json_depth: Option<usize>,
+    pub max_claims: Option<usize>,
+    /// Verified tokens remembered per worker, so a reused token costs no signature check.
+    pub token_cache_entries: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -58,9 +83,17 @@ pub struct ProviderConfig {
     pub issuer: String,
     pub audiences: Vec<String>,
     pub algorithms: Vec<String>,
-    pub jwks: JwksConfig,
+    pub jwks: Option<JwksConfig>,
+    /// A JWKS file, for hosts that can read files (the CLI); inside a gateway, inline `jwks`.
+    pub jwks_file: Option<String>,
     #[serde(default = "default_clock_skew")]
     pub clock_skew_seconds: u64,
+    /// Longest accepted token lifetime (`exp - iat`, and `exp - now`).
+    pub max_lifetime_seconds: Option<u64>,
+    /// Allowed JOSE `typ` values, e.g. `["at+jwt"]` (RFC 9068) or `["JWT", "JOSE"]` (JWT-SVID).
+    pub token_types: Option<Vec<String>>,
+    /// Patterns the `sub` must match, e.g. `spiffe://corp.example/agent/*`.
+    pub subjects: Option<Vec<String>>,
 }
 
 pub const DEFAULT_CLOCK_SKEW_SECONDS: u64 = 30;

@@ -1,86 +1,176 @@
-//! Stage 1: find the bearer token in the request (RFC 6750 section 2.1).
+//! Stage 1: find the token. By default `Authorization: Bearer` (RFC 6750 section 2.1); a
+//! policy may list other headers (with an optional prefix), cookies and query parameters.
 
+use crate::authorize::strip_query;
+use crate::config::TokenSourceConfig;
 use crate::reason::Reason;
 
-/// Tokens longer than this are refused before any parsing or crypto.
-pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
-
-/// The token from `Authorization: Bearer <token>` (scheme case-insensitive). `headers` names
-/// are lower-case, as HTTP/2 and Envoy deliver them. A non-Bearer `Authorization` counts as
-/// no token; two different bearer tokens are an invalid request.
-pub fn bearer_token(headers: &[(String, String)]) -> Result<&str, Reason> {
-    let mut found: Option<&str> = None;
-    for (name, value) in headers {
-        if name != "authorization" {
-            continue;
-        }
-        let Some(token) = bearer_credentials(value) else { continue };
-        match found {
-            Some(previous) if previous != token => return Err(Reason::MultipleTokens),
-            _ => found = Some(token),
-        }
-    }
-    let token = found.ok_or(Reason::MissingToken)?;
-    if token.is_empty() {
-        return Err(Reason::Malformed);
-    }
-    if token.len() > MAX_TOKEN_BYTES {
-        return Err(Reason::TokenTooLarge);
-    }
-    Ok(token)
+/// One place a token may be carried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// A header (lower-case name); `prefix` (compared case-insensitively) is removed first.
+    Header { name: String, prefix: Option<String> },
+    Cookie(String),
+    Query(String),
 }
 
-fn bearer_credentials(value: &str) -> Option<&str> {
-    let value = value.trim();
-    let scheme = value.get(..6)?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
+impl TokenSource {
+    pub fn bearer() -> TokenSource {
+        TokenSource::Header { name: "authorization".into(), prefix: Some("Bearer ".into()) }
+    }
+
+    pub fn compile(raw: &TokenSourceConfig) -> Result<TokenSource, String> {
+        let non_empty = |name: &str| if name.trim().is_empty() { Err("name must not be empty".to_string()) } else { Ok(()) };
+        match (&raw.header, &raw.cookie, &raw.query, &raw.prefix) {
+            (Some(header), None, None, prefix) => {
+                non_empty(header)?;
+                if prefix.as_deref().is_some_and(str::is_empty) {
+                    return Err("prefix must not be empty (omit it for a bare token)".into());
+                }
+                Ok(TokenSource::Header { name: header.to_ascii_lowercase(), prefix: prefix.clone() })
+            }
+            (None, Some(cookie), None, None) => non_empty(cookie).map(|_| TokenSource::Cookie(cookie.clone())),
+            (None, None, Some(query), None) => non_empty(query).map(|_| TokenSource::Query(query.clone())),
+            (None, _, _, Some(_)) => Err("prefix only goes with header".into()),
+            _ => Err("give exactly one of header, cookie or query".into()),
+        }
+    }
+
+    /// Every token this source finds in the request.
+    fn find<'r>(&self, headers: &'r [(String, String)], path: &'r str, found: &mut Vec<&'r str>) {
+        match self {
+            TokenSource::Header { name, prefix } => {
+                for (_, value) in headers.iter().filter(|(n, _)| n == name) {
+                    if let Some(token) = strip_prefix(value.trim(), prefix.as_deref()) {
+                        found.push(token);
+                    }
+                }
+            }
+            TokenSource::Cookie(name) => {
+                for (_, value) in headers.iter().filter(|(n, _)| n == "cookie") {
+                    found.extend(value.split(';').filter_map(|pair| pair.trim().split_once('=')).filter(|(n, _)| n == name).map(|(_, v)| v));
+                }
+            }
+            TokenSource::Query(name) => {
+                let query = path.get(strip_query(path).len()..).and_then(|q| q.strip_prefix('?')).unwrap_or("");
+                let query = query.split('#').next().unwrap_or("");
+                found.extend(query.split('&').filter_map(|pair| pair.split_once('=')).filter(|(n, _)| n == name).map(|(_, v)| v));
+            }
+        }
+    }
+}
+
+/// `value` without `prefix` (case-insensitive, extra spaces allowed after it), or `None`
+/// when the value does not start with it.
+fn strip_prefix<'v>(value: &'v str, prefix: Option<&str>) -> Option<&'v str> {
+    let Some(prefix) = prefix else { return Some(value) };
+    let scheme = prefix.trim_end();
+    let head = value.get(..scheme.len())?;
+    if !head.eq_ignore_ascii_case(scheme) {
         return None;
     }
-    let rest = value.get(6..)?;
+    let rest = value.get(scheme.len()..)?;
     if rest.is_empty() {
         return Some(rest);
     }
-    rest.starts_with(' ').then(|| rest.trim_start())
+    // A prefix that ends in a space ("Bearer ") needs at least one space before the token.
+    let needs_space = prefix.len() > scheme.len();
+    (!needs_space || rest.starts_with(' ')).then(|| rest.trim_start())
+}
+
+/// The one token the request carries. Several copies of the same token are fine; two
+/// different tokens are an invalid request, since which one decides would be ambiguous.
+pub fn find_token<'r>(sources: &[TokenSource], headers: &'r [(String, String)], path: &'r str, max_bytes: usize) -> Result<&'r str, Reason> {
+    let mut found = Vec::new();
+    for source in sources {
+        source.find(headers, path, &mut found);
+    }
+    let token = *found.first().ok_or(Reason::MissingToken)?;
+    if found.iter().any(|other| *other != token) {
+        return Err(Reason::MultipleTokens);
+    }
+    if token.is_empty() {
+        return Err(Reason::Malformed);
+    }
+    if token.len() > max_bytes {
+        return Err(Reason::TokenTooLarge);
+    }
+    Ok(token)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const MAX: usize = 8192;
+
     fn headers(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
+    }
+
+    fn bearer(pairs: &[(&str, &str)]) -> Result<String, Reason> {
+        find_token(&[TokenSource::bearer()], &headers(pairs), "/", MAX).map(str::to_string)
     }
 
     #[test]
     fn bearer_scheme_is_case_insensitive() {
         for value in ["Bearer abc", "bearer abc", "BEARER  abc"] {
-            assert_eq!(bearer_token(&headers(&[("authorization", value)])), Ok("abc"), "{value}");
+            assert_eq!(bearer(&[("authorization", value)]), Ok("abc".into()), "{value}");
         }
     }
 
     #[test]
     fn missing_or_other_scheme_is_missing_token() {
-        assert_eq!(bearer_token(&headers(&[])), Err(Reason::MissingToken));
-        assert_eq!(bearer_token(&headers(&[("authorization", "Basic dXNlcg==")])), Err(Reason::MissingToken));
-        assert_eq!(bearer_token(&headers(&[("authorization", "Bearerabc")])), Err(Reason::MissingToken));
+        assert_eq!(bearer(&[]), Err(Reason::MissingToken));
+        assert_eq!(bearer(&[("authorization", "Basic dXNlcg==")]), Err(Reason::MissingToken));
+        assert_eq!(bearer(&[("authorization", "Bearerabc")]), Err(Reason::MissingToken));
     }
 
     #[test]
     fn empty_bearer_is_malformed() {
-        assert_eq!(bearer_token(&headers(&[("authorization", "Bearer")])), Err(Reason::Malformed));
+        assert_eq!(bearer(&[("authorization", "Bearer")]), Err(Reason::Malformed));
     }
 
     #[test]
     fn two_different_tokens_are_an_invalid_request() {
-        let h = headers(&[("authorization", "Bearer a"), ("authorization", "Bearer b")]);
-        assert_eq!(bearer_token(&h), Err(Reason::MultipleTokens));
-        let same = headers(&[("authorization", "Bearer a"), ("authorization", "Bearer a")]);
-        assert_eq!(bearer_token(&same), Ok("a"));
+        assert_eq!(bearer(&[("authorization", "Bearer a"), ("authorization", "Bearer b")]), Err(Reason::MultipleTokens));
+        assert_eq!(bearer(&[("authorization", "Bearer a"), ("authorization", "Bearer a")]), Ok("a".into()));
     }
 
     #[test]
     fn oversized_token_is_refused_before_parsing() {
-        let big = format!("Bearer {}", "a".repeat(MAX_TOKEN_BYTES + 1));
-        assert_eq!(bearer_token(&headers(&[("authorization", &big)])), Err(Reason::TokenTooLarge));
+        let big = format!("Bearer {}", "a".repeat(MAX + 1));
+        assert_eq!(bearer(&[("authorization", &big)]), Err(Reason::TokenTooLarge));
+    }
+
+    #[test]
+    fn header_cookie_and_query_sources() {
+        let sources = [
+            TokenSource::bearer(),
+            TokenSource::Header { name: "x-agent-token".into(), prefix: None },
+            TokenSource::Cookie("agent_token".into()),
+            TokenSource::Query("access_token".into()),
+        ];
+        let find = |h: &[(&str, &str)], path: &str| find_token(&sources, &headers(h), path, MAX).map(str::to_string);
+        assert_eq!(find(&[("x-agent-token", "t1")], "/"), Ok("t1".into()));
+        assert_eq!(find(&[("cookie", "a=1; agent_token=t2; b=3")], "/"), Ok("t2".into()));
+        assert_eq!(find(&[], "/x?a=1&access_token=t3#f"), Ok("t3".into()));
+        assert_eq!(find(&[("cookie", "agent_token=t2")], "/x?access_token=t3"), Err(Reason::MultipleTokens));
+        assert_eq!(find(&[("authorization", "Bearer t4")], "/x?access_token=t4"), Ok("t4".into()));
+        assert_eq!(find(&[], "/x?other=t5"), Err(Reason::MissingToken));
+    }
+
+    #[test]
+    fn source_config_errors() {
+        let raw = |h: Option<&str>, p: Option<&str>, c: Option<&str>, q: Option<&str>| TokenSourceConfig {
+            header: h.map(Into::into),
+            prefix: p.map(Into::into),
+            cookie: c.map(Into::into),
+            query: q.map(Into::into),
+        };
+        assert!(TokenSource::compile(&raw(None, None, None, None)).is_err());
+        assert!(TokenSource::compile(&raw(Some("a"), None, Some("b"), None)).is_err());
+        assert!(TokenSource::compile(&raw(None, Some("Bearer "), Some("b"), None)).is_err());
+        assert_eq!(TokenSource::compile(&raw(Some("X-Token"), None, None, None)), Ok(TokenSource::Header { name: "x-token".into(), prefix: None }));
     }
 }

@@ -3,10 +3,14 @@
 use crate::audit::{self, AuditRecord};
 use crate::authorize::{authorize, strip_query, Authorization};
 use crate::config::{ConfigError, Mode};
-use crate::extract::bearer_token;
+use crate::extract::find_token;
 use crate::policy::Policy;
 use crate::reason::Reason;
-use crate::verify::{verify, VerifiedToken};
+use crate::verify::{check_time_in, verify_untimed, VerifiedToken};
+use lru::LruCache;
+use sha2::{Digest, Sha256};
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
 
 /// A request as any host sees it. Header names are lower-case.
 #[derive(Debug, Clone, Copy)]
@@ -52,19 +56,57 @@ pub struct Decision {
     pub reason: Option<Reason>,
     pub rule: Option<String>,
     pub dry_run: bool,
+    /// The token was verified earlier and came from the cache: no signature was checked.
+    pub cache_hit: bool,
     pub action: Action,
     pub audit: AuditRecord,
 }
+
+/// Verified tokens by SHA-256 of the token text: a reused token costs a hash and a lookup,
+/// not a signature check. Bounded (least recently used entries go first); the time checks
+/// run on every hit, so an entry is never used past `exp`.
+type TokenCache = Mutex<Option<LruCache<[u8; 32], Arc<VerifiedToken>>>>;
 
 /// A compiled policy, ready to decide requests.
 #[derive(Debug)]
 pub struct Gate {
     policy: Policy,
+    cache: TokenCache,
 }
 
 impl Gate {
     pub fn from_json(json: &str) -> Result<Gate, ConfigError> {
-        Policy::from_json(json).map(|policy| Gate { policy })
+        Policy::from_json(json).map(Gate::new)
+    }
+
+    pub fn new(policy: Policy) -> Gate {
+        let cache = NonZeroUsize::new(policy.token_cache_entries).map(LruCache::new);
+        Gate { policy, cache: Mutex::new(cache) }
+    }
+
+    /// A verified token for `token` at `now`, from the cache when it was seen before (then
+    /// `cache_hit` is set).
+    fn verified(&self, token: &str, now: i64, cache_hit: &mut bool) -> Result<Arc<VerifiedToken>, Reason> {
+        let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let verified = match cache.as_mut() {
+            None => Arc::new(verify_untimed(&self.policy, token)?),
+            Some(cache) => {
+                let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+                match cache.get(&key) {
+                    Some(hit) => {
+                        *cache_hit = true;
+                        Arc::clone(hit)
+                    }
+                    None => {
+                        let verified = Arc::new(verify_untimed(&self.policy, token)?);
+                        cache.put(key, Arc::clone(&verified));
+                        verified
+                    }
+                }
+            }
+        };
+        check_time_in(&self.policy, &verified, now)?;
+        Ok(verified)
     }
 
     pub fn policy(&self) -> &Policy {
@@ -73,8 +115,11 @@ impl Gate {
 
     pub fn evaluate(&self, request: &Request<'_>) -> Decision {
         let audit_id = header(request.headers, audit::REQUEST_ID);
+        let mut cache_hit = false;
         let (token, authorization) =
-            match bearer_token(request.headers).and_then(|t| verify(&self.policy, t, request.now)) {
+            match find_token(&self.policy.token_sources, request.headers, request.path, self.policy.limits.max_token_bytes)
+                .and_then(|t| self.verified(t, request.now, &mut cache_hit))
+            {
                 Ok(token) => {
                     let authorization = authorize(&self.policy, request.method, request.path, &token);
                     (Some(token), authorization)
@@ -89,7 +134,7 @@ impl Gate {
             Some(reason) if !dry_run => Action::deny(reason, audit_id),
             _ => Action::Continue {
                 remove: forged_headers(request.headers),
-                set: audit_headers(reason, rule.as_deref(), token.as_ref(), audit_id, dry_run),
+                set: audit_headers(reason, rule.as_deref(), token.as_deref(), audit_id, dry_run),
             },
         };
         let audit = AuditRecord {
@@ -109,7 +154,7 @@ impl Gate {
                 Action::Continue { .. } => None,
             },
         };
-        Decision { allowed: reason.is_none(), reason, rule, dry_run, action, audit }
+        Decision { allowed: reason.is_none(), reason, rule, dry_run, cache_hit, action, audit }
     }
 }
 

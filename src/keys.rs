@@ -1,12 +1,15 @@
 //! Signing algorithms and verification keys: JWKs decoded once at configure time, and the
 //! signature check itself (jwt-compact's algorithms on RustCrypto keys).
 
-use jwt_compact::alg::{Ed25519, Es256, Rsa, StrongAlg, StrongKey};
+use base64ct::{Base64UrlUnpadded, Encoding};
+use jwt_compact::alg::{Ed25519, Es256, Hs256, Hs256Key, Hs384, Hs384Key, Hs512, Hs512Key, Rsa, StrongAlg, StrongKey};
 use jwt_compact::jwk::JsonWebKey;
 use jwt_compact::{Algorithm, AlgorithmSignature};
 use rsa::RsaPublicKey;
 use serde::Deserialize;
 use serde_json::Value;
+use std::borrow::Cow;
+use std::num::NonZeroUsize;
 
 /// A JWS algorithm agentgate verifies. The algorithm used for a token is always one of the
 /// provider's allowed algorithms and must fit the selected key: never taken from the token
@@ -14,6 +17,7 @@ use serde_json::Value;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Alg {
     Es256,
+    Es384,
     Rs256,
     Rs384,
     Rs512,
@@ -21,11 +25,26 @@ pub enum Alg {
     Ps384,
     Ps512,
     EdDsa,
+    Hs256,
+    Hs384,
+    Hs512,
 }
 
 impl Alg {
-    pub const ALL: [Alg; 8] =
-        [Alg::Es256, Alg::Rs256, Alg::Rs384, Alg::Rs512, Alg::Ps256, Alg::Ps384, Alg::Ps512, Alg::EdDsa];
+    pub const ALL: [Alg; 12] = [
+        Alg::Es256,
+        Alg::Es384,
+        Alg::Rs256,
+        Alg::Rs384,
+        Alg::Rs512,
+        Alg::Ps256,
+        Alg::Ps384,
+        Alg::Ps512,
+        Alg::EdDsa,
+        Alg::Hs256,
+        Alg::Hs384,
+        Alg::Hs512,
+    ];
 
     /// The JOSE name (RFC 7518), matched exactly: `none`, `NONE` or `es256` are not algorithms.
     pub fn from_name(name: &str) -> Option<Alg> {
@@ -35,6 +54,7 @@ impl Alg {
     pub const fn name(self) -> &'static str {
         match self {
             Alg::Es256 => "ES256",
+            Alg::Es384 => "ES384",
             Alg::Rs256 => "RS256",
             Alg::Rs384 => "RS384",
             Alg::Rs512 => "RS512",
@@ -42,7 +62,15 @@ impl Alg {
             Alg::Ps384 => "PS384",
             Alg::Ps512 => "PS512",
             Alg::EdDsa => "EdDSA",
+            Alg::Hs256 => "HS256",
+            Alg::Hs384 => "HS384",
+            Alg::Hs512 => "HS512",
         }
+    }
+
+    /// HMAC algorithms use a shared secret: a provider must list them explicitly.
+    pub const fn is_symmetric(self) -> bool {
+        matches!(self, Alg::Hs256 | Alg::Hs384 | Alg::Hs512)
     }
 
     fn rsa(self) -> Option<Rsa> {
@@ -53,38 +81,59 @@ impl Alg {
             Alg::Ps256 => Some(Rsa::ps256()),
             Alg::Ps384 => Some(Rsa::ps384()),
             Alg::Ps512 => Some(Rsa::ps512()),
-            Alg::Es256 | Alg::EdDsa => None,
+            _ => None,
+        }
+    }
+
+    /// RFC 7518 section 3.2: an HMAC key must be at least as long as the hash output.
+    const fn min_secret_bytes(self) -> usize {
+        match self {
+            Alg::Hs384 => 48,
+            Alg::Hs512 => 64,
+            _ => 32,
         }
     }
 }
 
-/// Decoded public key material.
+/// Decoded key material.
 #[derive(Debug)]
 pub enum KeyMaterial {
     /// At least 2048 bits, checked at configure time.
     Rsa(StrongKey<RsaPublicKey>),
     P256(p256::ecdsa::VerifyingKey),
+    P384(p384::ecdsa::VerifyingKey),
     Ed25519(ed25519_dalek::VerifyingKey),
+    /// An `oct` secret for HS256/384/512.
+    Secret(Vec<u8>),
 }
 
 impl KeyMaterial {
     /// Whether this key can verify `alg` at all (RFC 7518 key type per algorithm).
     pub fn fits(&self, alg: Alg) -> bool {
-        matches!(
-            (self, alg),
-            (KeyMaterial::P256(_), Alg::Es256)
-                | (KeyMaterial::Ed25519(_), Alg::EdDsa)
-                | (KeyMaterial::Rsa(_), Alg::Rs256 | Alg::Rs384 | Alg::Rs512 | Alg::Ps256 | Alg::Ps384 | Alg::Ps512)
-        )
+        match self {
+            KeyMaterial::Rsa(_) => alg.rsa().is_some(),
+            KeyMaterial::P256(_) => alg == Alg::Es256,
+            KeyMaterial::P384(_) => alg == Alg::Es384,
+            KeyMaterial::Ed25519(_) => alg == Alg::EdDsa,
+            KeyMaterial::Secret(secret) => alg.is_symmetric() && secret.len() >= alg.min_secret_bytes(),
+        }
     }
 
     /// Checks `signature` over `signed` (the token's `header.payload`) with `alg`.
     pub fn verify(&self, alg: Alg, signed: &[u8], signature: &[u8]) -> bool {
-        match (self, alg.rsa()) {
-            (KeyMaterial::Rsa(key), Some(rsa)) => check(&StrongAlg(rsa), key, signed, signature),
-            (KeyMaterial::P256(key), None) if alg == Alg::Es256 => check(&Es256, key, signed, signature),
-            (KeyMaterial::Ed25519(key), None) if alg == Alg::EdDsa => check(&Ed25519, key, signed, signature),
-            _ => false,
+        if !self.fits(alg) {
+            return false;
+        }
+        match self {
+            KeyMaterial::Rsa(key) => alg.rsa().is_some_and(|rsa| check(&StrongAlg(rsa), key, signed, signature)),
+            KeyMaterial::P256(key) => check(&Es256, key, signed, signature),
+            KeyMaterial::P384(key) => check(&Es384, key, signed, signature),
+            KeyMaterial::Ed25519(key) => check(&Ed25519, key, signed, signature),
+            KeyMaterial::Secret(secret) => match alg {
+                Alg::Hs256 => check(&Hs256, &Hs256Key::new(secret), signed, signature),
+                Alg::Hs384 => check(&Hs384, &Hs384Key::new(secret), signed, signature),
+                _ => check(&Hs512, &Hs512Key::new(secret), signed, signature),
+            },
         }
     }
 }
@@ -99,6 +148,45 @@ fn check<A: Algorithm>(alg: &A, key: &A::VerifyingKey, signed: &[u8], signature:
     match A::Signature::try_from_slice(signature) {
         Ok(signature) => alg.verify_signature(&signature, key, signed),
         Err(_) => false,
+    }
+}
+
+/// ES384 (ECDSA P-384 with SHA-384), which jwt-compact lacks, on RustCrypto's `p384`.
+#[derive(Debug, Clone, Copy)]
+pub struct Es384;
+
+#[derive(Debug)]
+pub struct Es384Signature(p384::ecdsa::Signature);
+
+impl AlgorithmSignature for Es384Signature {
+    const LENGTH: Option<NonZeroUsize> = NonZeroUsize::new(96);
+
+    fn try_from_slice(slice: &[u8]) -> anyhow::Result<Self> {
+        p384::ecdsa::Signature::from_slice(slice).map(Es384Signature).map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    fn as_bytes(&self) -> Cow<'_, [u8]> {
+        Cow::Owned(self.0.to_bytes().to_vec())
+    }
+}
+
+impl Algorithm for Es384 {
+    type SigningKey = p384::ecdsa::SigningKey;
+    type VerifyingKey = p384::ecdsa::VerifyingKey;
+    type Signature = Es384Signature;
+
+    fn name(&self) -> Cow<'static, str> {
+        Cow::Borrowed("ES384")
+    }
+
+    fn sign(&self, key: &Self::SigningKey, message: &[u8]) -> Self::Signature {
+        use p384::ecdsa::signature::Signer;
+        Es384Signature(key.sign(message))
+    }
+
+    fn verify_signature(&self, signature: &Self::Signature, key: &Self::VerifyingKey, message: &[u8]) -> bool {
+        use p384::ecdsa::signature::Verifier;
+        key.verify(message, &signature.0).is_ok()
     }
 }
 
@@ -137,7 +225,8 @@ pub fn parse_jwk(jwk: &Value, allowed: &[Alg]) -> Result<Option<Key>, String> {
     if meta.usage.as_deref() == Some("enc") {
         return Ok(None);
     }
-    if meta.d.is_some() {
+    let symmetric = meta.kty.as_deref() == Some("oct");
+    if meta.d.is_some() && !symmetric {
         return Err("is a private key (has \"d\"); publish only the public key".into());
     }
     let alg = match meta.alg.as_deref() {
@@ -149,19 +238,44 @@ pub fn parse_jwk(jwk: &Value, allowed: &[Alg]) -> Result<Option<Key>, String> {
         },
     };
     let material = decode_material(jwk, meta.kty.as_deref(), meta.crv.as_deref())?;
+    if let KeyMaterial::Secret(secret) = &material {
+        if let Some(alg) = alg.filter(|alg| secret.len() < alg.min_secret_bytes()) {
+            return Err(format!("oct key is shorter than {} bits, the minimum for {}", alg.min_secret_bytes() * 8, alg.name()));
+        }
+    }
     let key = Key { kid: meta.kid, alg, material };
     if !allowed.iter().any(|&alg| key.accepts(alg)) {
-        return Err("fits none of the provider's algorithms".into());
+        return Err(if symmetric {
+            "oct key fits none of the provider's algorithms (list HS256/HS384/HS512 explicitly; the secret must be at least as long as the hash)".into()
+        } else {
+            "fits none of the provider's algorithms".into()
+        });
     }
     Ok(Some(key))
+}
+
+fn base64_member(jwk: &Value, name: &str) -> Result<Vec<u8>, String> {
+    let text = jwk.get(name).and_then(Value::as_str).ok_or_else(|| format!("missing {name}"))?;
+    Base64UrlUnpadded::decode_vec(text).map_err(|_| format!("{name} is not unpadded base64url"))
 }
 
 fn decode_material(jwk: &Value, kty: Option<&str>, crv: Option<&str>) -> Result<KeyMaterial, String> {
     match (kty, crv) {
         (Some("RSA"), _) | (Some("EC"), Some("P-256")) | (Some("OKP"), Some("Ed25519")) => {}
-        (Some("EC" | "OKP"), crv) => return Err(format!("unsupported curve {crv:?} (supported: P-256, Ed25519)")),
+        (Some("EC"), Some("P-384")) => {
+            let (x, y) = (base64_member(jwk, "x")?, base64_member(jwk, "y")?);
+            if x.len() != 48 || y.len() != 48 {
+                return Err("invalid key: P-384 coordinates must be 48 bytes".into());
+            }
+            let point = p384::EncodedPoint::from_affine_coordinates(x.as_slice().into(), y.as_slice().into(), false);
+            return p384::ecdsa::VerifyingKey::from_encoded_point(&point)
+                .map(KeyMaterial::P384)
+                .map_err(|_| "invalid key: not a point on P-384".to_string());
+        }
+        (Some("oct"), _) => return base64_member(jwk, "k").map(KeyMaterial::Secret),
+        (Some("EC" | "OKP"), crv) => return Err(format!("unsupported curve {crv:?} (supported: P-256, P-384, Ed25519)")),
         (None, _) => return Err("missing kty".into()),
-        (kty, _) => return Err(format!("unsupported kty {kty:?} (supported: RSA, EC, OKP)")),
+        (kty, _) => return Err(format!("unsupported kty {kty:?} (supported: RSA, EC, OKP, oct)")),
     }
     let parsed: JsonWebKey<'_> = serde_json::from_value(jwk.clone()).map_err(|e| format!("invalid key: {e}"))?;
     let invalid = |e: jwt_compact::jwk::JwkError| format!("invalid key: {e}");
@@ -193,7 +307,7 @@ mod tests {
     fn algorithm_names_are_exact() {
         assert_eq!(Alg::from_name("ES256"), Some(Alg::Es256));
         assert_eq!(Alg::from_name("EdDSA"), Some(Alg::EdDsa));
-        for bogus in ["none", "None", "NONE", "es256", "HS256", ""] {
+        for bogus in ["none", "None", "NONE", "es256", "hs256", "ES512", ""] {
             assert_eq!(Alg::from_name(bogus), None, "{bogus}");
         }
     }
@@ -249,5 +363,31 @@ mod tests {
         let jwk = json!({"kty": "EC", "crv": "P-521", "x": "AA", "y": "AA"});
         let e = parse_jwk(&jwk, &[Alg::Es256]).err().unwrap_or_default();
         assert!(e.contains("unsupported curve"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod symmetric_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn oct_key_needs_hs_listed_and_a_long_enough_secret() {
+        let k32 = Base64UrlUnpadded::encode_string(&[7u8; 32]);
+        let jwk = json!({"kty": "oct", "k": k32});
+        assert!(parse_jwk(&jwk, &[Alg::Es256, Alg::Rs256]).is_err_and(|e| e.contains("list HS256")));
+        let key = parse_jwk(&jwk, &[Alg::Hs256, Alg::Hs512]).ok().flatten();
+        assert!(key.as_ref().is_some_and(|k| k.accepts(Alg::Hs256) && !k.accepts(Alg::Hs512)));
+        let pinned = json!({"kty": "oct", "k": k32, "alg": "HS512"});
+        assert!(parse_jwk(&pinned, &[Alg::Hs512]).is_err_and(|e| e.contains("shorter than 512 bits")));
+    }
+
+    #[test]
+    fn hmac_key_never_verifies_an_asymmetric_algorithm() {
+        let secret = KeyMaterial::Secret(vec![1; 64]);
+        for alg in [Alg::Es256, Alg::Rs256, Alg::EdDsa] {
+            assert!(!secret.fits(alg));
+            assert!(!secret.verify(alg, b"x", &[0; 64]));
+        }
     }
 }

@@ -4,6 +4,7 @@
 //!   prints the decision as JSON; exit 0 on allow, 1 on deny, 2 on usage or policy error.
 //! * `agentgate check-config POLICY.json` validates a policy; exit 0, or 2 with the error.
 
+use agentgate::policy::Policy;
 use agentgate::{Action, Gate, Request};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Map, Value};
@@ -56,9 +57,12 @@ fn parse_header(raw: &str) -> Result<(String, String), String> {
     Ok((name.to_ascii_lowercase(), value.trim().to_string()))
 }
 
+/// Loads a policy; `jwks_file`s are read relative to the policy file.
 fn load(path: &Path) -> Result<Gate, String> {
     let json = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    Gate::from_json(&json).map_err(|e| format!("{}: {e}", path.display()))
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let read = |file: &str| std::fs::read_to_string(dir.join(file)).map_err(|e| format!("{file}: {e}"));
+    Policy::from_json_with(&json, &read).map(Gate::new).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn main() -> ExitCode {

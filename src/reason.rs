@@ -18,6 +18,9 @@ pub enum Reason {
     Expired,
     NotYetValid,
     AudienceMismatch,
+    LifetimeTooLong,
+    TypeNotAllowed,
+    SubjectNotAllowed,
     NonCanonicalPath,
     NoMatchingRule,
     InsufficientScope,
@@ -46,7 +49,7 @@ const NOT_PERMITTED: &str = "the access token does not permit this request";
 
 impl Reason {
     /// Every reason, for defining metrics up front.
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 20] = [
         Reason::MissingToken,
         Reason::MultipleTokens,
         Reason::TokenTooLarge,
@@ -59,6 +62,9 @@ impl Reason {
         Reason::Expired,
         Reason::NotYetValid,
         Reason::AudienceMismatch,
+        Reason::LifetimeTooLong,
+        Reason::TypeNotAllowed,
+        Reason::SubjectNotAllowed,
         Reason::NonCanonicalPath,
         Reason::NoMatchingRule,
         Reason::InsufficientScope,
@@ -90,6 +96,9 @@ impl Reason {
             Expired => row("expired", 401, Some(INVALID_TOKEN), "the access token expired"),
             NotYetValid => row("not_yet_valid", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
             AudienceMismatch => row("audience_mismatch", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
+            LifetimeTooLong => row("lifetime_too_long", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
+            TypeNotAllowed => row("type_not_allowed", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
+            SubjectNotAllowed => row("subject_not_allowed", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
             NonCanonicalPath => row("non_canonical_path", 400, Some(INVALID_REQUEST), "the request path is not in canonical form"),
             NoMatchingRule => row("no_matching_rule", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
             InsufficientScope => row("insufficient_scope", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),

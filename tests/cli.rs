@@ -95,3 +95,26 @@ fn usage_errors_exit_2() {
     assert_eq!(agentgate(&["eval", "--config", "x", "--path", "/", "--header", "no-colon"]).0, 2);
     assert_eq!(agentgate(&["check-config", "/nonexistent/policy.json"]).0, 2);
 }
+
+#[test]
+fn jwks_file_is_read_relative_to_the_policy() {
+    let signer = Signer::es256("k", 1);
+    write_policy("keys.json", &signer.jwks().to_string());
+    let mut p: Value = serde_json::from_str(&policy(&json!({"keys": []}), &read_invoice_rule(), "enforce")).unwrap();
+    let provider = p["providers"][0].as_object_mut().unwrap();
+    provider.remove("jwks");
+    provider.insert("jwks_file".into(), json!("keys.json"));
+    let file = write_policy("with-file.json", &p.to_string());
+    let (code, out) = eval(&file, "/invoices/1", Some(&signer.sign(&agent_claims("agent-7", "invoices:read", NOW))));
+    assert_eq!((code, out["decision"].clone()), (0, json!("allow")));
+
+    provider_file(&mut p, "missing.json");
+    let file = write_policy("missing-file.json", &p.to_string());
+    let (code, _, stderr) = agentgate(&["check-config", &file.to_string_lossy()]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("providers[0].jwks_file: missing.json:"), "{stderr}");
+}
+
+fn provider_file(policy: &mut Value, file: &str) {
+    policy["providers"][0]["jwks_file"] = json!(file);
+}

@@ -174,9 +174,12 @@ fn token_without_kid_is_tried_against_each_fitting_key() {
 
 #[test]
 fn alg_none_in_every_case_is_rejected() {
+    use agentgate_test_harness::tokens::b64;
     for alg in ["none", "None", "NONE", "nOnE"] {
-        let unsigned = format!("{}.{}.", agentgate_test_harness::tokens::b64(json!({"alg": alg}).to_string().as_bytes()), agentgate_test_harness::tokens::b64(claims("invoices:read").to_string().as_bytes()));
-        assert_eq!(get(&gate(), "/invoices/1", &unsigned).reason, Some(Reason::AlgNotAllowed), "{alg}");
+        let unsigned = format!("{}.{}", b64(json!({"alg": alg}).to_string().as_bytes()), b64(claims("invoices:read").to_string().as_bytes()));
+        // RFC 7519 unsecured form (empty signature), and with some bytes where a signature would be.
+        assert_eq!(get(&gate(), "/invoices/1", &format!("{unsigned}.")).reason, Some(Reason::Malformed), "{alg}");
+        assert_eq!(get(&gate(), "/invoices/1", &format!("{unsigned}.AAAA")).reason, Some(Reason::AlgNotAllowed), "{alg}");
     }
 }
 
@@ -287,5 +290,30 @@ fn audit_record_and_responses_never_carry_the_token() {
         let everything = format!("{} {:?}", d.audit.to_json(), d.action);
         assert!(!everything.contains(&signature), "{everything}");
         assert!(!everything.contains(&token[..40]), "{everything}");
+    }
+}
+
+#[test]
+fn reused_token_is_served_from_the_cache_but_never_past_exp() {
+    let gate = gate();
+    let token = es().sign(&with(claims("invoices:read"), "exp", json!(NOW + 60)));
+    let first = get(&gate, "/invoices/1", &token);
+    let second = get(&gate, "/invoices/2", &token);
+    assert!(first.allowed && second.allowed);
+    assert!(!first.cache_hit);
+    assert!(second.cache_hit);
+    let auth = format!("Bearer {token}");
+    let later = eval_at(&gate, "GET", "/invoices/1", &[("authorization", &auth)], NOW + 60 + 30);
+    assert!(later.cache_hit);
+    assert_eq!(later.reason, Some(Reason::Expired));
+}
+
+#[test]
+fn a_token_that_failed_verification_is_not_cached() {
+    let gate = gate();
+    let forged = Signer::es256("es-1", 42).sign(&claims("invoices:read"));
+    for _ in 0..2 {
+        let d = get(&gate, "/invoices/1", &forged);
+        assert_eq!((d.reason, d.cache_hit), (Some(Reason::BadSignature), false));
     }
 }

@@ -178,3 +178,36 @@ fn audience_constant_is_what_the_policy_trusts() {
     let p: Value = serde_json::from_str(&policy(&json!({"keys": []}), &json!([]), "enforce")).unwrap_or_default();
     assert_eq!(p["providers"][0]["audiences"], json!([AUDIENCE]));
 }
+
+#[test]
+fn hostile_tokens_are_refused_and_envoy_keeps_serving() {
+    use agentgate_test_harness::tokens::b64;
+    let s = start();
+    let t = now();
+    let claims = agent_claims("agent-7", "invoices:read", t);
+    let raw = |header: &str, sig: &[u8]| format!("{}.{}.{}", b64(header.as_bytes()), b64(claims.to_string().as_bytes()), b64(sig));
+    let deep = format!(r#"{{"iss":"x","a":{}1{}}}"#, "[".repeat(2_000), "]".repeat(2_000));
+    let cases: Vec<(&str, String)> = vec![
+        ("alg none", raw(r#"{"alg":"none","kid":"es-1"}"#, b"x")),
+        ("alg NoNe", raw(r#"{"alg":"NoNe","kid":"es-1"}"#, b"x")),
+        ("HS256 confusion", raw(r#"{"alg":"HS256","kid":"es-1"}"#, &[7; 32])),
+        ("psychic signature", raw(r#"{"alg":"ES256","kid":"es-1"}"#, &[0; 64])),
+        ("crit", s.signer.sign_with_header(&json!({"alg": "ES256", "kid": "es-1", "crit": ["x"]}), &claims)),
+        ("duplicate alg", raw(r#"{"alg":"none","alg":"ES256","kid":"es-1"}"#, &[1; 64])),
+        ("kid traversal", s.signer.sign_with_header(&json!({"alg": "ES256", "kid": "../../etc/passwd"}), &claims)),
+        ("deep json", format!("{}.{}.AAAA", b64(br#"{"alg":"ES256"}"#), b64(deep.as_bytes()))),
+        ("bad base64", format!("{}.!!!.AAAA", b64(br#"{"alg":"ES256"}"#))),
+        ("empty segments", "..".to_string()),
+    ];
+    for (name, token) in &cases {
+        let r = s.envoy.get("/invoices/42", &[("authorization", &bearer(token))]);
+        assert_eq!(r.status, 401, "{name}: {}", r.body);
+        assert!(r.header("www-authenticate").is_some_and(|c| c.contains("invalid_token")), "{name}");
+    }
+    // A 1 MB token: Envoy itself refuses headers that large (431), before the filter runs.
+    let huge = s.envoy.get("/invoices/42", &[("authorization", &bearer(&"a".repeat(1 << 20)))]);
+    assert!(matches!(huge.status, 431 | 401 | 0), "huge token: {}", huge.status);
+    let ok = s.signer.sign(&claims);
+    assert_eq!(s.envoy.get("/invoices/42", &[("authorization", &bearer(&ok))]).status, 200, "Envoy still serves");
+    assert!(!s.envoy.logs().contains("panicked"), "{}", s.envoy.logs());
+}

@@ -102,3 +102,33 @@ fn worker_vms_of_one_process_share_their_counters() {
     }
     assert_eq!(process.metric("agentgate.denied.missing_token"), Some(2));
 }
+
+#[test]
+fn jwks_file_is_refused_inside_the_gateway() {
+    let mut p: Value = serde_json::from_str(&policy(&json!({"keys": []}), &read_invoice_rule(), "enforce")).unwrap_or_default();
+    if let Some(provider) = p["providers"][0].as_object_mut() {
+        provider.remove("jwks");
+        provider.insert("jwks_file".into(), json!("/etc/keys.json"));
+    }
+    match Host::new(&p.to_string()) {
+        Err(HostError::Refused { logs }) => assert!(
+            logs.iter().any(|l| l.contains("providers[0].jwks_file: this host cannot read files: inline the keys with `jwks`")),
+            "{logs:?}"
+        ),
+        other => panic!("expected refusal, got {:?}", other.map(|_| "a running filter")),
+    }
+}
+
+#[test]
+fn a_reused_token_is_a_cache_hit_and_still_expires() {
+    let mut host = host();
+    let token = token_at(&host, |c| c["exp"] = json!(c["iat"].as_i64().unwrap_or(0) + 100));
+    for _ in 0..3 {
+        assert_eq!(get(&mut host, &token).status(), 200);
+    }
+    assert_eq!(host.metric("agentgate.token_cache.miss"), Some(1));
+    assert_eq!(host.metric("agentgate.token_cache.hit"), Some(2));
+    host.advance_clock(Duration::from_secs(100 + 30));
+    assert_eq!(get(&mut host, &token).status(), 401);
+    assert_eq!(last_audit(&host)["reason"], "expired");
+}

@@ -20,6 +20,8 @@ proxy_wasm::main! {{
 struct Metrics {
     allowed: Option<u32>,
     dry_run_denied: Option<u32>,
+    cache_hits: Option<u32>,
+    cache_misses: Option<u32>,
     denied: Vec<(Reason, u32)>,
 }
 
@@ -29,16 +31,24 @@ impl Metrics {
         Metrics {
             allowed: counter("agentgate.allowed"),
             dry_run_denied: counter("agentgate.dry_run.denied"),
+            cache_hits: counter("agentgate.token_cache.hit"),
+            cache_misses: counter("agentgate.token_cache.miss"),
             denied: Reason::ALL.iter().filter_map(|&r| counter(&r.metric()).map(|id| (r, id))).collect(),
         }
     }
 
+    fn bump(id: Option<u32>) {
+        if let Some(id) = id {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+
+    fn count_cache(&self, hit: bool) {
+        Metrics::bump(if hit { self.cache_hits } else { self.cache_misses });
+    }
+
     fn count(&self, reason: Option<Reason>, dry_run: bool) {
-        let bump = |id: Option<u32>| {
-            if let Some(id) = id {
-                let _ = hostcalls::increment_metric(id, 1);
-            }
-        };
+        let bump = Metrics::bump;
         match reason {
             None => bump(self.allowed),
             Some(reason) => {
@@ -136,6 +146,9 @@ impl HttpContext for Filter {
         let decision = gate.evaluate(&request);
         log(LogLevel::Info, &format!("agentgate audit {}", decision.audit.to_json()));
         self.metrics.count(decision.reason, decision.dry_run);
+        if decision.audit.issuer.is_some() {
+            self.metrics.count_cache(decision.cache_hit);
+        }
         apply(&decision.action)
     }
 }
