@@ -74,6 +74,8 @@ pub struct LimitsConfig {
     pub max_claims: Option<usize>,
     /// Verified tokens remembered per worker, so a reused token costs no signature check.
     pub token_cache_entries: Option<usize>,
+    /// Single-use `jti`s remembered by hosts without shared storage.
+    pub single_use_entries: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,6 +96,9 @@ pub struct ProviderConfig {
     pub token_types: Option<Vec<String>>,
     /// Patterns the `sub` must match, e.g. `spiffe://corp.example/agent/*`.
     pub subjects: Option<Vec<String>>,
+    /// Accept each `jti` once within its token's lifetime.
+    #[serde(default)]
+    pub single_use: bool,
 }
 
 pub const DEFAULT_CLOCK_SKEW_SECONDS: u64 = 30;

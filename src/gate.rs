@@ -6,6 +6,7 @@ use crate::config::{ConfigError, Mode};
 use crate::extract::find_token;
 use crate::policy::Policy;
 use crate::reason::Reason;
+use crate::replay::{token_id, GuardError, MemoryGuard, ReplayGuard, ReplayScope};
 use crate::verify::{check_time_in, verify_untimed, VerifiedToken};
 use lru::LruCache;
 use sha2::{Digest, Sha256};
@@ -72,6 +73,8 @@ type TokenCache = Mutex<Option<LruCache<[u8; 32], Arc<VerifiedToken>>>>;
 pub struct Gate {
     policy: Policy,
     cache: TokenCache,
+    /// For hosts that bring no shared replay store of their own.
+    memory_guard: MemoryGuard,
 }
 
 impl Gate {
@@ -81,7 +84,8 @@ impl Gate {
 
     pub fn new(policy: Policy) -> Gate {
         let cache = NonZeroUsize::new(policy.token_cache_entries).map(LruCache::new);
-        Gate { policy, cache: Mutex::new(cache) }
+        let memory_guard = MemoryGuard::new(policy.single_use_entries);
+        Gate { policy, cache: Mutex::new(cache), memory_guard }
     }
 
     /// A verified token for `token` at `now`, from the cache when it was seen before (then
@@ -113,19 +117,41 @@ impl Gate {
         &self.policy
     }
 
+    /// Decides `request`, remembering single-use tokens in this process.
     pub fn evaluate(&self, request: &Request<'_>) -> Decision {
+        self.evaluate_with(request, &self.memory_guard)
+    }
+
+    /// Single-use tokens are accepted once per token lifetime; `Err` fails closed.
+    fn check_single_use(&self, token: &VerifiedToken, guard: &dyn ReplayGuard, now: i64) -> Result<(), Reason> {
+        let provider = self.policy.providers.get(token.provider_index).ok_or(Reason::UnknownIssuer)?;
+        let Some(ring) = provider.single_use_ring else { return Ok(()) };
+        let jti = token.jti.as_deref().filter(|j| !j.is_empty()).ok_or(Reason::MissingJti)?;
+        let scope = ReplayScope { provider: &provider.name, ring };
+        match guard.first_use(scope, &token_id(&token.issuer, jti), token.expires_at, now) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Reason::Replayed),
+            Err(GuardError::Full | GuardError::Unavailable) => Err(Reason::ReplayStoreUnavailable),
+        }
+    }
+
+    /// Decides `request`, remembering single-use tokens with `guard` (a host's shared store).
+    pub fn evaluate_with(&self, request: &Request<'_>, guard: &dyn ReplayGuard) -> Decision {
         let audit_id = header(request.headers, audit::REQUEST_ID);
         let mut cache_hit = false;
-        let (token, authorization) =
-            match find_token(&self.policy.token_sources, request.headers, request.path, self.policy.limits.max_token_bytes)
-                .and_then(|t| self.verified(t, request.now, &mut cache_hit))
-            {
-                Ok(token) => {
+        let verified = find_token(&self.policy.token_sources, request.headers, request.path, self.policy.limits.max_token_bytes)
+            .and_then(|t| self.verified(t, request.now, &mut cache_hit));
+        let (token, authorization) = match verified {
+            Err(reason) => (None, Authorization { rule: None, result: Err(reason) }),
+            Ok(token) => match self.check_single_use(&token, guard, request.now) {
+                // A replay is still recorded with who the token names.
+                Err(reason) => (Some(token), Authorization { rule: None, result: Err(reason) }),
+                Ok(()) => {
                     let authorization = authorize(&self.policy, request.method, request.path, &token);
                     (Some(token), authorization)
                 }
-                Err(reason) => (None, Authorization { rule: None, result: Err(reason) }),
-            };
+            },
+        };
         let rule = authorization.rule.and_then(|i| self.policy.rules.get(i)).map(|r| r.name.clone());
         let reason = authorization.result.err();
         let dry_run = self.policy.mode == Mode::DryRun;

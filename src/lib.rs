@@ -15,6 +15,7 @@ pub mod keys;
 pub mod pattern;
 pub mod policy;
 pub mod reason;
+pub mod replay;
 mod routes;
 pub mod verify;
 

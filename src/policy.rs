@@ -19,9 +19,11 @@ pub struct Policy {
     pub token_sources: Vec<TokenSource>,
     pub limits: Limits,
     pub token_cache_entries: usize,
+    pub single_use_entries: usize,
 }
 
 pub const DEFAULT_TOKEN_CACHE_ENTRIES: usize = 1024;
+pub const DEFAULT_SINGLE_USE_ENTRIES: usize = 100_000;
 
 /// Reads a file named in the policy (`jwks_file`). Hosts without a filesystem refuse.
 pub type FileLoader<'a> = &'a dyn Fn(&str) -> Result<String, String>;
@@ -44,6 +46,8 @@ pub struct Provider {
     /// Normalized (lower case, no `application/`) allowed `typ` values.
     pub token_types: Option<Vec<String>>,
     pub subjects: Option<Vec<Pattern>>,
+    /// Bucket ring size for `single_use` (see `replay`); `None` when not single-use.
+    pub single_use_ring: Option<i64>,
 }
 
 /// RFC 7515 section 4.1.9: `typ` is a media type, compared case-insensitively, and
@@ -138,7 +142,8 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
         max_claims: positive("max_claims", config.limits.max_claims, defaults.max_claims)?,
     };
     let token_cache_entries = config.limits.token_cache_entries.unwrap_or(DEFAULT_TOKEN_CACHE_ENTRIES);
-    Ok(Policy { mode: config.mode, providers, rules, routes, token_sources, limits, token_cache_entries })
+    let single_use_entries = positive("single_use_entries", config.limits.single_use_entries, DEFAULT_SINGLE_USE_ENTRIES)?;
+    Ok(Policy { mode: config.mode, providers, rules, routes, token_sources, limits, token_cache_entries, single_use_entries })
 }
 
 fn compile_provider(at: &str, raw: ProviderConfig, load: FileLoader<'_>) -> Result<Provider, ConfigError> {
@@ -184,6 +189,13 @@ fn compile_provider(at: &str, raw: ProviderConfig, load: FileLoader<'_>) -> Resu
         Some(types) => Some(types.iter().map(|t| normalize_type(t)).collect()),
         None => None,
     };
+    let single_use_ring = match (raw.single_use, raw.max_lifetime_seconds) {
+        (false, _) => None,
+        (true, Some(max)) => Some(crate::replay::ring_windows(max, raw.clock_skew_seconds)),
+        (true, None) => {
+            return Err(ConfigError::at(format!("{at}.single_use"), "needs max_lifetime_seconds, so that remembered jtis can be forgotten when their tokens expire"));
+        }
+    };
     let subjects = match raw.subjects {
         Some(subjects) if subjects.is_empty() => return Err(ConfigError::at(format!("{at}.subjects"), "is empty: omit it to accept any subject")),
         Some(subjects) => Some(
@@ -205,6 +217,7 @@ fn compile_provider(at: &str, raw: ProviderConfig, load: FileLoader<'_>) -> Resu
         max_lifetime_seconds: raw.max_lifetime_seconds,
         token_types,
         subjects,
+        single_use_ring,
     })
 }
 

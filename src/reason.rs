@@ -21,6 +21,9 @@ pub enum Reason {
     LifetimeTooLong,
     TypeNotAllowed,
     SubjectNotAllowed,
+    MissingJti,
+    Replayed,
+    ReplayStoreUnavailable,
     NonCanonicalPath,
     NoMatchingRule,
     InsufficientScope,
@@ -49,7 +52,7 @@ const NOT_PERMITTED: &str = "the access token does not permit this request";
 
 impl Reason {
     /// Every reason, for defining metrics up front.
-    pub const ALL: [Reason; 20] = [
+    pub const ALL: [Reason; 23] = [
         Reason::MissingToken,
         Reason::MultipleTokens,
         Reason::TokenTooLarge,
@@ -65,6 +68,9 @@ impl Reason {
         Reason::LifetimeTooLong,
         Reason::TypeNotAllowed,
         Reason::SubjectNotAllowed,
+        Reason::MissingJti,
+        Reason::Replayed,
+        Reason::ReplayStoreUnavailable,
         Reason::NonCanonicalPath,
         Reason::NoMatchingRule,
         Reason::InsufficientScope,
@@ -99,6 +105,10 @@ impl Reason {
             LifetimeTooLong => row("lifetime_too_long", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
             TypeNotAllowed => row("type_not_allowed", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
             SubjectNotAllowed => row("subject_not_allowed", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
+            MissingJti => row("missing_jti", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
+            Replayed => row("replayed", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
+            // Fail closed: without a working replay store, single-use tokens cannot be accepted.
+            ReplayStoreUnavailable => row("replay_store_unavailable", 503, None, "the gateway cannot accept single-use tokens right now"),
             NonCanonicalPath => row("non_canonical_path", 400, Some(INVALID_REQUEST), "the request path is not in canonical form"),
             NoMatchingRule => row("no_matching_rule", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
             InsufficientScope => row("insufficient_scope", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),

@@ -43,6 +43,7 @@ fn provider(jwks: &Value) -> Provider {
         max_lifetime_seconds: None,
         token_types: None,
         subjects: None,
+        single_use_ring: None,
     }
 }
 

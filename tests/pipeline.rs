@@ -317,3 +317,95 @@ fn a_token_that_failed_verification_is_not_cached() {
         assert_eq!((d.reason, d.cache_hit), (Some(Reason::BadSignature), false));
     }
 }
+
+fn single_use_gate(max_lifetime: Option<u64>) -> Result<Gate, agentgate::ConfigError> {
+    let jwks = json!({"keys": [es().jwk()]});
+    let mut p: Value = serde_json::from_str(&policy(&jwks, &read_invoice_rule(), "enforce")).unwrap_or_default();
+    p["providers"][0]["single_use"] = json!(true);
+    if let Some(max) = max_lifetime {
+        p["providers"][0]["max_lifetime_seconds"] = json!(max);
+    }
+    Gate::from_json(&p.to_string())
+}
+
+#[test]
+fn single_use_token_is_accepted_once() {
+    let gate = single_use_gate(Some(600)).unwrap_or_else(|e| panic!("{e}"));
+    let token = es().sign(&claims("invoices:read"));
+    assert!(get(&gate, "/invoices/1", &token).allowed);
+    let replay = get(&gate, "/invoices/1", &token);
+    assert_eq!(replay.reason, Some(Reason::Replayed));
+    assert_eq!(status(&replay), 401);
+    assert_eq!(replay.audit.agent.as_deref(), Some("agent-7"), "a replay is recorded with who the token names");
+    let other = es().sign(&with(claims("invoices:read"), "jti", json!("another")));
+    assert!(get(&gate, "/invoices/1", &other).allowed);
+}
+
+#[test]
+fn single_use_token_without_jti_is_rejected() {
+    let gate = single_use_gate(Some(600)).unwrap_or_else(|e| panic!("{e}"));
+    let mut c = claims("invoices:read");
+    c.as_object_mut().map(|o| o.remove("jti"));
+    assert_eq!(get(&gate, "/invoices/1", &es().sign(&c)).reason, Some(Reason::MissingJti));
+}
+
+#[test]
+fn single_use_needs_a_maximum_lifetime() {
+    let e = single_use_gate(None).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.starts_with("providers[0].single_use: needs max_lifetime_seconds"), "{e}");
+}
+
+#[test]
+fn max_lifetime_limits_long_lived_tokens() {
+    let jwks = json!({"keys": [es().jwk()]});
+    let mut p: Value = serde_json::from_str(&policy(&jwks, &read_invoice_rule(), "enforce")).unwrap_or_default();
+    p["providers"][0]["max_lifetime_seconds"] = json!(300);
+    let gate = Gate::from_json(&p.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    let ok = es().sign(&with(claims("invoices:read"), "exp", json!(NOW + 300)));
+    assert!(get(&gate, "/invoices/1", &ok).allowed);
+    let long = es().sign(&with(claims("invoices:read"), "exp", json!(NOW + 3600)));
+    assert_eq!(get(&gate, "/invoices/1", &long).reason, Some(Reason::LifetimeTooLong));
+    let mut no_iat = with(claims("invoices:read"), "exp", json!(NOW + 3600));
+    no_iat.as_object_mut().map(|o| o.remove("iat"));
+    assert_eq!(get(&gate, "/invoices/1", &es().sign(&no_iat)).reason, Some(Reason::LifetimeTooLong));
+}
+
+#[test]
+fn token_types_and_subject_patterns() {
+    let jwks = json!({"keys": [es().jwk()]});
+    let mut p: Value = serde_json::from_str(&policy(&jwks, &read_invoice_rule(), "enforce")).unwrap_or_default();
+    p["providers"][0]["token_types"] = json!(["at+jwt"]);
+    p["providers"][0]["subjects"] = json!(["spiffe://corp.example/agent/*"]);
+    let gate = Gate::from_json(&p.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    let spiffe = with(claims("invoices:read"), "sub", json!("spiffe://corp.example/agent/billing"));
+    let header = |typ: Option<&str>| match typ {
+        Some(t) => json!({"alg": "ES256", "kid": "es-1", "typ": t}),
+        None => json!({"alg": "ES256", "kid": "es-1"}),
+    };
+    assert!(get(&gate, "/invoices/1", &es().sign_with_header(&header(Some("at+jwt")), &spiffe)).allowed);
+    assert!(get(&gate, "/invoices/1", &es().sign_with_header(&header(Some("application/AT+JWT")), &spiffe)).allowed);
+    assert_eq!(get(&gate, "/invoices/1", &es().sign_with_header(&header(Some("JWT")), &spiffe)).reason, Some(Reason::TypeNotAllowed));
+    assert_eq!(get(&gate, "/invoices/1", &es().sign_with_header(&header(None), &spiffe)).reason, Some(Reason::TypeNotAllowed));
+    let stranger = with(claims("invoices:read"), "sub", json!("spiffe://other.example/agent/x"));
+    assert_eq!(get(&gate, "/invoices/1", &es().sign_with_header(&header(Some("at+jwt")), &stranger)).reason, Some(Reason::SubjectNotAllowed));
+}
+
+#[test]
+fn tokens_from_several_providers_are_told_apart_by_issuer() {
+    let other = Signer::eddsa("ed-9", 9);
+    let mut p: Value = serde_json::from_str(&policy(&json!({"keys": [es().jwk()]}), &read_invoice_rule(), "enforce")).unwrap_or_default();
+    let mut second = p["providers"][0].clone();
+    second["name"] = json!("partner-idp");
+    second["issuer"] = json!("https://partner.example");
+    second["jwks"] = json!({"keys": [other.jwk()]});
+    if let Some(providers) = p["providers"].as_array_mut() {
+        providers.push(second);
+    }
+    let gate = Gate::from_json(&p.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    let partner = with(claims("invoices:read"), "iss", json!("https://partner.example"));
+    assert!(get(&gate, "/invoices/1", &other.sign(&partner)).allowed);
+    assert!(get(&gate, "/invoices/1", &es().sign(&claims("invoices:read"))).allowed);
+    // The partner's key does not vouch for the corporate issuer, nor the other way round.
+    assert_eq!(get(&gate, "/invoices/1", &other.sign(&claims("invoices:read"))).reason, Some(Reason::UnknownKid));
+    assert_eq!(get(&gate, "/invoices/1", &es().sign(&partner)).reason, Some(Reason::UnknownKid));
+}

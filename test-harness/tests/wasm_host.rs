@@ -132,3 +132,36 @@ fn a_reused_token_is_a_cache_hit_and_still_expires() {
     assert_eq!(get(&mut host, &token).status(), 401);
     assert_eq!(last_audit(&host)["reason"], "expired");
 }
+
+#[test]
+fn a_single_use_token_used_on_one_worker_is_refused_on_another() {
+    let mut p: Value = serde_json::from_str(&policy(&signer().jwks(), &read_invoice_rule(), "enforce")).unwrap_or_default();
+    p["providers"][0]["single_use"] = json!(true);
+    p["providers"][0]["max_lifetime_seconds"] = json!(600);
+    let process = Process::new();
+    let mut a = Host::in_process(&p.to_string(), &process).unwrap_or_else(|e| panic!("{e}"));
+    let mut b = Host::in_process(&p.to_string(), &process).unwrap_or_else(|e| panic!("{e}"));
+    let token = token_at(&a, |_| {});
+    assert_eq!(get(&mut a, &token).status(), 200);
+    assert_eq!(get(&mut b, &token).status(), 401);
+    assert_eq!(last_audit(&b)["reason"], "replayed");
+    assert_eq!(get(&mut a, &token).status(), 401, "and again on the first worker");
+    let fresh = token_at(&b, |c| c["jti"] = json!("fresh"));
+    assert_eq!(get(&mut b, &fresh).status(), 200);
+}
+
+#[test]
+fn a_bucket_slot_is_reused_once_its_tokens_expired() {
+    let mut p: Value = serde_json::from_str(&policy(&signer().jwks(), &read_invoice_rule(), "enforce")).unwrap_or_default();
+    p["providers"][0]["single_use"] = json!(true);
+    p["providers"][0]["max_lifetime_seconds"] = json!(60);
+    let mut host = Host::new(&p.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    // The ring of buckets is reused several times over: each new token is still accepted
+    // once, and each replay still caught.
+    for round in 0..5 {
+        let token = token_at(&host, |c| c["exp"] = json!(c["iat"].as_i64().unwrap_or(0) + 60));
+        assert_eq!(get(&mut host, &token).status(), 200, "round {round}");
+        assert_eq!(get(&mut host, &token).status(), 401, "round {round}");
+        host.advance_clock(Duration::from_secs(170));
+    }
+}

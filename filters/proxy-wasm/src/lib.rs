@@ -2,10 +2,11 @@
 //! Only `proxy_wasm::hostcalls` are used: the SDK's trait helpers unwrap host statuses and a
 //! panic would abort the VM (and every request on that worker).
 
+use agentgate::replay::{bucket_key, bucket_name, record_in_bucket, GuardError, ReplayGuard, ReplayScope, TokenId, SHARDS};
 use agentgate::{Action, Gate, Reason, Request};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action as HostAction, BufferType, ContextType, LogLevel, MapType, MetricType};
+use proxy_wasm::types::{Action as HostAction, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
@@ -94,6 +95,7 @@ impl RootContext for Root {
                     policy.rules.len(),
                     policy.mode
                 ));
+                prepare_replay_buckets(&gate);
                 self.gate = Some(Rc::new(gate));
                 true
             }
@@ -143,7 +145,7 @@ impl HttpContext for Filter {
             headers: &headers,
             now: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
         };
-        let decision = gate.evaluate(&request);
+        let decision = gate.evaluate_with(&request, &SharedDataGuard);
         log(LogLevel::Info, &format!("agentgate audit {}", decision.audit.to_json()));
         self.metrics.count(decision.reason, decision.dry_run);
         if decision.audit.issuer.is_some() {
@@ -179,6 +181,45 @@ fn apply(action: &Action) -> HostAction {
                 let _ = hostcalls::reset_http_request();
             }
             HostAction::Pause
+        }
+    }
+}
+
+/// Single-use `jti`s in the host's shared data, so every worker VM of the proxy agrees.
+/// Updates use the host's compare-and-swap, retried a few times under contention.
+struct SharedDataGuard;
+
+const CAS_RETRIES: usize = 16;
+
+impl ReplayGuard for SharedDataGuard {
+    fn first_use(&self, scope: ReplayScope<'_>, id: &TokenId, expires_at: i64, _now: i64) -> Result<bool, GuardError> {
+        let (key, window) = bucket_key(scope.provider, id, expires_at, scope.ring);
+        for _ in 0..CAS_RETRIES {
+            let (bucket, cas) = hostcalls::get_shared_data(&key).map_err(|_| GuardError::Unavailable)?;
+            let Some(updated) = record_in_bucket(bucket.as_deref(), window, id)? else { return Ok(false) };
+            match hostcalls::set_shared_data(&key, Some(&updated), cas) {
+                Ok(()) => return Ok(true),
+                Err(Status::CasMismatch) => continue,
+                Err(_) => return Err(GuardError::Unavailable),
+            }
+        }
+        Err(GuardError::Unavailable)
+    }
+}
+
+/// Creates every bucket a single-use provider may use, empty, unless another VM already
+/// did: later updates then always carry a CAS, so two workers can never both record the
+/// same `jti` as new.
+fn prepare_replay_buckets(gate: &Gate) {
+    for provider in &gate.policy().providers {
+        let Some(ring) = provider.single_use_ring else { continue };
+        for slot in 0..ring {
+            for shard in 0..SHARDS {
+                let key = bucket_name(&provider.name, slot, shard);
+                if let Ok((None, _)) = hostcalls::get_shared_data(&key) {
+                    let _ = hostcalls::set_shared_data(&key, Some(&[0xff; 8]), None);
+                }
+            }
         }
     }
 }
