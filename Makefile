@@ -10,12 +10,15 @@ WASM := dist/agentgate.wasm
 export AGENTGATE_ENVOY := $(abspath $(ENVOY))
 export AGENTGATE_WASM := $(abspath $(WASM))
 
-.PHONY: help build demo test lint unit e2e venv target clean
+FUZZ_SECONDS ?= 60
+
+.PHONY: help build demo test lint unit e2e venv target fuzz clean
 
 help:
 	@echo "make demo   build the filter, run it in Envoy on the demo policy, show the decisions"
 	@echo "make test   lints, native tests of the core, the filter in real Envoy end to end"
 	@echo "make build  the release filter at $(WASM)"
+	@echo "make fuzz   each fuzz target for FUZZ_SECONDS (default 60) on nightly"
 
 # rustup may have auto-install disabled (RUSTUP_AUTO_INSTALL=0): add the target explicitly.
 target:
@@ -49,6 +52,14 @@ test: lint unit e2e
 
 demo: build venv
 	cargo run --quiet -p agentgate-test-harness --bin demo
+
+# libFuzzer through cargo-fuzz (nightly): token parse+verify, and policy parsing.
+fuzz:
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz
+	cd fuzz && for target in token policy; do \
+	  mkdir -p corpus/$$target && \
+	  cargo +nightly fuzz run $$target corpus/$$target seeds/$$target -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
 
 clean:
 	cargo clean
