@@ -7,6 +7,7 @@ use serde::Serialize;
 /// upstream can trust them.
 pub const HEADER_PREFIX: &str = "x-agent-";
 pub const AGENT_ID: &str = "x-agent-id";
+pub const ON_BEHALF_OF: &str = "x-agent-on-behalf-of";
 pub const DECISION: &str = "x-agent-decision";
 pub const RULE: &str = "x-agent-rule";
 pub const AUDIT_ID: &str = "x-agent-audit-id";
@@ -26,7 +27,14 @@ pub struct AuditRecord {
     pub decision: &'static str,
     pub reason: Option<&'static str>,
     pub rule: Option<String>,
+    /// Who acted: the current actor of a delegated token, else the subject.
     pub agent: Option<String>,
+    /// The subject of a delegated token: on whose behalf the agent acted.
+    pub on_behalf_of: Option<String>,
+    /// The delegation chain, current actor first.
+    pub actors: Vec<String>,
+    /// The task identifier the matched rule bound from the path.
+    pub task_identifier: Option<String>,
     pub issuer: Option<String>,
     pub jti: Option<String>,
     pub method: String,

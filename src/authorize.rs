@@ -1,35 +1,121 @@
 //! Stage 3: the verified token against the rules. First matching rule wins; no match, deny.
+//! A rule matches on method, host and path; then every requirement it lists must hold.
 
-use crate::policy::Policy;
+use crate::policy::{Policy, Rule, TaskRequirement};
 use crate::reason::Reason;
+use crate::routes::Params;
 use crate::verify::VerifiedToken;
 
 /// Which rule applied, and whether it allowed the request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Authorization {
     /// Index into `policy.rules` of the rule that matched, if any.
     pub rule: Option<usize>,
     pub result: Result<(), Reason>,
+    /// The task identifier the rule bound from the path, when it has one.
+    pub task_identifier: Option<String>,
 }
 
-pub fn authorize(policy: &Policy, method: &str, path: &str, token: &VerifiedToken) -> Authorization {
-    let path = strip_query(path);
-    if !is_canonical(path) {
-        return Authorization { rule: None, result: Err(Reason::NonCanonicalPath) };
+impl Authorization {
+    pub fn denied(reason: Reason) -> Authorization {
+        Authorization { rule: None, result: Err(reason), task_identifier: None }
     }
-    let matched = policy
-        .routes
-        .first_match(path, |i| policy.rules.get(i).is_some_and(|rule| rule.matches_method(method)));
-    let Some(rule) = matched.and_then(|i| policy.rules.get(i).map(|rule| (i, rule))) else {
-        return Authorization { rule: None, result: Err(Reason::NoMatchingRule) };
+}
+
+/// What of the request the rules look at.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub method: &'a str,
+    /// Authority without port, lower case.
+    pub host: &'a str,
+    pub path: &'a str,
+    pub now: i64,
+}
+
+/// The kill switch, checked before any rule.
+pub fn check_revoked(policy: &Policy, token: &VerifiedToken) -> Result<(), Reason> {
+    let revoked = &policy.revoked;
+    let subject = token.subject.as_deref().is_some_and(|s| revoked.subjects.iter().any(|p| p.matches(s)));
+    let actor = token.actors.iter().any(|a| revoked.actors.iter().any(|p| p.matches(a)));
+    let jti = token.jti.as_ref().is_some_and(|j| revoked.jtis.contains(j));
+    if subject || actor || jti { Err(Reason::Revoked) } else { Ok(()) }
+}
+
+pub fn authorize(policy: &Policy, target: &Target<'_>, token: &VerifiedToken) -> Authorization {
+    let path = strip_query(target.path);
+    if !is_canonical(path) {
+        return Authorization::denied(Reason::NonCanonicalPath);
+    }
+    let matched = policy.routes.first_match(path, |i| {
+        policy.rules.get(i).is_some_and(|rule| rule.matches_method(target.method) && rule.matches_host(target.host))
+    });
+    let Some((index, rule, params)) = matched.and_then(|(i, params)| policy.rules.get(i).map(|rule| (i, rule, params))) else {
+        return Authorization::denied(Reason::NoMatchingRule);
     };
-    let (index, rule) = rule;
-    let result = if rule.scopes.iter().all(|s| token.scopes.contains(s)) {
-        Ok(())
-    } else {
-        Err(Reason::InsufficientScope)
-    };
-    Authorization { rule: Some(index), result }
+    let task_identifier = rule.task.as_ref().and_then(|task| task.identifier.as_deref()).map(|t| bind(t, &params));
+    let result = check(rule, task_identifier.as_deref(), token, target.now);
+    Authorization { rule: Some(index), result, task_identifier }
+}
+
+/// The requirements in a fixed order; human approval last, so an agent is only sent to get
+/// approval for a request that would otherwise be allowed.
+fn check(rule: &Rule, identifier: Option<&str>, token: &VerifiedToken, now: i64) -> Result<(), Reason> {
+    let has = |scope: &String| token.scopes.contains(scope);
+    if !rule.scopes.iter().all(has) || !(rule.any_scopes.is_empty() || rule.any_scopes.iter().any(has)) {
+        return Err(Reason::InsufficientScope);
+    }
+    if let Some(agents) = &rule.agents {
+        if !token.agent().is_some_and(|agent| agents.iter().any(|p| p.matches(agent))) {
+            return Err(Reason::AgentNotAllowed);
+        }
+    }
+    check_delegation(rule, token)?;
+    if let Some(task) = &rule.task {
+        if !token.tasks.iter().any(|granted| task_covers(task, identifier, granted)) {
+            return Err(Reason::TaskMismatch);
+        }
+    }
+    if let Some(approval) = &rule.approval {
+        let approved = token.acr.as_ref().is_some_and(|acr| approval.acr_values.contains(acr));
+        let recent = approval.max_age_seconds.is_none_or(|max| {
+            token.auth_time.is_some_and(|t| now.saturating_sub(t) <= i64::try_from(max).unwrap_or(i64::MAX))
+        });
+        if !(approved && recent) {
+            return Err(Reason::ApprovalRequired);
+        }
+    }
+    Ok(())
+}
+
+fn check_delegation(rule: &Rule, token: &VerifiedToken) -> Result<(), Reason> {
+    if rule.max_delegation_depth.is_some_and(|max| token.actors.len() > max) {
+        return Err(Reason::DelegationNotAllowed);
+    }
+    let Some(actor) = token.actors.first() else { return Ok(()) };
+    if rule.actors.as_ref().is_some_and(|patterns| !patterns.iter().any(|p| p.matches(actor))) {
+        return Err(Reason::DelegationNotAllowed);
+    }
+    // RFC 8693: where the subject said who may act for it, the actor must be one of them.
+    if token.may_act.as_ref().is_some_and(|allowed| !allowed.contains(actor)) {
+        return Err(Reason::DelegationNotAllowed);
+    }
+    Ok(())
+}
+
+fn task_covers(required: &TaskRequirement, identifier: Option<&str>, granted: &crate::verify::Task) -> bool {
+    let all = |needed: &[String], have: &[String]| needed.iter().all(|n| have.contains(n));
+    granted.kind == required.kind
+        && all(&required.actions, &granted.actions)
+        && all(&required.locations, &granted.locations)
+        && all(&required.datatypes, &granted.datatypes)
+        && identifier.is_none_or(|id| granted.identifier.as_deref() == Some(id))
+}
+
+/// Fills `{name}` in `template` from `params`.
+fn bind(template: &str, params: &Params) -> String {
+    params.iter().fold(template.to_string(), |acc, (name, value)| {
+        acc.replace(&format!("{{{name}}}"), value).replace(&format!("{{*{name}}}"), value)
+    })
 }
 
 /// The path without its query string or fragment.
@@ -74,5 +160,12 @@ mod tests {
         assert_eq!(strip_query("/a/b?x=1#f"), "/a/b");
         assert_eq!(strip_query("/a#f"), "/a");
         assert_eq!(strip_query("/a"), "/a");
+    }
+
+    #[test]
+    fn identifiers_bind_path_parameters() {
+        let params = vec![("id".to_string(), "42".to_string())];
+        assert_eq!(bind("{id}", &params), "42");
+        assert_eq!(bind("inv-{id}", &params), "inv-42");
     }
 }

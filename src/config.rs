@@ -53,6 +53,23 @@ pub struct PolicyConfig {
     pub token_sources: Option<Vec<TokenSourceConfig>>,
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// The kill switch: agents, actors and tokens refused at once.
+    #[serde(default)]
+    pub revoked: RevokedConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokedConfig {
+    /// Patterns on `sub`.
+    #[serde(default)]
+    pub subjects: Vec<String>,
+    /// Patterns on any actor of the delegation chain (`act`).
+    #[serde(default)]
+    pub actors: Vec<String>,
+    /// Exact `jti`s.
+    #[serde(default)]
+    pub jtis: Vec<String>,
 }
 
 /// One place a token may come from: exactly one of `header`, `cookie`, `query`.
@@ -99,6 +116,8 @@ pub struct ProviderConfig {
     /// Accept each `jti` once within its token's lifetime.
     #[serde(default)]
     pub single_use: bool,
+    /// The claim holding RFC 9396 task entries, for issuers that do not use `authorization_details`.
+    pub task_claim: Option<String>,
 }
 
 pub const DEFAULT_CLOCK_SKEW_SECONDS: u64 = 30;
@@ -124,6 +143,8 @@ pub struct RuleConfig {
     pub matcher: MatchConfig,
     #[serde(default)]
     pub require: RequireConfig,
+    /// `dry_run` here rolls out this one rule without blocking; absent, the policy's mode.
+    pub mode: Option<Mode>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -131,6 +152,8 @@ pub struct RuleConfig {
 pub struct MatchConfig {
     /// HTTP methods; absent means any method.
     pub methods: Option<Vec<String>>,
+    /// Host patterns (`api.example.com`, `*.example.com`), matched without the port.
+    pub hosts: Option<Vec<String>>,
     /// Path template such as `/invoices/{id}` or `/files/{*rest}`; absent means any path.
     pub path: Option<String>,
 }
@@ -141,6 +164,39 @@ pub struct RequireConfig {
     /// Every one of these must be granted by the token's `scope` (or `scp`) claim.
     #[serde(default)]
     pub scopes: Vec<String>,
+    /// At least one of these must be granted.
+    #[serde(default)]
+    pub any_scopes: Vec<String>,
+    /// An RFC 9396 `authorization_details` entry covering this operation.
+    pub task: Option<TaskConfig>,
+    /// Patterns the agent (the current actor of a delegated token, else `sub`) must match.
+    pub agents: Option<Vec<String>>,
+    /// Most `act` levels allowed (0: no delegation).
+    pub max_delegation_depth: Option<usize>,
+    /// Patterns the current actor of a delegated token must match.
+    pub actors: Option<Vec<String>>,
+    /// Human approval (RFC 9470 step-up).
+    pub approval: Option<ApprovalConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskConfig {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub actions: Vec<String>,
+    pub locations: Option<Vec<String>>,
+    pub datatypes: Option<Vec<String>>,
+    /// The entry's `identifier`, with `{param}` bound to the request path: `"{id}"`.
+    pub identifier: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalConfig {
+    pub acr_values: Vec<String>,
+    pub max_age_seconds: Option<u64>,
 }
 
 /// Parses a policy document, reporting the JSON path of the first error.
@@ -180,7 +236,7 @@ mod tests {
     #[test]
     fn unknown_field_is_rejected_with_its_path() {
         let e = err(r#"{"providers": [], "rules": [{"name": "r", "match": {"paths": "/x"}}]}"#);
-        assert_eq!(e, "rules[0].match.paths: unknown field `paths`, expected `methods` or `path`");
+        assert_eq!(e, "rules[0].match.paths: unknown field `paths`, expected one of `methods`, `hosts`, `path`");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The pipeline: extract → verify → authorize → audit, and the decision a host applies.
 
 use crate::audit::{self, AuditRecord};
-use crate::authorize::{authorize, strip_query, Authorization};
+use crate::authorize::{authorize, check_revoked, strip_query, Authorization, Target};
 use crate::config::{ConfigError, Mode};
 use crate::extract::find_token;
 use crate::policy::Policy;
@@ -36,9 +36,18 @@ pub enum Action {
 impl Action {
     /// The local response for a denial.
     pub fn deny(reason: Reason, audit_id: Option<&str>) -> Action {
+        Action::deny_with(reason, audit_id, None)
+    }
+
+    /// The local response for a denial, with extra challenge attributes (RFC 9470 step-up).
+    pub fn deny_with(reason: Reason, audit_id: Option<&str>, challenge_extra: Option<&str>) -> Action {
         let spec = reason.spec();
         let mut headers = vec![("content-type", "application/json".to_string())];
         if let Some(challenge) = reason.challenge() {
+            let challenge = match challenge_extra {
+                Some(extra) => format!("{challenge}, {extra}"),
+                None => challenge,
+            };
             headers.push(("www-authenticate", challenge));
         }
         if let Some(id) = audit_id {
@@ -141,23 +150,36 @@ impl Gate {
         let mut cache_hit = false;
         let verified = find_token(&self.policy.token_sources, request.headers, request.path, self.policy.limits.max_token_bytes)
             .and_then(|t| self.verified(t, request.now, &mut cache_hit));
+        let host = authority(request.headers);
         let (token, authorization) = match verified {
-            Err(reason) => (None, Authorization { rule: None, result: Err(reason) }),
-            Ok(token) => match self.check_single_use(&token, guard, request.now) {
-                // A replay is still recorded with who the token names.
-                Err(reason) => (Some(token), Authorization { rule: None, result: Err(reason) }),
+            Err(reason) => (None, Authorization::denied(reason)),
+            Ok(token) => match self.check_single_use(&token, guard, request.now).and_then(|()| check_revoked(&self.policy, &token)) {
+                // A replayed or revoked token is still recorded with who it names.
+                Err(reason) => (Some(token), Authorization::denied(reason)),
                 Ok(()) => {
-                    let authorization = authorize(&self.policy, request.method, request.path, &token);
+                    let target = Target { method: request.method, host: &host, path: request.path, now: request.now };
+                    let authorization = authorize(&self.policy, &target, &token);
                     (Some(token), authorization)
                 }
             },
         };
-        let rule = authorization.rule.and_then(|i| self.policy.rules.get(i)).map(|r| r.name.clone());
+        let matched = authorization.rule.and_then(|i| self.policy.rules.get(i));
+        let rule = matched.map(|r| r.name.clone());
         let reason = authorization.result.err();
-        let dry_run = self.policy.mode == Mode::DryRun;
+        // A rule's own mode wins over the policy's: one rule can be rolled out in dry run.
+        let dry_run = matched.and_then(|r| r.mode).unwrap_or(self.policy.mode) == Mode::DryRun;
 
         let action = match reason {
-            Some(reason) if !dry_run => Action::deny(reason, audit_id),
+            Some(reason) if !dry_run => {
+                let step_up = matched.and_then(|r| r.approval.as_ref()).filter(|_| reason == Reason::ApprovalRequired).map(|approval| {
+                    let mut extra = format!("acr_values=\"{}\"", approval.acr_values.join(" "));
+                    if let Some(max_age) = approval.max_age_seconds {
+                        extra.push_str(&format!(", max_age={max_age}"));
+                    }
+                    extra
+                });
+                Action::deny_with(reason, audit_id, step_up.as_deref())
+            }
             _ => Action::Continue {
                 remove: forged_headers(request.headers),
                 set: audit_headers(reason, rule.as_deref(), token.as_deref(), audit_id, dry_run),
@@ -169,7 +191,10 @@ impl Gate {
             decision: if reason.is_none() { "allow" } else { "deny" },
             reason: reason.map(Reason::code),
             rule: rule.clone(),
-            agent: token.as_ref().and_then(|t| t.subject.clone()),
+            agent: token.as_ref().and_then(|t| t.agent().map(str::to_string)),
+            on_behalf_of: token.as_ref().and_then(|t| t.on_behalf_of().map(str::to_string)),
+            actors: token.as_ref().map(|t| t.actors.clone()).unwrap_or_default(),
+            task_identifier: authorization.task_identifier.clone(),
             issuer: token.as_ref().map(|t| t.issuer.clone()),
             jti: token.as_ref().and_then(|t| t.jti.clone()),
             method: request.method.to_string(),
@@ -186,6 +211,17 @@ impl Gate {
 
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
     headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+}
+
+/// The request's host (`:authority`, or `host` for HTTP/1 hosts), lower case, without port.
+fn authority(headers: &[(String, String)]) -> String {
+    let raw = header(headers, ":authority").or_else(|| header(headers, "host")).unwrap_or("");
+    let host = match raw.strip_prefix('[') {
+        // IPv6 literal: keep the brackets' content.
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => raw.rsplit_once(':').map_or(raw, |(host, _)| host),
+    };
+    host.to_ascii_lowercase()
 }
 
 /// Client-sent headers in agentgate's namespace: removed so nobody can forge them.
@@ -207,8 +243,11 @@ fn audit_headers(
     dry_run: bool,
 ) -> Vec<(&'static str, String)> {
     let mut set = vec![(audit::DECISION, if reason.is_none() { "allow" } else { "deny" }.to_string())];
-    if let Some(sub) = token.and_then(|t| t.subject.as_deref()) {
-        set.push((audit::AGENT_ID, audit::header_value(sub)));
+    if let Some(agent) = token.and_then(VerifiedToken::agent) {
+        set.push((audit::AGENT_ID, audit::header_value(agent)));
+    }
+    if let Some(user) = token.and_then(VerifiedToken::on_behalf_of) {
+        set.push((audit::ON_BEHALF_OF, audit::header_value(user)));
     }
     if let Some(rule) = rule {
         set.push((audit::RULE, audit::header_value(rule)));

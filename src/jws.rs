@@ -54,6 +54,22 @@ pub struct Claims {
     pub scope: Option<String>,
     /// The array form some issuers use instead.
     pub scp: Option<Vec<String>>,
+    /// RFC 8693 delegation: the current actor, with earlier actors nested inside.
+    pub act: Option<Actor>,
+    /// RFC 8693: who may act for the subject.
+    pub may_act: Option<Value>,
+    /// RFC 9396 task entries.
+    pub authorization_details: Option<Value>,
+    /// Authentication context class and time (OIDC; RFC 9470 step-up).
+    pub acr: Option<String>,
+    #[serde(default, deserialize_with = "numeric_date")]
+    pub auth_time: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Actor {
+    pub sub: Option<String>,
+    pub act: Option<Box<Actor>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,6 +110,8 @@ fn numeric_date<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<i64
 pub struct Parsed<'t> {
     pub header: Header,
     pub claims: Claims,
+    /// The claims as JSON text, for claims read by name (a provider's `task_claim`).
+    pub claims_json: Vec<u8>,
     /// `header.payload` as sent: the bytes the signature covers.
     pub signed: &'t str,
     pub signature: Vec<u8>,
@@ -120,7 +138,7 @@ pub fn parse<'t>(token: &'t str, limits: &Limits) -> Result<Parsed<'t>, Reason> 
     }
     let claims: Claims = serde_json::from_slice(&claims_json).map_err(|_| Reason::Malformed)?;
     let signed = token.get(..header_b64.len() + 1 + payload_b64.len()).ok_or(Reason::Malformed)?;
-    Ok(Parsed { header, claims, signed, signature })
+    Ok(Parsed { header, claims, claims_json, signed, signature })
 }
 
 /// One pass over the JSON text: refuses nesting deeper than `max_depth` and top-level objects

@@ -6,9 +6,9 @@ use crate::extract::TokenSource;
 use crate::jws::Limits;
 use crate::keys::{parse_jwk, Alg, Key};
 use crate::pattern::Pattern;
-use crate::routes::RouteTable;
-use serde_json::Value;
+use crate::routes::{param_names, RouteTable};
 use std::collections::HashSet;
+use serde_json::Value;
 
 #[derive(Debug)]
 pub struct Policy {
@@ -20,6 +20,15 @@ pub struct Policy {
     pub limits: Limits,
     pub token_cache_entries: usize,
     pub single_use_entries: usize,
+    pub revoked: Revoked,
+}
+
+/// The kill switch, compiled.
+#[derive(Debug, Default)]
+pub struct Revoked {
+    pub subjects: Vec<Pattern>,
+    pub actors: Vec<Pattern>,
+    pub jtis: HashSet<String>,
 }
 
 pub const DEFAULT_TOKEN_CACHE_ENTRIES: usize = 1024;
@@ -48,6 +57,8 @@ pub struct Provider {
     pub subjects: Option<Vec<Pattern>>,
     /// Bucket ring size for `single_use` (see `replay`); `None` when not single-use.
     pub single_use_ring: Option<i64>,
+    /// A custom claim holding task entries; `None`: `authorization_details`.
+    pub task_claim: Option<String>,
 }
 
 /// RFC 7515 section 4.1.9: `typ` is a media type, compared case-insensitively, and
@@ -62,12 +73,43 @@ pub struct Rule {
     pub name: String,
     /// Upper-case methods; `None` matches any.
     pub methods: Option<Vec<String>>,
+    /// Lower-case host patterns; `None` matches any.
+    pub hosts: Option<Vec<Pattern>>,
     pub scopes: Vec<String>,
+    pub any_scopes: Vec<String>,
+    pub task: Option<TaskRequirement>,
+    pub agents: Option<Vec<Pattern>>,
+    pub max_delegation_depth: Option<usize>,
+    pub actors: Option<Vec<Pattern>>,
+    pub approval: Option<Approval>,
+    /// This rule's own mode, overriding the policy's when set.
+    pub mode: Option<Mode>,
+}
+
+#[derive(Debug)]
+pub struct TaskRequirement {
+    pub kind: String,
+    pub actions: Vec<String>,
+    pub locations: Vec<String>,
+    pub datatypes: Vec<String>,
+    /// Template such as `{id}`, filled from the request's path parameters.
+    pub identifier: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Approval {
+    pub acr_values: Vec<String>,
+    pub max_age_seconds: Option<u64>,
 }
 
 impl Rule {
     pub fn matches_method(&self, method: &str) -> bool {
         self.methods.as_ref().is_none_or(|methods| methods.iter().any(|m| m == method))
+    }
+
+    /// `host` is the request's authority, without port, lower case.
+    pub fn matches_host(&self, host: &str) -> bool {
+        self.hosts.as_ref().is_none_or(|hosts| hosts.iter().any(|h| h.matches(host)))
     }
 }
 
@@ -143,7 +185,12 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
     };
     let token_cache_entries = config.limits.token_cache_entries.unwrap_or(DEFAULT_TOKEN_CACHE_ENTRIES);
     let single_use_entries = positive("single_use_entries", config.limits.single_use_entries, DEFAULT_SINGLE_USE_ENTRIES)?;
-    Ok(Policy { mode: config.mode, providers, rules, routes, token_sources, limits, token_cache_entries, single_use_entries })
+    let revoked = Revoked {
+        subjects: patterns("revoked.subjects", &config.revoked.subjects)?,
+        actors: patterns("revoked.actors", &config.revoked.actors)?,
+        jtis: config.revoked.jtis.into_iter().collect(),
+    };
+    Ok(Policy { mode: config.mode, providers, rules, routes, token_sources, limits, token_cache_entries, single_use_entries, revoked })
 }
 
 fn compile_provider(at: &str, raw: ProviderConfig, load: FileLoader<'_>) -> Result<Provider, ConfigError> {
@@ -218,6 +265,7 @@ fn compile_provider(at: &str, raw: ProviderConfig, load: FileLoader<'_>) -> Resu
         token_types,
         subjects,
         single_use_ring,
+        task_claim: raw.task_claim.filter(|name| name != "authorization_details"),
     })
 }
 
@@ -235,6 +283,27 @@ fn compile_keys(at: &str, jwks: &[Value], algorithms: &[Alg]) -> Result<Vec<Key>
         return Err(ConfigError::at(format!("{at}.keys"), "no signing key: add the identity provider's public keys"));
     }
     Ok(keys)
+}
+
+fn patterns(at: &str, raw: &[String]) -> Result<Vec<Pattern>, ConfigError> {
+    raw.iter().enumerate().map(|(j, p)| Pattern::new(p).map_err(|e| ConfigError::at(format!("{at}[{j}]"), e))).collect()
+}
+
+fn optional_patterns(at: &str, raw: &Option<Vec<String>>) -> Result<Option<Vec<Pattern>>, ConfigError> {
+    match raw {
+        None => Ok(None),
+        Some(list) if list.is_empty() => Err(ConfigError::at(at, "is empty: omit it to allow any")),
+        Some(list) => patterns(at, list).map(Some),
+    }
+}
+
+fn scope_list(at: &str, scopes: &[String]) -> Result<(), ConfigError> {
+    for (j, scope) in scopes.iter().enumerate() {
+        if scope.is_empty() || scope.contains(char::is_whitespace) {
+            return Err(ConfigError::at(format!("{at}[{j}]"), format!("{scope:?} is not a scope (non-empty, no spaces)")));
+        }
+    }
+    Ok(())
 }
 
 fn compile_rule(at: &str, raw: RuleConfig) -> Result<Rule, ConfigError> {
@@ -255,12 +324,62 @@ fn compile_rule(at: &str, raw: RuleConfig) -> Result<Rule, ConfigError> {
             Some(upper)
         }
     };
-    for (j, scope) in raw.require.scopes.iter().enumerate() {
-        if scope.is_empty() || scope.contains(char::is_whitespace) {
-            return Err(ConfigError::at(format!("{at}.require.scopes[{j}]"), format!("{scope:?} is not a scope (non-empty, no spaces)")));
+    let hosts = raw.matcher.hosts.map(|hosts| hosts.iter().map(|h| h.to_ascii_lowercase()).collect::<Vec<_>>());
+    let hosts = optional_patterns(&format!("{at}.match.hosts"), &hosts)?;
+    let require = raw.require;
+    scope_list(&format!("{at}.require.scopes"), &require.scopes)?;
+    scope_list(&format!("{at}.require.any_scopes"), &require.any_scopes)?;
+    let task = match require.task {
+        None => None,
+        Some(task) => {
+            non_empty(&format!("{at}.require.task.type"), &task.kind)?;
+            if let Some(identifier) = &task.identifier {
+                let available = raw.matcher.path.as_deref().map(param_names).unwrap_or_default();
+                for name in param_names(identifier) {
+                    if !available.contains(&name) {
+                        return Err(ConfigError::at(
+                            format!("{at}.require.task.identifier"),
+                            format!("{{{name}}} is not a parameter of match.path ({})", raw.matcher.path.as_deref().unwrap_or("none")),
+                        ));
+                    }
+                }
+            }
+            Some(TaskRequirement {
+                kind: task.kind,
+                actions: task.actions,
+                locations: task.locations.unwrap_or_default(),
+                datatypes: task.datatypes.unwrap_or_default(),
+                identifier: task.identifier,
+            })
         }
-    }
-    Ok(Rule { name: raw.name, methods, scopes: raw.require.scopes })
+    };
+    let approval = match require.approval {
+        None => None,
+        Some(approval) if approval.acr_values.is_empty() => {
+            return Err(ConfigError::at(format!("{at}.require.approval.acr_values"), "list the acr values that prove a human approved"));
+        }
+        Some(approval) => {
+            for (j, acr) in approval.acr_values.iter().enumerate() {
+                if acr.is_empty() || acr.contains(|c: char| c.is_whitespace() || c == '"' || c == '\\') {
+                    return Err(ConfigError::at(format!("{at}.require.approval.acr_values[{j}]"), "must be non-empty, without spaces or quotes"));
+                }
+            }
+            Some(Approval { acr_values: approval.acr_values, max_age_seconds: approval.max_age_seconds })
+        }
+    };
+    Ok(Rule {
+        name: raw.name,
+        methods,
+        hosts,
+        scopes: require.scopes,
+        any_scopes: require.any_scopes,
+        task,
+        agents: optional_patterns(&format!("{at}.require.agents"), &require.agents)?,
+        max_delegation_depth: require.max_delegation_depth,
+        actors: optional_patterns(&format!("{at}.require.actors"), &require.actors)?,
+        approval,
+        mode: raw.mode,
+    })
 }
 
 fn non_empty(at: &str, value: &str) -> Result<(), ConfigError> {

@@ -27,6 +27,11 @@ pub enum Reason {
     NonCanonicalPath,
     NoMatchingRule,
     InsufficientScope,
+    TaskMismatch,
+    AgentNotAllowed,
+    DelegationNotAllowed,
+    ApprovalRequired,
+    Revoked,
     NotConfigured,
     HostError,
 }
@@ -52,7 +57,7 @@ const NOT_PERMITTED: &str = "the access token does not permit this request";
 
 impl Reason {
     /// Every reason, for defining metrics up front.
-    pub const ALL: [Reason; 23] = [
+    pub const ALL: [Reason; 28] = [
         Reason::MissingToken,
         Reason::MultipleTokens,
         Reason::TokenTooLarge,
@@ -74,6 +79,11 @@ impl Reason {
         Reason::NonCanonicalPath,
         Reason::NoMatchingRule,
         Reason::InsufficientScope,
+        Reason::TaskMismatch,
+        Reason::AgentNotAllowed,
+        Reason::DelegationNotAllowed,
+        Reason::ApprovalRequired,
+        Reason::Revoked,
         Reason::NotConfigured,
         Reason::HostError,
     ];
@@ -112,6 +122,12 @@ impl Reason {
             NonCanonicalPath => row("non_canonical_path", 400, Some(INVALID_REQUEST), "the request path is not in canonical form"),
             NoMatchingRule => row("no_matching_rule", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
             InsufficientScope => row("insufficient_scope", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
+            TaskMismatch => row("task_mismatch", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
+            AgentNotAllowed => row("agent_not_allowed", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
+            DelegationNotAllowed => row("delegation_not_allowed", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
+            // RFC 9470: the agent must come back with a token showing a human approved.
+            ApprovalRequired => row("approval_required", 401, Some("insufficient_user_authentication"), "human approval is required for this request"),
+            Revoked => row("revoked", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
             NotConfigured => row("not_configured", 503, None, "the gateway is not configured"),
             HostError => row("host_error", 500, None, "the gateway could not evaluate the request"),
         }

@@ -77,29 +77,56 @@ impl RouteTable {
         }
     }
 
-    /// The lowest-numbered rule whose template matches `path` and for which `accept` holds.
-    pub fn first_match(&self, path: &str, accept: impl Fn(usize) -> bool) -> Option<usize> {
+    /// The lowest-numbered rule whose template matches `path` and for which `accept` holds,
+    /// with the path parameters its template captured.
+    pub fn first_match(&self, path: &str, accept: impl Fn(usize) -> bool) -> Option<(usize, Params)> {
         let first = |rules: &[usize]| rules.iter().copied().find(|&r| accept(r));
-        let mut best = first(&self.any_path);
-        let mut consider = |candidate: Option<usize>| {
+        let mut best: Option<(usize, Params)> = first(&self.any_path).map(|r| (r, Params::new()));
+        let mut consider = |candidate: Option<usize>, params: &dyn Fn() -> Params| {
             if let Some(c) = candidate {
-                best = Some(best.map_or(c, |b| b.min(c)));
+                if best.as_ref().is_none_or(|(b, _)| c < *b) {
+                    best = Some((c, params()));
+                }
             }
         };
         // Every template matching `path` overlaps the first one found, so its overlap list
         // covers the other layers too.
         if let Some(found) = self.layers.iter().find_map(|layer| layer.at(path).ok()) {
             if let Some(template) = self.templates.get(*found.value) {
-                consider(first(&template.rules));
+                consider(first(&template.rules), &|| collect(&found.params));
                 for other in template.overlaps.iter().filter_map(|&j| self.templates.get(j)) {
-                    if other.alone.at(path).is_ok() {
-                        consider(first(&other.rules));
+                    if let Ok(m) = other.alone.at(path) {
+                        consider(first(&other.rules), &|| collect(&m.params));
                     }
                 }
             }
         }
         best
     }
+}
+
+/// Path parameters by name, in template order.
+pub type Params = Vec<(String, String)>;
+
+fn collect(params: &matchit::Params<'_, '_>) -> Params {
+    params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// The parameter names of a template, in order (`{id}` → `id`, `{*rest}` → `rest`).
+pub fn param_names(template: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        let after = rest.get(start + 1..).unwrap_or("");
+        if after.starts_with('{') {
+            rest = after.get(1..).unwrap_or("");
+            continue;
+        }
+        let Some(end) = after.find('}') else { break };
+        names.push(after.get(..end).unwrap_or("").trim_start_matches('*').to_string());
+        rest = after.get(end + 1..).unwrap_or("");
+    }
+    names
 }
 
 fn validate_template(template: &str) -> Result<(), String> {
@@ -150,7 +177,15 @@ fn may_overlap(a: &[Segment<'_>], b: &[Segment<'_>]) -> bool {
 mod tests {
     use super::*;
 
-    fn table(templates: &[Option<&str>]) -> RouteTable {
+    struct Table(RouteTable);
+
+    impl Table {
+        fn first_match(&self, path: &str, accept: impl Fn(usize) -> bool) -> Option<usize> {
+            self.0.first_match(path, accept).map(|(rule, _)| rule)
+        }
+    }
+
+    fn table(templates: &[Option<&str>]) -> Table {
         let mut t = RouteTable::default();
         for (i, template) in templates.iter().enumerate() {
             if let Err(e) = t.add(i, *template) {
@@ -158,7 +193,7 @@ mod tests {
             }
         }
         t.finish();
-        t
+        Table(t)
     }
 
     #[test]
@@ -209,6 +244,16 @@ mod tests {
         assert!(t.add(0, Some("/a/{*rest}/b")).is_err_and(|e| e.starts_with("invalid path template")));
         assert!(t.add(0, Some("/a/../b")).is_err());
         assert!(t.add(0, Some("/a?x=1")).is_err());
+    }
+
+    #[test]
+    fn parameters_come_from_the_template_that_decided() {
+        let t = table(&[Some("/invoices/{id}/pay"), Some("/invoices/{*rest}")]);
+        assert_eq!(t.0.first_match("/invoices/42/pay", |_| true), Some((0, vec![("id".to_string(), "42".to_string())])));
+        assert_eq!(t.0.first_match("/invoices/42/pay", |r| r == 1), Some((1, vec![("rest".to_string(), "42/pay".to_string())])));
+        assert_eq!(param_names("/a/{id}/b/{*rest}"), ["id", "rest"]);
+        assert_eq!(param_names("/img-{n}.png"), ["n"]);
+        assert!(param_names("/a/{{x}}").is_empty());
     }
 
     #[test]

@@ -44,6 +44,7 @@ fn provider(jwks: &Value) -> Provider {
         token_types: None,
         subjects: None,
         single_use_ring: None,
+        task_claim: None,
     }
 }
 

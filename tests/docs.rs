@@ -46,7 +46,7 @@ fn every_policy_example_behaves_as_documented() {
         }
         checked += 1;
     }
-    assert_eq!(checked, 6);
+    assert_eq!(checked, 8);
 }
 
 #[test]
@@ -56,6 +56,8 @@ fn reason_table_matches_the_code() {
         .filter(|l| l.starts_with("| `"))
         .map(|l| l.split('|').map(|c| c.trim().trim_matches('`').to_string()).collect())
         .filter(|cells: &Vec<String>| Reason::ALL.iter().any(|r| Some(r.code()) == cells.get(1).map(String::as_str)))
+        // Rows of the decision table have a status; a config field may share a reason's name.
+        .filter(|cells: &Vec<String>| cells.get(2).is_some_and(|c| c.parse::<u16>().is_ok()))
         .collect();
     assert_eq!(rows.len(), Reason::ALL.len(), "every reason is documented once");
     for reason in Reason::ALL {

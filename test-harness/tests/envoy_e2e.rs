@@ -211,3 +211,58 @@ fn hostile_tokens_are_refused_and_envoy_keeps_serving() {
     assert_eq!(s.envoy.get("/invoices/42", &[("authorization", &bearer(&ok))]).status, 200, "Envoy still serves");
     assert!(!s.envoy.logs().contains("panicked"), "{}", s.envoy.logs());
 }
+
+#[test]
+fn task_scoped_rules_delegation_approval_and_revocation() {
+    let signer = Signer::es256("es-1", 1);
+    let rules = json!([{
+        "name": "pay-invoice",
+        "match": {"methods": ["GET"], "path": "/invoices/{id}/pay"},
+        "require": {
+            "task": {"type": "invoice_processing", "actions": ["pay"], "identifier": "{id}"},
+            "max_delegation_depth": 1,
+            "actors": ["orchestrator-*"],
+            "approval": {"acr_values": ["urn:corp:human-approved"], "max_age_seconds": 300}
+        }
+    }]);
+    let mut p: Value = serde_json::from_str(&policy(&signer.jwks(), &rules, "enforce")).unwrap_or_default();
+    p["revoked"] = json!({"subjects": ["mallory"]});
+    let upstream = Upstream::start();
+    let envoy = Envoy::start(&p.to_string(), upstream.port).unwrap_or_else(|e| panic!("{e}"));
+    let t = now();
+    let token = |edit: &dyn Fn(&mut Value)| {
+        let mut c = agent_claims("alice", "", t);
+        c["authorization_details"] = json!([{"type": "invoice_processing", "actions": ["pay"], "identifier": "42"}]);
+        c["act"] = json!({"sub": "orchestrator-1"});
+        c["acr"] = json!("urn:corp:human-approved");
+        c["auth_time"] = json!(t - 10);
+        edit(&mut c);
+        bearer(&signer.sign(&c))
+    };
+    let get = |path: &str, auth: &str| envoy.get(path, &[("authorization", auth)]);
+
+    let ok = get("/invoices/42/pay", &token(&|_| {}));
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert_eq!(ok.upstream_header("x-agent-id").as_deref(), Some("orchestrator-1"));
+    assert_eq!(ok.upstream_header("x-agent-on-behalf-of").as_deref(), Some("alice"));
+
+    let other_invoice = get("/invoices/43/pay", &token(&|_| {}));
+    assert_eq!(other_invoice.status, 403);
+
+    let too_deep = get("/invoices/42/pay", &token(&|c| c["act"] = json!({"sub": "orchestrator-1", "act": {"sub": "planner"}})));
+    assert_eq!(too_deep.status, 403);
+    let wrong_actor = get("/invoices/42/pay", &token(&|c| c["act"] = json!({"sub": "scraper"})));
+    assert_eq!(wrong_actor.status, 403);
+
+    let unapproved = get("/invoices/42/pay", &token(&|c| c["acr"] = json!("urn:corp:mfa")));
+    assert_eq!(unapproved.status, 401);
+    let challenge = unapproved.header("www-authenticate").unwrap_or_default();
+    assert!(challenge.starts_with("Bearer error=\"insufficient_user_authentication\""), "{challenge}");
+    assert!(challenge.contains("acr_values=\"urn:corp:human-approved\", max_age=300"), "{challenge}");
+
+    let revoked = get("/invoices/42/pay", &token(&|c| c["sub"] = json!("mallory")));
+    assert_eq!(revoked.status, 403);
+
+    let reasons: Vec<Value> = envoy.audit_records().iter().map(|r| r["reason"].clone()).collect();
+    assert_eq!(reasons, [Value::Null, json!("task_mismatch"), json!("delegation_not_allowed"), json!("delegation_not_allowed"), json!("approval_required"), json!("revoked")]);
+}

@@ -1,0 +1,229 @@
+//! The rule language, one requirement kind per test, each with both outcomes.
+
+// Test code: a panic is how a test fails.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use agentgate::{Action, Decision, Gate, Reason, Request};
+use agentgate_test_harness::tokens::{agent_claims, policy, Signer};
+use serde_json::{json, Value};
+
+const NOW: i64 = 1_800_000_000;
+
+fn signer() -> Signer {
+    Signer::es256("es-1", 1)
+}
+
+fn gate(rules: Value) -> Gate {
+    gate_with(rules, |_| {})
+}
+
+fn gate_with(rules: Value, edit: impl FnOnce(&mut Value)) -> Gate {
+    let mut p: Value = serde_json::from_str(&policy(&signer().jwks(), &rules, "enforce")).unwrap();
+    edit(&mut p);
+    Gate::from_json(&p.to_string()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn token(edit: impl FnOnce(&mut Value)) -> String {
+    let mut c = agent_claims("agent-7", "invoices:read", NOW);
+    edit(&mut c);
+    signer().sign(&c)
+}
+
+fn eval(gate: &Gate, method: &str, authority: &str, path: &str, token: &str) -> Decision {
+    let headers = vec![(":authority".to_string(), authority.to_string()), ("authorization".to_string(), format!("Bearer {token}"))];
+    gate.evaluate(&Request { method, path, headers: &headers, now: NOW })
+}
+
+fn reason(gate: &Gate, path: &str, token: &str) -> Option<Reason> {
+    eval(gate, "POST", "api.example.com", path, token).reason
+}
+
+fn pay_rule(extra: Value) -> Value {
+    let mut require = json!({"task": {"type": "invoice_processing", "actions": ["pay"], "identifier": "{id}"}});
+    require.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    json!([{"name": "pay-invoice", "match": {"methods": ["POST"], "path": "/invoices/{id}/pay"}, "require": require}])
+}
+
+fn pay_task(identifier: &str) -> Value {
+    json!([{"type": "invoice_processing", "actions": ["read", "pay"], "identifier": identifier}])
+}
+
+#[test]
+fn task_identifier_is_bound_to_the_path() {
+    let g = gate(pay_rule(json!({})));
+    let t = token(|c| c["authorization_details"] = pay_task("42"));
+    assert_eq!(reason(&g, "/invoices/42/pay", &t), None);
+    let d = eval(&g, "POST", "api", "/invoices/43/pay", &t);
+    assert_eq!(d.reason, Some(Reason::TaskMismatch));
+    assert_eq!(d.audit.task_identifier.as_deref(), Some("43"));
+}
+
+#[test]
+fn task_needs_the_type_and_every_action() {
+    let g = gate(pay_rule(json!({})));
+    let read_only = token(|c| c["authorization_details"] = json!([{"type": "invoice_processing", "actions": ["read"], "identifier": "42"}]));
+    assert_eq!(reason(&g, "/invoices/42/pay", &read_only), Some(Reason::TaskMismatch));
+    let other_type = token(|c| c["authorization_details"] = json!([{"type": "payment_initiation", "actions": ["pay"], "identifier": "42"}]));
+    assert_eq!(reason(&g, "/invoices/42/pay", &other_type), Some(Reason::TaskMismatch));
+    let none = token(|_| {});
+    assert_eq!(reason(&g, "/invoices/42/pay", &none), Some(Reason::TaskMismatch));
+    let garbage = token(|c| c["authorization_details"] = json!("pay everything"));
+    assert_eq!(reason(&g, "/invoices/42/pay", &garbage), Some(Reason::TaskMismatch));
+}
+
+#[test]
+fn task_locations_and_datatypes_must_be_granted() {
+    let rules = json!([{"name": "r", "match": {"path": "/accounts/{id}"}, "require": {"task": {
+        "type": "account_information", "actions": ["read"], "locations": ["https://api.example.com"], "datatypes": ["balances"]}}}]);
+    let g = gate(rules);
+    let grant = |datatypes: Value| token(|c| c["authorization_details"] = json!([{"type": "account_information", "actions": ["read"], "locations": ["https://api.example.com"], "datatypes": datatypes}]));
+    assert_eq!(reason(&g, "/accounts/1", &grant(json!(["balances", "transactions"]))), None);
+    assert_eq!(reason(&g, "/accounts/1", &grant(json!(["transactions"]))), Some(Reason::TaskMismatch));
+}
+
+#[test]
+fn task_claim_reads_tasks_from_a_custom_claim() {
+    let g = gate_with(pay_rule(json!({})), |p| p["providers"][0]["task_claim"] = json!("https://corp.example/tasks"));
+    let t = token(|c| c["https://corp.example/tasks"] = pay_task("42"));
+    assert_eq!(reason(&g, "/invoices/42/pay", &t), None);
+    let in_standard_claim = token(|c| c["authorization_details"] = pay_task("42"));
+    assert_eq!(reason(&g, "/invoices/42/pay", &in_standard_claim), Some(Reason::TaskMismatch));
+}
+
+#[test]
+fn identifier_must_name_a_path_parameter() {
+    let rules = json!([{"name": "r", "match": {"path": "/invoices/{id}"}, "require": {"task": {"type": "t", "identifier": "{invoice}"}}}]);
+    let mut p: Value = serde_json::from_str(&policy(&signer().jwks(), &rules, "enforce")).unwrap();
+    p["mode"] = json!("enforce");
+    let e = Gate::from_json(&p.to_string()).err().map(|e| e.to_string()).unwrap_or_default();
+    assert_eq!(e, "rules[0].require.task.identifier: {invoice} is not a parameter of match.path (/invoices/{id})");
+}
+
+#[test]
+fn any_scopes_needs_one_of_them() {
+    let g = gate(json!([{"name": "r", "match": {"path": "/x"}, "require": {"any_scopes": ["a", "b"]}}]));
+    assert_eq!(reason(&g, "/x", &token(|c| c["scope"] = json!("z b"))), None);
+    assert_eq!(reason(&g, "/x", &token(|c| c["scope"] = json!("z"))), Some(Reason::InsufficientScope));
+}
+
+#[test]
+fn hosts_are_matched_without_port() {
+    let g = gate(json!([{"name": "r", "match": {"hosts": ["*.Example.com"], "path": "/x"}}]));
+    let t = token(|_| {});
+    assert_eq!(eval(&g, "GET", "api.example.com:8443", "/x", &t).reason, None);
+    assert_eq!(eval(&g, "GET", "API.EXAMPLE.COM", "/x", &t).reason, None);
+    assert_eq!(eval(&g, "GET", "example.org", "/x", &t).reason, Some(Reason::NoMatchingRule));
+}
+
+fn delegated(actors: &[&str]) -> Value {
+    actors.iter().rev().fold(Value::Null, |inner, sub| {
+        let mut act = json!({"sub": sub});
+        if !inner.is_null() {
+            act["act"] = inner;
+        }
+        act
+    })
+}
+
+#[test]
+fn agents_match_the_acting_party() {
+    let g = gate(json!([{"name": "r", "match": {"path": "/x"}, "require": {"agents": ["spiffe://corp.example/agent/*"]}}]));
+    let direct = token(|c| c["sub"] = json!("spiffe://corp.example/agent/billing"));
+    assert_eq!(reason(&g, "/x", &direct), None);
+    let user = token(|c| c["sub"] = json!("alice"));
+    assert_eq!(reason(&g, "/x", &user), Some(Reason::AgentNotAllowed));
+    let for_user = token(|c| {
+        c["sub"] = json!("alice");
+        c["act"] = delegated(&["spiffe://corp.example/agent/billing"]);
+    });
+    let d = eval(&g, "GET", "api", "/x", &for_user);
+    assert_eq!(d.reason, None);
+    assert_eq!(d.audit.agent.as_deref(), Some("spiffe://corp.example/agent/billing"));
+    assert_eq!(d.audit.on_behalf_of.as_deref(), Some("alice"));
+    match &d.action {
+        Action::Continue { set, .. } => {
+            assert!(set.contains(&("x-agent-id", "spiffe://corp.example/agent/billing".to_string())));
+            assert!(set.contains(&("x-agent-on-behalf-of", "alice".to_string())));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn delegation_depth_and_actors() {
+    let g = gate(json!([{"name": "r", "match": {"path": "/x"}, "require": {"max_delegation_depth": 1, "actors": ["orchestrator-*"]}}]));
+    let chain = |actors: &[&str]| token(|c| c["act"] = delegated(actors));
+    assert_eq!(reason(&g, "/x", &token(|_| {})), None, "no delegation at all");
+    assert_eq!(reason(&g, "/x", &chain(&["orchestrator-1"])), None);
+    assert_eq!(reason(&g, "/x", &chain(&["orchestrator-1", "planner"])), Some(Reason::DelegationNotAllowed));
+    assert_eq!(reason(&g, "/x", &chain(&["rogue"])), Some(Reason::DelegationNotAllowed));
+}
+
+#[test]
+fn may_act_limits_who_can_act() {
+    let g = gate(json!([{"name": "r", "match": {"path": "/x"}}]));
+    let t = |actor: &str| token(|c| {
+        c["may_act"] = json!({"sub": "orchestrator-1"});
+        c["act"] = delegated(&[actor]);
+    });
+    assert_eq!(reason(&g, "/x", &t("orchestrator-1")), None);
+    assert_eq!(reason(&g, "/x", &t("orchestrator-2")), Some(Reason::DelegationNotAllowed));
+}
+
+#[test]
+fn approval_requires_a_recent_human_approved_acr() {
+    let g = gate(pay_rule(json!({"approval": {"acr_values": ["urn:corp:human-approved"], "max_age_seconds": 300}})));
+    let t = |acr: Option<&str>, age: i64| token(|c| {
+        c["authorization_details"] = pay_task("42");
+        if let Some(acr) = acr {
+            c["acr"] = json!(acr);
+        }
+        c["auth_time"] = json!(NOW - age);
+    });
+    assert_eq!(reason(&g, "/invoices/42/pay", &t(Some("urn:corp:human-approved"), 60)), None);
+    for (acr, age) in [(None, 60), (Some("urn:corp:mfa"), 60), (Some("urn:corp:human-approved"), 301)] {
+        let d = eval(&g, "POST", "api", "/invoices/42/pay", &t(acr, age));
+        assert_eq!(d.reason, Some(Reason::ApprovalRequired), "{acr:?} {age}");
+        match &d.action {
+            Action::Respond { status, headers, .. } => {
+                assert_eq!(*status, 401);
+                let challenge = &headers.iter().find(|(n, _)| *n == "www-authenticate").unwrap().1;
+                assert!(challenge.starts_with("Bearer error=\"insufficient_user_authentication\""), "{challenge}");
+                assert!(challenge.ends_with("acr_values=\"urn:corp:human-approved\", max_age=300"), "{challenge}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // Approval is asked for last: a token that lacks the task is refused as such.
+    let no_task = token(|c| c["acr"] = json!("urn:corp:human-approved"));
+    assert_eq!(reason(&g, "/invoices/42/pay", &no_task), Some(Reason::TaskMismatch));
+}
+
+#[test]
+fn revoked_agents_actors_and_tokens_are_refused_at_once() {
+    let g = gate_with(json!([{"name": "r", "match": {"path": "/x"}}]), |p| {
+        p["revoked"] = json!({"subjects": ["agent-13*"], "actors": ["rogue-*"], "jtis": ["stolen-1"]});
+    });
+    assert_eq!(reason(&g, "/x", &token(|_| {})), None);
+    assert_eq!(reason(&g, "/x", &token(|c| c["sub"] = json!("agent-137"))), Some(Reason::Revoked));
+    assert_eq!(reason(&g, "/x", &token(|c| c["act"] = delegated(&["ok", "rogue-2"]))), Some(Reason::Revoked));
+    let d = eval(&g, "GET", "api", "/x", &token(|c| c["jti"] = json!("stolen-1")));
+    assert_eq!(d.reason, Some(Reason::Revoked));
+    assert_eq!(d.audit.agent.as_deref(), Some("agent-7"));
+    assert!(matches!(d.action, Action::Respond { status: 403, .. }));
+}
+
+#[test]
+fn a_rule_in_dry_run_forwards_while_the_rest_enforce() {
+    let rules = json!([
+        {"name": "new-rule", "mode": "dry_run", "match": {"path": "/new"}, "require": {"scopes": ["new:write"]}},
+        {"name": "old-rule", "match": {"path": "/old"}, "require": {"scopes": ["old:write"]}},
+    ]);
+    let g = gate(rules);
+    let t = token(|_| {});
+    let new = eval(&g, "GET", "api", "/new", &t);
+    assert_eq!((new.reason, new.dry_run), (Some(Reason::InsufficientScope), true));
+    assert!(matches!(new.action, Action::Continue { .. }));
+    let old = eval(&g, "GET", "api", "/old", &t);
+    assert!(matches!(old.action, Action::Respond { status: 403, .. }));
+}
