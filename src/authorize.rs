@@ -1,7 +1,9 @@
 //! Stage 3: the verified token against the rules. First matching rule wins; no match, deny.
 //! A rule matches on method, host and path; then every requirement it lists must hold.
 
+use crate::context::{claim, source_ip};
 use crate::policy::{Policy, Rule, TaskRequirement};
+use serde_json::Value;
 use crate::reason::Reason;
 use crate::routes::Params;
 use crate::verify::VerifiedToken;
@@ -26,6 +28,9 @@ impl Authorization {
 #[derive(Debug, Clone, Copy)]
 pub struct Target<'a> {
     pub method: &'a str,
+    pub headers: &'a [(String, String)],
+    /// The client's address as the host gives it (`ip:port`), when known.
+    pub source: Option<&'a str>,
     /// Authority without port, lower case.
     pub host: &'a str,
     pub path: &'a str,
@@ -53,7 +58,7 @@ pub fn authorize(policy: &Policy, target: &Target<'_>, token: &VerifiedToken) ->
         return Authorization::denied(Reason::NoMatchingRule);
     };
     let task_identifier = rule.task.as_ref().and_then(|task| task.identifier.as_deref()).map(|t| bind(t, &params));
-    let result = check(rule, task_identifier.as_deref(), token, target.now);
+    let result = check(rule, task_identifier.as_deref(), token, target.now).and_then(|()| check_context(rule, target, token));
     Authorization { rule: Some(index), result, task_identifier }
 }
 
@@ -82,6 +87,33 @@ fn check(rule: &Rule, identifier: Option<&str>, token: &VerifiedToken, now: i64)
         });
         if !(approved && recent) {
             return Err(Reason::ApprovalRequired);
+        }
+    }
+    Ok(())
+}
+
+/// Where, when and with what: checked after who and what task, before nothing else.
+fn check_context(rule: &Rule, target: &Target<'_>, token: &VerifiedToken) -> Result<(), Reason> {
+    if let Some(networks) = &rule.source_cidrs {
+        // An unknown source is outside every network: fail closed.
+        let ip = target.source.and_then(source_ip);
+        if !ip.is_some_and(|ip| networks.iter().any(|n| n.contains(&ip))) {
+            return Err(Reason::SourceNotAllowed);
+        }
+    }
+    for condition in &rule.headers {
+        let value = target.headers.iter().find(|(n, _)| *n == condition.key).map(|(_, v)| Value::String(v.clone()));
+        if !condition.holds(value.as_ref()) {
+            return Err(Reason::HeaderMismatch);
+        }
+    }
+    if rule.time.as_ref().is_some_and(|window| !window.contains(target.now)) {
+        return Err(Reason::OutsideTimeWindow);
+    }
+    for condition in &rule.claims {
+        let value = token.claims.as_ref().and_then(|claims| claim(claims, &condition.key));
+        if !condition.holds(value) {
+            return Err(Reason::ClaimMismatch);
         }
     }
     Ok(())

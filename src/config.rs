@@ -177,6 +177,38 @@ pub struct RequireConfig {
     pub actors: Option<Vec<String>>,
     /// Human approval (RFC 9470 step-up).
     pub approval: Option<ApprovalConfig>,
+    /// The client address must be in one of these networks.
+    pub source_cidrs: Option<Vec<String>>,
+    /// Conditions on request headers (`name`).
+    pub headers: Option<Vec<ConditionConfig>>,
+    /// UTC weekdays and hours when the rule allows.
+    pub time: Option<TimeWindowConfig>,
+    /// Conditions on claims (`path`, dot-separated), e.g. `trust_score >= 0.7`.
+    pub claims: Option<Vec<ConditionConfig>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConditionConfig {
+    pub name: Option<String>,
+    pub path: Option<String>,
+    pub present: Option<bool>,
+    pub equals: Option<Value>,
+    #[serde(rename = "in")]
+    pub one_of: Option<Vec<Value>>,
+    pub gte: Option<f64>,
+    pub lte: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeWindowConfig {
+    /// `mon` … `sun`; absent: every day.
+    pub days: Option<Vec<String>>,
+    /// Inclusive, 0–23 (default 0).
+    pub from_hour: Option<u8>,
+    /// Exclusive, 1–24 (default 24); before `from_hour` for an overnight window.
+    pub to_hour: Option<u8>,
 }
 
 #[derive(Debug, Deserialize)]

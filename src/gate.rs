@@ -22,6 +22,9 @@ pub struct Request<'a> {
     pub headers: &'a [(String, String)],
     /// Unix seconds.
     pub now: i64,
+    /// The client's address (`ip:port`), for `source_cidrs`; hosts fill it when
+    /// `policy().needs_source` (it may cost a host call).
+    pub source: Option<&'a str>,
 }
 
 /// What the host must do with the request.
@@ -157,7 +160,14 @@ impl Gate {
                 // A replayed or revoked token is still recorded with who it names.
                 Err(reason) => (Some(token), Authorization::denied(reason)),
                 Ok(()) => {
-                    let target = Target { method: request.method, host: &host, path: request.path, now: request.now };
+                    let target = Target {
+                        method: request.method,
+                        headers: request.headers,
+                        source: request.source,
+                        host: &host,
+                        path: request.path,
+                        now: request.now,
+                    };
                     let authorization = authorize(&self.policy, &target, &token);
                     (Some(token), authorization)
                 }

@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod authorize;
 pub mod config;
+pub mod context;
 pub mod extract;
 pub mod gate;
 pub mod jws;

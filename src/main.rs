@@ -37,6 +37,9 @@ enum Command {
         /// The time to decide at, in Unix seconds (default: now).
         #[arg(long)]
         now: Option<i64>,
+        /// The client address, as `ip:port` or `ip` (for `source_cidrs`).
+        #[arg(long)]
+        source: Option<String>,
     },
     /// Validate a policy file.
     CheckConfig {
@@ -78,7 +81,7 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_ERROR)
             }
         },
-        Command::Eval { config, method, path, headers, now } => {
+        Command::Eval { config, method, path, headers, now, source } => {
             let gate = match load(&config) {
                 Ok(gate) => gate,
                 Err(e) => {
@@ -89,7 +92,7 @@ fn main() -> ExitCode {
             let now = now.unwrap_or_else(|| {
                 SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
             });
-            let request = Request { method: &method, path: &path, headers: &headers, now };
+            let request = Request { method: &method, path: &path, headers: &headers, now, source: source.as_deref() };
             let decision = gate.evaluate(&request);
             let (status, headers) = match &decision.action {
                 Action::Continue { set, .. } => (200, set),

@@ -6,7 +6,9 @@ use crate::extract::TokenSource;
 use crate::jws::Limits;
 use crate::keys::{parse_jwk, Alg, Key};
 use crate::pattern::Pattern;
+use crate::context::{parse_cidr, Condition, TimeWindow};
 use crate::routes::{param_names, RouteTable};
+use ipnet::IpNet;
 use std::collections::HashSet;
 use serde_json::Value;
 
@@ -21,6 +23,10 @@ pub struct Policy {
     pub token_cache_entries: usize,
     pub single_use_entries: usize,
     pub revoked: Revoked,
+    /// Some rule reads the client address: hosts fetch it only then.
+    pub needs_source: bool,
+    /// Some rule has claim conditions: verified tokens keep all their claims only then.
+    pub needs_claims: bool,
 }
 
 /// The kill switch, compiled.
@@ -84,6 +90,10 @@ pub struct Rule {
     pub approval: Option<Approval>,
     /// This rule's own mode, overriding the policy's when set.
     pub mode: Option<Mode>,
+    pub source_cidrs: Option<Vec<IpNet>>,
+    pub headers: Vec<Condition>,
+    pub time: Option<TimeWindow>,
+    pub claims: Vec<Condition>,
 }
 
 #[derive(Debug)]
@@ -190,7 +200,21 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
         actors: patterns("revoked.actors", &config.revoked.actors)?,
         jtis: config.revoked.jtis.into_iter().collect(),
     };
-    Ok(Policy { mode: config.mode, providers, rules, routes, token_sources, limits, token_cache_entries, single_use_entries, revoked })
+    let needs_source = rules.iter().any(|r: &Rule| r.source_cidrs.is_some());
+    let needs_claims = rules.iter().any(|r: &Rule| !r.claims.is_empty());
+    Ok(Policy {
+        mode: config.mode,
+        providers,
+        rules,
+        routes,
+        token_sources,
+        limits,
+        token_cache_entries,
+        single_use_entries,
+        revoked,
+        needs_source,
+        needs_claims,
+    })
 }
 
 fn compile_provider(at: &str, raw: ProviderConfig, load: FileLoader<'_>) -> Result<Provider, ConfigError> {
@@ -367,6 +391,33 @@ fn compile_rule(at: &str, raw: RuleConfig) -> Result<Rule, ConfigError> {
             Some(Approval { acr_values: approval.acr_values, max_age_seconds: approval.max_age_seconds })
         }
     };
+    let conditions = |field: &str, key: &str, raw: &Option<Vec<config::ConditionConfig>>| -> Result<Vec<Condition>, ConfigError> {
+        match raw {
+            None => Ok(Vec::new()),
+            Some(list) if list.is_empty() => Err(ConfigError::at(format!("{at}.require.{field}"), "is empty: omit it")),
+            Some(list) => list
+                .iter()
+                .enumerate()
+                .map(|(j, c)| Condition::compile(c, key).map_err(|e| ConfigError::at(format!("{at}.require.{field}[{j}]"), e)))
+                .collect(),
+        }
+    };
+    let headers = conditions("headers", "name", &require.headers)?;
+    let claims = conditions("claims", "path", &require.claims)?;
+    let source_cidrs = match &require.source_cidrs {
+        None => None,
+        Some(list) if list.is_empty() => return Err(ConfigError::at(format!("{at}.require.source_cidrs"), "is empty: omit it to allow any source")),
+        Some(list) => Some(
+            list.iter()
+                .enumerate()
+                .map(|(j, c)| parse_cidr(c).map_err(|e| ConfigError::at(format!("{at}.require.source_cidrs[{j}]"), e)))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    let time = match &require.time {
+        None => None,
+        Some(window) => Some(TimeWindow::compile(window).map_err(|e| ConfigError::at(format!("{at}.require.time"), e))?),
+    };
     Ok(Rule {
         name: raw.name,
         methods,
@@ -379,6 +430,10 @@ fn compile_rule(at: &str, raw: RuleConfig) -> Result<Rule, ConfigError> {
         actors: optional_patterns(&format!("{at}.require.actors"), &require.actors)?,
         approval,
         mode: raw.mode,
+        source_cidrs,
+        headers,
+        time,
+        claims,
     })
 }
 

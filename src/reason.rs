@@ -31,6 +31,10 @@ pub enum Reason {
     AgentNotAllowed,
     DelegationNotAllowed,
     ApprovalRequired,
+    SourceNotAllowed,
+    HeaderMismatch,
+    OutsideTimeWindow,
+    ClaimMismatch,
     Revoked,
     NotConfigured,
     HostError,
@@ -57,7 +61,7 @@ const NOT_PERMITTED: &str = "the access token does not permit this request";
 
 impl Reason {
     /// Every reason, for defining metrics up front.
-    pub const ALL: [Reason; 28] = [
+    pub const ALL: [Reason; 32] = [
         Reason::MissingToken,
         Reason::MultipleTokens,
         Reason::TokenTooLarge,
@@ -83,6 +87,10 @@ impl Reason {
         Reason::AgentNotAllowed,
         Reason::DelegationNotAllowed,
         Reason::ApprovalRequired,
+        Reason::SourceNotAllowed,
+        Reason::HeaderMismatch,
+        Reason::OutsideTimeWindow,
+        Reason::ClaimMismatch,
         Reason::Revoked,
         Reason::NotConfigured,
         Reason::HostError,
@@ -127,6 +135,10 @@ impl Reason {
             DelegationNotAllowed => row("delegation_not_allowed", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
             // RFC 9470: the agent must come back with a token showing a human approved.
             ApprovalRequired => row("approval_required", 401, Some("insufficient_user_authentication"), "human approval is required for this request"),
+            SourceNotAllowed => row("source_not_allowed", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
+            HeaderMismatch => row("header_mismatch", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
+            OutsideTimeWindow => row("outside_time_window", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
+            ClaimMismatch => row("claim_mismatch", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
             Revoked => row("revoked", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
             NotConfigured => row("not_configured", 503, None, "the gateway is not configured"),
             HostError => row("host_error", 500, None, "the gateway could not evaluate the request"),

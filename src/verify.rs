@@ -28,6 +28,8 @@ pub struct VerifiedToken {
     pub tasks: Vec<Task>,
     pub acr: Option<String>,
     pub auth_time: Option<i64>,
+    /// Every claim, kept only when the policy has claim conditions.
+    pub claims: Option<serde_json::Map<String, Value>>,
 }
 
 impl VerifiedToken {
@@ -117,6 +119,11 @@ pub fn verify_untimed(policy: &Policy, token: &str) -> Result<VerifiedToken, Rea
         .ok_or(Reason::UnknownIssuer)?;
     check_signature(provider, &parsed)?;
     check_header(provider, &parsed.header)?;
+    let all_claims = if policy.needs_claims {
+        Some(serde_json::from_slice::<serde_json::Map<String, Value>>(&parsed.claims_json).map_err(|_| Reason::Malformed)?)
+    } else {
+        None
+    };
     let tasks = match &provider.task_claim {
         None => parsed.claims.authorization_details.as_ref().map(tasks_from).unwrap_or_default(),
         Some(name) => serde_json::from_slice::<serde_json::Map<String, Value>>(&parsed.claims_json)
@@ -124,7 +131,9 @@ pub fn verify_untimed(policy: &Policy, token: &str) -> Result<VerifiedToken, Rea
             .and_then(|claims| claims.get(name).map(tasks_from))
             .unwrap_or_default(),
     };
-    accept(index, provider, parsed.claims, tasks)
+    let mut verified = accept(index, provider, parsed.claims, tasks)?;
+    verified.claims = all_claims;
+    Ok(verified)
 }
 
 /// [`check_time`] with the token's own provider.
@@ -206,6 +215,7 @@ fn accept(provider_index: usize, provider: &Provider, claims: Claims, tasks: Vec
         tasks,
         acr: claims.acr,
         auth_time: claims.auth_time,
+        claims: None,
     })
 }
 

@@ -28,7 +28,7 @@ fn gate() -> Gate {
 
 fn eval(gate: &Gate, token: &str) -> Decision {
     let headers = vec![("authorization".to_string(), format!("Bearer {token}"))];
-    gate.evaluate(&Request { method: "GET", path: "/invoices/1", headers: &headers, now: NOW })
+    gate.evaluate(&Request { method: "GET", path: "/invoices/1", headers: &headers, now: NOW, source: None })
 }
 
 fn reason(gate: &Gate, token: &str) -> Option<Reason> {

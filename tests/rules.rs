@@ -31,7 +31,7 @@ fn token(edit: impl FnOnce(&mut Value)) -> String {
 
 fn eval(gate: &Gate, method: &str, authority: &str, path: &str, token: &str) -> Decision {
     let headers = vec![(":authority".to_string(), authority.to_string()), ("authorization".to_string(), format!("Bearer {token}"))];
-    gate.evaluate(&Request { method, path, headers: &headers, now: NOW })
+    gate.evaluate(&Request { method, path, headers: &headers, now: NOW, source: None })
 }
 
 fn reason(gate: &Gate, path: &str, token: &str) -> Option<Reason> {
@@ -226,4 +226,75 @@ fn a_rule_in_dry_run_forwards_while_the_rest_enforce() {
     assert!(matches!(new.action, Action::Continue { .. }));
     let old = eval(&g, "GET", "api", "/old", &t);
     assert!(matches!(old.action, Action::Respond { status: 403, .. }));
+}
+
+fn eval_from(gate: &Gate, path: &str, token: &str, source: Option<&str>, extra: &[(&str, &str)], now: i64) -> Option<Reason> {
+    let mut headers = vec![("authorization".to_string(), format!("Bearer {token}"))];
+    headers.extend(extra.iter().map(|(n, v)| (n.to_string(), v.to_string())));
+    gate.evaluate(&Request { method: "GET", path, headers: &headers, now, source }).reason
+}
+
+#[test]
+fn source_cidrs_fail_closed_on_unknown_sources() {
+    let g = gate(json!([{"name": "r", "match": {"path": "/x"}, "require": {"source_cidrs": ["10.0.0.0/8", "2001:db8::/32"]}}]));
+    let t = token(|_| {});
+    assert_eq!(eval_from(&g, "/x", &t, Some("10.2.3.4:5000"), &[], NOW), None);
+    assert_eq!(eval_from(&g, "/x", &t, Some("[2001:db8::7]:443"), &[], NOW), None);
+    assert_eq!(eval_from(&g, "/x", &t, Some("192.168.0.1:5000"), &[], NOW), Some(Reason::SourceNotAllowed));
+    assert_eq!(eval_from(&g, "/x", &t, None, &[], NOW), Some(Reason::SourceNotAllowed));
+    assert!(g.policy().needs_source);
+}
+
+#[test]
+fn header_conditions() {
+    let g = gate(json!([{"name": "r", "match": {"path": "/x"}, "require": {"headers": [{"name": "X-Tenant", "in": ["acme"]}, {"name": "x-debug", "present": false}]}}]));
+    let t = token(|_| {});
+    assert_eq!(eval_from(&g, "/x", &t, None, &[("x-tenant", "acme")], NOW), None);
+    assert_eq!(eval_from(&g, "/x", &t, None, &[("x-tenant", "initech")], NOW), Some(Reason::HeaderMismatch));
+    assert_eq!(eval_from(&g, "/x", &t, None, &[], NOW), Some(Reason::HeaderMismatch));
+    assert_eq!(eval_from(&g, "/x", &t, None, &[("x-tenant", "acme"), ("x-debug", "1")], NOW), Some(Reason::HeaderMismatch));
+}
+
+#[test]
+fn time_windows_in_utc() {
+    // 2027-01-04 10:00 UTC was a Monday.
+    let monday_10 = 1_799_056_800;
+    let g = gate(json!([{"name": "r", "match": {"path": "/x"}, "require": {"time": {"days": ["mon", "tue", "wed", "thu", "fri"], "from_hour": 9, "to_hour": 17}}}]));
+    let t = |now: i64| {
+        let mut c = agent_claims("agent-7", "", now);
+        c["exp"] = json!(now + 60);
+        signer().sign(&c)
+    };
+    assert_eq!(eval_from(&g, "/x", &t(monday_10), None, &[], monday_10), None);
+    let evening = monday_10 + 8 * 3600;
+    assert_eq!(eval_from(&g, "/x", &t(evening), None, &[], evening), Some(Reason::OutsideTimeWindow));
+    let sunday = monday_10 - 86_400;
+    assert_eq!(eval_from(&g, "/x", &t(sunday), None, &[], sunday), Some(Reason::OutsideTimeWindow));
+}
+
+#[test]
+fn claim_conditions() {
+    let g = gate(json!([{"name": "r", "match": {"path": "/x"}, "require": {"claims": [{"path": "trust_score", "gte": 0.7}, {"path": "tenant.id", "equals": "acme"}]}}]));
+    let t = |score: Value, tenant: &str| token(|c| {
+        c["trust_score"] = score;
+        c["tenant"] = json!({"id": tenant});
+    });
+    assert_eq!(reason(&g, "/x", &t(json!(0.9), "acme")), None);
+    assert_eq!(reason(&g, "/x", &t(json!(0.5), "acme")), Some(Reason::ClaimMismatch));
+    assert_eq!(reason(&g, "/x", &t(json!("0.9"), "acme")), Some(Reason::ClaimMismatch));
+    assert_eq!(reason(&g, "/x", &t(json!(0.9), "globex")), Some(Reason::ClaimMismatch));
+    assert_eq!(reason(&g, "/x", &token(|_| {})), Some(Reason::ClaimMismatch));
+}
+
+#[test]
+fn context_config_errors_name_their_path() {
+    let err = |require: Value| {
+        let rules = json!([{"name": "r", "match": {"path": "/x"}, "require": require}]);
+        Gate::from_json(&policy(&signer().jwks(), &rules, "enforce")).err().map(|e| e.to_string()).unwrap_or_default()
+    };
+    assert!(err(json!({"source_cidrs": ["10.0.0.0/40"]})).starts_with("rules[0].require.source_cidrs[0]: \"10.0.0.0/40\" is not a CIDR"));
+    assert!(err(json!({"headers": [{"path": "x"}]})).starts_with("rules[0].require.headers[0]: give `name` (only)"));
+    assert!(err(json!({"claims": [{"path": "a"}]})).starts_with("rules[0].require.claims[0]: give at least one of"));
+    assert!(err(json!({"time": {"days": ["someday"]}})).starts_with("rules[0].require.time: \"someday\" is not a day"));
+    assert!(err(json!({"time": {"from_hour": 9, "to_hour": 9}})).starts_with("rules[0].require.time: hours must be"));
 }

@@ -32,19 +32,22 @@ fn bearer(token: &str) -> String {
 fn allowed_request_reaches_upstream_with_audit_headers() {
     let s = start();
     let token = s.signer.sign(&agent_claims("agent-7", "invoices:read", now()));
-    let r = s.envoy.get("/invoices/42", &[("authorization", &bearer(&token)), ("x-request-id", "req-123")]);
+    // At the edge Envoy replaces a client's x-request-id with its own: the audit id is Envoy's.
+    let r = s.envoy.get("/invoices/42", &[("authorization", &bearer(&token)), ("x-request-id", "chosen-by-client")]);
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.upstream_header("x-agent-id").as_deref(), Some("agent-7"));
     assert_eq!(r.upstream_header("x-agent-decision").as_deref(), Some("allow"));
     assert_eq!(r.upstream_header("x-agent-rule").as_deref(), Some("read-invoice"));
-    assert_eq!(r.upstream_header("x-agent-audit-id").as_deref(), Some("req-123"));
+    let request_id = r.upstream_header("x-request-id").unwrap_or_default();
+    assert_ne!(request_id, "chosen-by-client");
+    assert_eq!(r.upstream_header("x-agent-audit-id"), Some(request_id.clone()));
 
     let records = s.envoy.audit_records();
     let record = records.last().unwrap_or_else(|| panic!("no audit record in:\n{}", s.envoy.logs()));
     assert_eq!(record["decision"], "allow");
     assert_eq!(record["agent"], "agent-7");
     assert_eq!(record["rule"], "read-invoice");
-    assert_eq!(record["audit_id"], "req-123");
+    assert_eq!(record["audit_id"], json!(request_id));
 }
 
 #[test]
@@ -81,11 +84,13 @@ fn every_supported_algorithm_is_accepted() {
 #[test]
 fn missing_token_gets_a_bare_bearer_challenge() {
     let s = start();
-    let r = s.envoy.get("/invoices/42", &[("x-request-id", "req-1")]);
+    let r = s.envoy.get("/invoices/42", &[]);
     assert_eq!(r.status, 401);
     assert_eq!(r.header("www-authenticate"), Some("Bearer"));
-    assert_eq!(r.header("x-agent-audit-id"), Some("req-1"));
-    assert_eq!(s.envoy.audit_records().last().map(|r| r["reason"].clone()), Some(json!("missing_token")));
+    let record = s.envoy.audit_records().last().cloned().unwrap_or_default();
+    assert_eq!(record["reason"], "missing_token");
+    // The denial carries the audit id, so support can find the record.
+    assert!(r.header("x-agent-audit-id").is_some_and(|id| !id.is_empty() && record["audit_id"] == json!(id)), "{r:?} {record}");
 }
 
 #[test]
@@ -265,4 +270,19 @@ fn task_scoped_rules_delegation_approval_and_revocation() {
 
     let reasons: Vec<Value> = envoy.audit_records().iter().map(|r| r["reason"].clone()).collect();
     assert_eq!(reasons, [Value::Null, json!("task_mismatch"), json!("delegation_not_allowed"), json!("delegation_not_allowed"), json!("approval_required"), json!("revoked")]);
+}
+
+#[test]
+fn source_cidrs_use_the_address_envoy_saw() {
+    let signer = Signer::es256("es-1", 1);
+    let rules = json!([
+        {"name": "loopback", "match": {"path": "/local"}, "require": {"source_cidrs": ["127.0.0.0/8"]}},
+        {"name": "corp-net", "match": {"path": "/corp"}, "require": {"source_cidrs": ["10.0.0.0/8"]}},
+    ]);
+    let upstream = Upstream::start();
+    let envoy = Envoy::start(&policy(&signer.jwks(), &rules, "enforce"), upstream.port).unwrap_or_else(|e| panic!("{e}"));
+    let auth = bearer(&signer.sign(&agent_claims("agent-7", "", now())));
+    assert_eq!(envoy.get("/local", &[("authorization", &auth)]).status, 200);
+    assert_eq!(envoy.get("/corp", &[("authorization", &auth), ("x-forwarded-for", "10.1.1.1")]).status, 403);
+    assert_eq!(envoy.audit_records().last().map(|r| r["reason"].clone()), Some(json!("source_not_allowed")));
 }

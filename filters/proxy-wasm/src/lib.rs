@@ -139,7 +139,14 @@ impl HttpContext for Filter {
             _ => return self.refuse_request(Reason::HostError),
         };
         let pseudo = |name: &str| headers.iter().find(|(n, _)| n == name).map_or("", |(_, v)| v.as_str());
+        // One more host call, only for policies with `source_cidrs`.
+        let source = if gate.policy().needs_source {
+            hostcalls::get_property(vec!["source", "address"]).ok().flatten().and_then(|bytes| String::from_utf8(bytes).ok())
+        } else {
+            None
+        };
         let request = Request {
+            source: source.as_deref(),
             method: pseudo(":method"),
             path: pseudo(":path"),
             headers: &headers,
