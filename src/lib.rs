@@ -15,6 +15,7 @@ pub mod jws;
 pub mod keys;
 pub mod pattern;
 pub mod policy;
+pub mod policy_test;
 pub mod reason;
 pub mod replay;
 mod routes;

@@ -46,6 +46,14 @@ enum Command {
         /// The policy file (JSON).
         policy: PathBuf,
     },
+    /// Run a policy's test cases: exit 0 if all pass, 1 if any fails.
+    Test {
+        /// The policy file (JSON).
+        #[arg(long)]
+        config: PathBuf,
+        /// The test file (JSON): `{"now": SECS, "cases": [...]}`.
+        tests: PathBuf,
+    },
 }
 
 const EXIT_DENY: u8 = 1;
@@ -81,6 +89,27 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_ERROR)
             }
         },
+        Command::Test { config, tests } => {
+            let read = |path: &Path| std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()));
+            let results = read(&config).and_then(|policy| read(&tests).and_then(|tests| agentgate::policy_test::run(&policy, &tests)));
+            match results {
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(EXIT_ERROR)
+                }
+                Ok(results) => {
+                    for result in &results {
+                        match &result.failure {
+                            None => println!("PASS {}", result.name),
+                            Some(why) => println!("FAIL {}: {why}", result.name),
+                        }
+                    }
+                    let failed = results.iter().filter(|r| r.failure.is_some()).count();
+                    println!("agentgate test {}: {} passed, {failed} failed", tests.display(), results.len() - failed);
+                    if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(EXIT_DENY) }
+                }
+            }
+        }
         Command::Eval { config, method, path, headers, now, source } => {
             let gate = match load(&config) {
                 Ok(gate) => gate,

@@ -118,3 +118,31 @@ fn jwks_file_is_read_relative_to_the_policy() {
 fn provider_file(policy: &mut Value, file: &str) {
     policy["providers"][0]["jwks_file"] = json!(file);
 }
+
+#[test]
+fn example_policy_passes_its_own_tests() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/invoice-agents");
+    let (code, stdout, stderr) = agentgate(&["test", "--config", &format!("{dir}/policy.json"), &format!("{dir}/policy_tests.json")]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.trim_end().ends_with("15 passed, 0 failed"), "{stdout}");
+    assert!(!stdout.contains("FAIL"), "{stdout}");
+}
+
+#[test]
+fn a_failing_policy_test_is_reported_and_exits_1() {
+    let signer = Signer::es256("k", 1);
+    let file = write_policy("tested.json", &policy(&signer.jwks(), &read_invoice_rule(), "enforce"));
+    let tests = write_policy(
+        "tested_tests.json",
+        &json!({"now": NOW, "cases": [
+            {"name": "reads", "request": {"path": "/invoices/1"}, "token": {"sub": "a", "scope": "invoices:read"}, "expect": {"decision": "allow", "rule": "read-invoice"}},
+            {"name": "wrong expectation", "request": {"path": "/invoices/1"}, "token": {"sub": "a", "scope": "x"}, "expect": {"decision": "allow"}}
+        ]})
+        .to_string(),
+    );
+    let (code, stdout, _) = agentgate(&["test", "--config", &file.to_string_lossy(), &tests.to_string_lossy()]);
+    assert_eq!(code, 1);
+    assert!(stdout.contains("PASS reads"), "{stdout}");
+    assert!(stdout.contains("FAIL wrong expectation: got decision deny (reason insufficient_scope)"), "{stdout}");
+    assert!(stdout.trim_end().ends_with("1 passed, 1 failed"), "{stdout}");
+}
