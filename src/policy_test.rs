@@ -78,7 +78,9 @@ fn with_test_keys(policy_json: &str) -> Result<(Policy, Value), String> {
     let mut policy: Value = serde_json::from_str(policy_json).map_err(|e| format!("policy: {e}"))?;
     let key = test_key()?;
     let mut jwk = serde_json::to_value(JsonWebKey::from(key.verifying_key())).map_err(|e| e.to_string())?;
-    jwk["kid"] = json!(TEST_KID);
+    if let Some(members) = jwk.as_object_mut() {
+        members.insert("kid".into(), json!(TEST_KID));
+    }
     if let Some(providers) = policy.get_mut("providers").and_then(Value::as_array_mut) {
         for provider in providers.iter_mut().filter_map(Value::as_object_mut) {
             provider.remove("jwks_file");
