@@ -3,10 +3,10 @@
 
 use crate::context::{claim, source_ip};
 use crate::policy::{Policy, Rule, TaskRequirement};
-use serde_json::Value;
 use crate::reason::Reason;
 use crate::routes::Params;
 use crate::verify::VerifiedToken;
+use serde_json::Value;
 
 /// Which rule applied, and whether it allowed the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,7 +43,11 @@ pub fn check_revoked(policy: &Policy, token: &VerifiedToken) -> Result<(), Reaso
     let subject = token.subject.as_deref().is_some_and(|s| revoked.subjects.iter().any(|p| p.matches(s)));
     let actor = token.actors.iter().any(|a| revoked.actors.iter().any(|p| p.matches(a)));
     let jti = token.jti.as_ref().is_some_and(|j| revoked.jtis.contains(j));
-    if subject || actor || jti { Err(Reason::Revoked) } else { Ok(()) }
+    if subject || actor || jti {
+        Err(Reason::Revoked)
+    } else {
+        Ok(())
+    }
 }
 
 pub fn authorize(policy: &Policy, target: &Target<'_>, token: &VerifiedToken) -> Authorization {
@@ -54,11 +58,13 @@ pub fn authorize(policy: &Policy, target: &Target<'_>, token: &VerifiedToken) ->
     let matched = policy.routes.first_match(path, |i| {
         policy.rules.get(i).is_some_and(|rule| rule.matches_method(target.method) && rule.matches_host(target.host))
     });
-    let Some((index, rule, params)) = matched.and_then(|(i, params)| policy.rules.get(i).map(|rule| (i, rule, params))) else {
+    let Some((index, rule, params)) = matched.and_then(|(i, params)| policy.rules.get(i).map(|rule| (i, rule, params)))
+    else {
         return Authorization::denied(Reason::NoMatchingRule);
     };
     let task_identifier = rule.task.as_ref().and_then(|task| task.identifier.as_deref()).map(|t| bind(t, &params));
-    let result = check(rule, task_identifier.as_deref(), token, target.now).and_then(|()| check_context(rule, target, token));
+    let result =
+        check(rule, task_identifier.as_deref(), token, target.now).and_then(|()| check_context(rule, target, token));
     Authorization { rule: Some(index), result, task_identifier }
 }
 
@@ -182,7 +188,9 @@ mod tests {
         for ok in ["/", "/invoices/42", "/a/b.json", "/a-b_c~d/%41"] {
             assert!(is_canonical(ok), "{ok}");
         }
-        for bad in ["", "invoices", "//x", "/a/../b", "/a/./b", "/a/..", "/a%2Fb", "/a%2e%2e/b", "/a\\b", "/a b", "/a%00"] {
+        for bad in
+            ["", "invoices", "//x", "/a/../b", "/a/./b", "/a/..", "/a%2Fb", "/a%2e%2e/b", "/a\\b", "/a b", "/a%00"]
+        {
             assert!(!is_canonical(bad), "{bad}");
         }
     }

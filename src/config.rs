@@ -56,6 +56,15 @@ pub struct PolicyConfig {
     /// The kill switch: agents, actors and tokens refused at once.
     #[serde(default)]
     pub revoked: RevokedConfig,
+    /// A limit per agent over all its requests.
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    pub requests: u32,
+    pub per_seconds: u32,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -145,6 +154,8 @@ pub struct RuleConfig {
     pub require: RequireConfig,
     /// `dry_run` here rolls out this one rule without blocking; absent, the policy's mode.
     pub mode: Option<Mode>,
+    /// A limit per agent on the requests this rule allows.
+    pub rate_limit: Option<RateLimitConfig>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -29,10 +29,22 @@ impl Condition {
         if key.is_empty() || key.split('.').any(str::is_empty) {
             return Err(format!("`{key_name}` must not be empty"));
         }
-        if raw.present.is_none() && raw.equals.is_none() && raw.one_of.is_none() && raw.gte.is_none() && raw.lte.is_none() {
+        if raw.present.is_none()
+            && raw.equals.is_none()
+            && raw.one_of.is_none()
+            && raw.gte.is_none()
+            && raw.lte.is_none()
+        {
             return Err("give at least one of present, equals, in, gte, lte".into());
         }
-        Ok(Condition { key, present: raw.present, equals: raw.equals.clone(), one_of: raw.one_of.clone(), gte: raw.gte, lte: raw.lte })
+        Ok(Condition {
+            key,
+            present: raw.present,
+            equals: raw.equals.clone(),
+            one_of: raw.one_of.clone(),
+            gte: raw.gte,
+            lte: raw.lte,
+        })
     }
 
     pub fn holds(&self, value: Option<&Value>) -> bool {
@@ -43,7 +55,11 @@ impl Condition {
         }
         let Some(value) = value else {
             // Absent: only a `present: false` condition can hold.
-            return self.present == Some(false) && self.equals.is_none() && self.one_of.is_none() && self.gte.is_none() && self.lte.is_none();
+            return self.present == Some(false)
+                && self.equals.is_none()
+                && self.one_of.is_none()
+                && self.gte.is_none()
+                && self.lte.is_none();
         };
         let number = value.as_f64();
         self.equals.as_ref().is_none_or(|e| e == value)
@@ -81,7 +97,12 @@ impl TimeWindow {
             Some(days) if days.is_empty() => return Err("days is empty: omit it for every day".into()),
             Some(days) => Some(
                 days.iter()
-                    .map(|d| DAYS.iter().position(|name| name.eq_ignore_ascii_case(d)).map(|i| i as u8).ok_or_else(|| format!("{d:?} is not a day (mon … sun)")))
+                    .map(|d| {
+                        DAYS.iter()
+                            .position(|name| name.eq_ignore_ascii_case(d))
+                            .map(|i| i as u8)
+                            .ok_or_else(|| format!("{d:?} is not a day (mon … sun)"))
+                    })
                     .collect::<Result<_, _>>()?,
             ),
         };
@@ -105,7 +126,8 @@ impl TimeWindow {
         } else {
             // Overnight window: the early hours belong to the previous day's window.
             let previous = (weekday + 6) % 7;
-            (day_ok && hour >= self.from_hour) || (hour < self.to_hour && self.days.as_ref().is_none_or(|days| days.contains(&previous)))
+            (day_ok && hour >= self.from_hour)
+                || (hour < self.to_hour && self.days.as_ref().is_none_or(|days| days.contains(&previous)))
         }
     }
 }
@@ -161,7 +183,10 @@ mod tests {
 
     #[test]
     fn time_windows() {
-        let window = |raw: Value| TimeWindow::compile(&serde_json::from_value(raw).unwrap_or_else(|e| panic!("{e}"))).unwrap_or_else(|e| panic!("{e}"));
+        let window = |raw: Value| {
+            TimeWindow::compile(&serde_json::from_value(raw).unwrap_or_else(|e| panic!("{e}")))
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
         // 2027-01-04 was a Monday.
         let monday_10 = 1_799_056_800;
         let office = window(json!({"days": ["mon", "tue", "wed", "thu", "fri"], "from_hour": 9, "to_hour": 17}));
@@ -179,7 +204,9 @@ mod tests {
     fn sources() {
         let net = parse_cidr("10.0.0.0/8").unwrap_or_else(|e| panic!("{e}"));
         assert!(source_ip("10.1.2.3:5555").is_some_and(|ip| net.contains(&ip)));
-        assert!(source_ip("[2001:db8::1]:443").is_some_and(|ip| parse_cidr("2001:db8::/32").is_ok_and(|n| n.contains(&ip))));
+        assert!(
+            source_ip("[2001:db8::1]:443").is_some_and(|ip| parse_cidr("2001:db8::/32").is_ok_and(|n| n.contains(&ip)))
+        );
         assert_eq!(parse_cidr("192.168.1.7").map(|n| n.prefix_len()), Ok(32));
         assert!(parse_cidr("10.0.0.0/33").is_err());
         assert_eq!(source_ip("nonsense"), None);

@@ -9,7 +9,10 @@ use crate::reason::Reason;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenSource {
     /// A header (lower-case name); `prefix` (compared case-insensitively) is removed first.
-    Header { name: String, prefix: Option<String> },
+    Header {
+        name: String,
+        prefix: Option<String>,
+    },
     Cookie(String),
     Query(String),
 }
@@ -20,7 +23,8 @@ impl TokenSource {
     }
 
     pub fn compile(raw: &TokenSourceConfig) -> Result<TokenSource, String> {
-        let non_empty = |name: &str| if name.trim().is_empty() { Err("name must not be empty".to_string()) } else { Ok(()) };
+        let non_empty =
+            |name: &str| if name.trim().is_empty() { Err("name must not be empty".to_string()) } else { Ok(()) };
         match (&raw.header, &raw.cookie, &raw.query, &raw.prefix) {
             (Some(header), None, None, prefix) => {
                 non_empty(header)?;
@@ -48,13 +52,21 @@ impl TokenSource {
             }
             TokenSource::Cookie(name) => {
                 for (_, value) in headers.iter().filter(|(n, _)| n == "cookie") {
-                    found.extend(value.split(';').filter_map(|pair| pair.trim().split_once('=')).filter(|(n, _)| n == name).map(|(_, v)| v));
+                    found.extend(
+                        value
+                            .split(';')
+                            .filter_map(|pair| pair.trim().split_once('='))
+                            .filter(|(n, _)| n == name)
+                            .map(|(_, v)| v),
+                    );
                 }
             }
             TokenSource::Query(name) => {
                 let query = path.get(strip_query(path).len()..).and_then(|q| q.strip_prefix('?')).unwrap_or("");
                 let query = query.split('#').next().unwrap_or("");
-                found.extend(query.split('&').filter_map(|pair| pair.split_once('=')).filter(|(n, _)| n == name).map(|(_, v)| v));
+                found.extend(
+                    query.split('&').filter_map(|pair| pair.split_once('=')).filter(|(n, _)| n == name).map(|(_, v)| v),
+                );
             }
         }
     }
@@ -80,7 +92,12 @@ fn strip_prefix<'v>(value: &'v str, prefix: Option<&str>) -> Option<&'v str> {
 
 /// The one token the request carries. Several copies of the same token are fine; two
 /// different tokens are an invalid request, since which one decides would be ambiguous.
-pub fn find_token<'r>(sources: &[TokenSource], headers: &'r [(String, String)], path: &'r str, max_bytes: usize) -> Result<&'r str, Reason> {
+pub fn find_token<'r>(
+    sources: &[TokenSource],
+    headers: &'r [(String, String)],
+    path: &'r str,
+    max_bytes: usize,
+) -> Result<&'r str, Reason> {
     let mut found = Vec::new();
     for source in sources {
         source.find(headers, path, &mut found);
@@ -133,7 +150,10 @@ mod tests {
 
     #[test]
     fn two_different_tokens_are_an_invalid_request() {
-        assert_eq!(bearer(&[("authorization", "Bearer a"), ("authorization", "Bearer b")]), Err(Reason::MultipleTokens));
+        assert_eq!(
+            bearer(&[("authorization", "Bearer a"), ("authorization", "Bearer b")]),
+            Err(Reason::MultipleTokens)
+        );
         assert_eq!(bearer(&[("authorization", "Bearer a"), ("authorization", "Bearer a")]), Ok("a".into()));
     }
 
@@ -171,6 +191,9 @@ mod tests {
         assert!(TokenSource::compile(&raw(None, None, None, None)).is_err());
         assert!(TokenSource::compile(&raw(Some("a"), None, Some("b"), None)).is_err());
         assert!(TokenSource::compile(&raw(None, Some("Bearer "), Some("b"), None)).is_err());
-        assert_eq!(TokenSource::compile(&raw(Some("X-Token"), None, None, None)), Ok(TokenSource::Header { name: "x-token".into(), prefix: None }));
+        assert_eq!(
+            TokenSource::compile(&raw(Some("X-Token"), None, None, None)),
+            Ok(TokenSource::Header { name: "x-token".into(), prefix: None })
+        );
     }
 }

@@ -5,6 +5,7 @@ use crate::authorize::{authorize, check_revoked, strip_query, Authorization, Tar
 use crate::config::{ConfigError, Mode};
 use crate::extract::find_token;
 use crate::policy::Policy;
+use crate::ratelimit::{MemoryLimiter, RateLimit, RateLimiter};
 use crate::reason::Reason;
 use crate::replay::{token_id, GuardError, MemoryGuard, ReplayGuard, ReplayScope};
 use crate::verify::{check_time_in, verify_untimed, VerifiedToken};
@@ -42,10 +43,23 @@ impl Action {
         Action::deny_with(reason, audit_id, None)
     }
 
-    /// The local response for a denial, with extra challenge attributes (RFC 9470 step-up).
+    /// The local response for a denial, with extra challenge attributes (RFC 9470 step-up)
+    /// or a `Retry-After` (rate limits).
     pub fn deny_with(reason: Reason, audit_id: Option<&str>, challenge_extra: Option<&str>) -> Action {
+        Action::deny_full(reason, audit_id, challenge_extra, None)
+    }
+
+    fn deny_full(
+        reason: Reason,
+        audit_id: Option<&str>,
+        challenge_extra: Option<&str>,
+        retry_after: Option<u64>,
+    ) -> Action {
         let spec = reason.spec();
         let mut headers = vec![("content-type", "application/json".to_string())];
+        if let Some(seconds) = retry_after {
+            headers.push(("retry-after", seconds.to_string()));
+        }
         if let Some(challenge) = reason.challenge() {
             let challenge = match challenge_extra {
                 Some(extra) => format!("{challenge}, {extra}"),
@@ -56,7 +70,11 @@ impl Action {
         if let Some(id) = audit_id {
             headers.push((audit::AUDIT_ID, audit::header_value(id)));
         }
-        let error = spec.error.unwrap_or(if spec.status == 401 { "unauthorized" } else { "server_error" });
+        let error = spec.error.unwrap_or(match spec.status {
+            401 => "unauthorized",
+            429 => "too_many_requests",
+            _ => "server_error",
+        });
         let body = serde_json::json!({"error": error, "error_description": spec.description}).to_string();
         Action::Respond { status: spec.status, headers, body }
     }
@@ -85,9 +103,42 @@ type TokenCache = Mutex<Option<LruCache<[u8; 32], Arc<VerifiedToken>>>>;
 pub struct Gate {
     policy: Policy,
     cache: TokenCache,
-    /// For hosts that bring no shared replay store of their own.
-    memory_guard: MemoryGuard,
+    /// For hosts that bring no shared store of their own.
+    memory: MemoryState,
 }
+
+/// What a host shares between its workers: single-use `jti`s and rate-limit buckets.
+pub trait SharedState: ReplayGuard + RateLimiter {}
+
+impl<T: ReplayGuard + RateLimiter> SharedState for T {}
+
+/// Shared state in this process only (the CLI, single-worker hosts).
+#[derive(Debug)]
+pub struct MemoryState {
+    replay: MemoryGuard,
+    limits: MemoryLimiter,
+}
+
+impl ReplayGuard for MemoryState {
+    fn first_use(
+        &self,
+        scope: ReplayScope<'_>,
+        id: &crate::replay::TokenId,
+        expires_at: i64,
+        now: i64,
+    ) -> Result<bool, GuardError> {
+        self.replay.first_use(scope, id, expires_at, now)
+    }
+}
+
+impl RateLimiter for MemoryState {
+    fn admit(&self, scope: &str, agent: &str, limit: &RateLimit, now: i64) -> Result<Result<(), u64>, GuardError> {
+        self.limits.admit(scope, agent, limit, now)
+    }
+}
+
+/// The scope of the policy-wide rate limit (rule names cannot be empty, so no clash).
+const POLICY_SCOPE: &str = "";
 
 impl Gate {
     pub fn from_json(json: &str) -> Result<Gate, ConfigError> {
@@ -96,8 +147,11 @@ impl Gate {
 
     pub fn new(policy: Policy) -> Gate {
         let cache = NonZeroUsize::new(policy.token_cache_entries).map(LruCache::new);
-        let memory_guard = MemoryGuard::new(policy.single_use_entries);
-        Gate { policy, cache: Mutex::new(cache), memory_guard }
+        let memory = MemoryState {
+            replay: MemoryGuard::new(policy.single_use_entries),
+            limits: MemoryLimiter::new(policy.single_use_entries),
+        };
+        Gate { policy, cache: Mutex::new(cache), memory }
     }
 
     /// A verified token for `token` at `now`, from the cache when it was seen before (then
@@ -131,7 +185,28 @@ impl Gate {
 
     /// Decides `request`, remembering single-use tokens in this process.
     pub fn evaluate(&self, request: &Request<'_>) -> Decision {
-        self.evaluate_with(request, &self.memory_guard)
+        self.evaluate_with(request, &self.memory)
+    }
+
+    /// Counts the request against `limit` for the acting agent; `Err` with the reason, and
+    /// the seconds to wait when over.
+    fn check_rate(
+        &self,
+        state: &dyn SharedState,
+        scope: &str,
+        limit: Option<&RateLimit>,
+        token: &VerifiedToken,
+        now: i64,
+    ) -> Result<(), (Reason, Option<u64>)> {
+        let Some(limit) = limit else { return Ok(()) };
+        let agent = token.agent().unwrap_or("");
+        match state.admit(scope, agent, limit, now) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(retry_after)) => Err((Reason::RateLimited, Some(retry_after))),
+            // Rate limits protect capacity, not identity: a failing store lets traffic through
+            // rather than take the API down with it.
+            Err(_) => Ok(()),
+        }
     }
 
     /// Single-use tokens are accepted once per token lifetime; `Err` fails closed.
@@ -147,31 +222,56 @@ impl Gate {
         }
     }
 
-    /// Decides `request`, remembering single-use tokens with `guard` (a host's shared store).
-    pub fn evaluate_with(&self, request: &Request<'_>, guard: &dyn ReplayGuard) -> Decision {
+    /// Everything after verification, in order: single use, the kill switch, the policy-wide
+    /// rate limit, the rules, the matched rule's rate limit. A replayed, revoked or limited
+    /// token is still recorded with who it names. The `u64` is the wait when rate limited.
+    fn authorize_verified(
+        &self,
+        token: &VerifiedToken,
+        request: &Request<'_>,
+        state: &dyn SharedState,
+    ) -> (Authorization, Option<u64>) {
+        let now = request.now;
+        if let Err(reason) = self.check_single_use(token, state, now).and_then(|()| check_revoked(&self.policy, token))
+        {
+            return (Authorization::denied(reason), None);
+        }
+        if let Err((reason, wait)) = self.check_rate(state, POLICY_SCOPE, self.policy.rate_limit.as_ref(), token, now) {
+            return (Authorization::denied(reason), wait);
+        }
+        let host = authority(request.headers);
+        let target = Target {
+            method: request.method,
+            headers: request.headers,
+            source: request.source,
+            host: &host,
+            path: request.path,
+            now,
+        };
+        let mut authorization = authorize(&self.policy, &target, token);
+        let rule = authorization.rule.and_then(|i| self.policy.rules.get(i));
+        if let (Ok(()), Some(rule)) = (&authorization.result, rule) {
+            if let Err((reason, wait)) = self.check_rate(state, &rule.name, rule.rate_limit.as_ref(), token, now) {
+                authorization.result = Err(reason);
+                return (authorization, wait);
+            }
+        }
+        (authorization, None)
+    }
+
+    /// Decides `request` with a host's shared state (single-use tokens, rate limits).
+    pub fn evaluate_with(&self, request: &Request<'_>, guard: &dyn SharedState) -> Decision {
         let audit_id = header(request.headers, audit::REQUEST_ID);
         let mut cache_hit = false;
-        let verified = find_token(&self.policy.token_sources, request.headers, request.path, self.policy.limits.max_token_bytes)
-            .and_then(|t| self.verified(t, request.now, &mut cache_hit));
-        let host = authority(request.headers);
-        let (token, authorization) = match verified {
-            Err(reason) => (None, Authorization::denied(reason)),
-            Ok(token) => match self.check_single_use(&token, guard, request.now).and_then(|()| check_revoked(&self.policy, &token)) {
-                // A replayed or revoked token is still recorded with who it names.
-                Err(reason) => (Some(token), Authorization::denied(reason)),
-                Ok(()) => {
-                    let target = Target {
-                        method: request.method,
-                        headers: request.headers,
-                        source: request.source,
-                        host: &host,
-                        path: request.path,
-                        now: request.now,
-                    };
-                    let authorization = authorize(&self.policy, &target, &token);
-                    (Some(token), authorization)
-                }
-            },
+        let verified =
+            find_token(&self.policy.token_sources, request.headers, request.path, self.policy.limits.max_token_bytes)
+                .and_then(|t| self.verified(t, request.now, &mut cache_hit));
+        let (token, authorization, retry_after) = match verified {
+            Err(reason) => (None, Authorization::denied(reason), None),
+            Ok(token) => {
+                let (authorization, retry_after) = self.authorize_verified(&token, request, guard);
+                (Some(token), authorization, retry_after)
+            }
         };
         let matched = authorization.rule.and_then(|i| self.policy.rules.get(i));
         let rule = matched.map(|r| r.name.clone());
@@ -181,14 +281,22 @@ impl Gate {
 
         let action = match reason {
             Some(reason) if !dry_run => {
-                let step_up = matched.and_then(|r| r.approval.as_ref()).filter(|_| reason == Reason::ApprovalRequired).map(|approval| {
-                    let mut extra = format!("acr_values=\"{}\"", approval.acr_values.join(" "));
-                    if let Some(max_age) = approval.max_age_seconds {
-                        extra.push_str(&format!(", max_age={max_age}"));
-                    }
-                    extra
-                });
-                Action::deny_with(reason, audit_id, step_up.as_deref())
+                let step_up = matched
+                    .and_then(|r| r.approval.as_ref())
+                    .filter(|_| reason == Reason::ApprovalRequired)
+                    .map(|approval| {
+                        let mut extra = format!("acr_values=\"{}\"", approval.acr_values.join(" "));
+                        if let Some(max_age) = approval.max_age_seconds {
+                            extra.push_str(&format!(", max_age={max_age}"));
+                        }
+                        extra
+                    });
+                Action::deny_full(
+                    reason,
+                    audit_id,
+                    step_up.as_deref(),
+                    retry_after.filter(|_| reason == Reason::RateLimited),
+                )
             }
             _ => Action::Continue {
                 remove: forged_headers(request.headers),
@@ -238,7 +346,10 @@ fn authority(headers: &[(String, String)]) -> String {
 fn forged_headers(headers: &[(String, String)]) -> Vec<String> {
     let mut names: Vec<String> = headers
         .iter()
-        .filter(|(name, _)| name.len() >= audit::HEADER_PREFIX.len() && name.get(..audit::HEADER_PREFIX.len()).is_some_and(|p| p.eq_ignore_ascii_case(audit::HEADER_PREFIX)))
+        .filter(|(name, _)| {
+            name.len() >= audit::HEADER_PREFIX.len()
+                && name.get(..audit::HEADER_PREFIX.len()).is_some_and(|p| p.eq_ignore_ascii_case(audit::HEADER_PREFIX))
+        })
         .map(|(name, _)| name.clone())
         .collect();
     names.dedup();

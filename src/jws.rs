@@ -122,7 +122,9 @@ pub fn parse<'t>(token: &'t str, limits: &Limits) -> Result<Parsed<'t>, Reason> 
         return Err(Reason::TokenTooLarge);
     }
     let mut segments = token.split('.');
-    let (Some(header_b64), Some(payload_b64), Some(signature_b64), None) = (segments.next(), segments.next(), segments.next(), segments.next()) else {
+    let (Some(header_b64), Some(payload_b64), Some(signature_b64), None) =
+        (segments.next(), segments.next(), segments.next(), segments.next())
+    else {
         return Err(Reason::Malformed);
     };
     if header_b64.is_empty() || payload_b64.is_empty() || signature_b64.is_empty() {
@@ -237,7 +239,17 @@ mod tests {
 
     #[test]
     fn claim_types_are_enforced() {
-        for claims in [r#"{"exp":"1900000000"}"#, r#"{"exp":true}"#, r#"{"nbf":[1]}"#, r#"{"iss":5}"#, r#"{"aud":[1]}"#, r#"{"scp":"a"}"#, "[]", "1", r#""x""#] {
+        for claims in [
+            r#"{"exp":"1900000000"}"#,
+            r#"{"exp":true}"#,
+            r#"{"nbf":[1]}"#,
+            r#"{"iss":5}"#,
+            r#"{"aud":[1]}"#,
+            r#"{"scp":"a"}"#,
+            "[]",
+            "1",
+            r#""x""#,
+        ] {
             assert_eq!(parse_err(&token(H, claims)), Some(Reason::Malformed), "{claims}");
         }
     }

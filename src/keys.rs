@@ -240,7 +240,11 @@ pub fn parse_jwk(jwk: &Value, allowed: &[Alg]) -> Result<Option<Key>, String> {
     let material = decode_material(jwk, meta.kty.as_deref(), meta.crv.as_deref())?;
     if let KeyMaterial::Secret(secret) = &material {
         if let Some(alg) = alg.filter(|alg| secret.len() < alg.min_secret_bytes()) {
-            return Err(format!("oct key is shorter than {} bits, the minimum for {}", alg.min_secret_bytes() * 8, alg.name()));
+            return Err(format!(
+                "oct key is shorter than {} bits, the minimum for {}",
+                alg.min_secret_bytes() * 8,
+                alg.name()
+            ));
         }
     }
     let key = Key { kid: meta.kid, alg, material };
@@ -273,7 +277,9 @@ fn decode_material(jwk: &Value, kty: Option<&str>, crv: Option<&str>) -> Result<
                 .map_err(|_| "invalid key: not a point on P-384".to_string());
         }
         (Some("oct"), _) => return base64_member(jwk, "k").map(KeyMaterial::Secret),
-        (Some("EC" | "OKP"), crv) => return Err(format!("unsupported curve {crv:?} (supported: P-256, P-384, Ed25519)")),
+        (Some("EC" | "OKP"), crv) => {
+            return Err(format!("unsupported curve {crv:?} (supported: P-256, P-384, Ed25519)"))
+        }
         (None, _) => return Err("missing kty".into()),
         (kty, _) => return Err(format!("unsupported kty {kty:?} (supported: RSA, EC, OKP, oct)")),
     }
@@ -282,9 +288,7 @@ fn decode_material(jwk: &Value, kty: Option<&str>, crv: Option<&str>) -> Result<
     match &parsed {
         JsonWebKey::Rsa { .. } => {
             let key = RsaPublicKey::try_from(&parsed).map_err(invalid)?;
-            StrongKey::try_from(key)
-                .map(KeyMaterial::Rsa)
-                .map_err(|_| "RSA key is shorter than 2048 bits".to_string())
+            StrongKey::try_from(key).map(KeyMaterial::Rsa).map_err(|_| "RSA key is shorter than 2048 bits".to_string())
         }
         JsonWebKey::EllipticCurve { .. } => {
             p256::ecdsa::VerifyingKey::try_from(&parsed).map(KeyMaterial::P256).map_err(invalid)

@@ -16,6 +16,7 @@ pub mod keys;
 pub mod pattern;
 pub mod policy;
 pub mod policy_test;
+pub mod ratelimit;
 pub mod reason;
 pub mod replay;
 mod routes;

@@ -91,7 +91,8 @@ fn main() -> ExitCode {
         },
         Command::Test { config, tests } => {
             let read = |path: &Path| std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()));
-            let results = read(&config).and_then(|policy| read(&tests).and_then(|tests| agentgate::policy_test::run(&policy, &tests)));
+            let results = read(&config)
+                .and_then(|policy| read(&tests).and_then(|tests| agentgate::policy_test::run(&policy, &tests)));
             match results {
                 Err(e) => {
                     eprintln!("{e}");
@@ -106,7 +107,11 @@ fn main() -> ExitCode {
                     }
                     let failed = results.iter().filter(|r| r.failure.is_some()).count();
                     println!("agentgate test {}: {} passed, {failed} failed", tests.display(), results.len() - failed);
-                    if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(EXIT_DENY) }
+                    if failed == 0 {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(EXIT_DENY)
+                    }
                 }
             }
         }
@@ -119,7 +124,9 @@ fn main() -> ExitCode {
                 }
             };
             let now = now.unwrap_or_else(|| {
-                SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
             });
             let request = Request { method: &method, path: &path, headers: &headers, now, source: source.as_deref() };
             let decision = gate.evaluate(&request);
@@ -138,7 +145,11 @@ fn main() -> ExitCode {
                 "audit": decision.audit,
             });
             println!("{out:#}");
-            if decision.allowed { ExitCode::SUCCESS } else { ExitCode::from(EXIT_DENY) }
+            if decision.allowed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_DENY)
+            }
         }
     }
 }

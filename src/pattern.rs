@@ -21,7 +21,8 @@ impl Pattern {
         if !self.wildcard {
             return text == first;
         }
-        if text.len() < first.len() + last.len() || !text.starts_with(first.as_str()) || !text.ends_with(last.as_str()) {
+        if text.len() < first.len() + last.len() || !text.starts_with(first.as_str()) || !text.ends_with(last.as_str())
+        {
             return false;
         }
         // Greedy left-to-right search of the middle parts is exact for `*` globs.

@@ -2,15 +2,16 @@
 //! in a router), so the request path only reads it. Every error names its JSON path.
 
 use crate::config::{self, ConfigError, Mode, PolicyConfig, ProviderConfig, RuleConfig};
+use crate::context::{parse_cidr, Condition, TimeWindow};
 use crate::extract::TokenSource;
 use crate::jws::Limits;
 use crate::keys::{parse_jwk, Alg, Key};
 use crate::pattern::Pattern;
-use crate::context::{parse_cidr, Condition, TimeWindow};
+use crate::ratelimit::RateLimit;
 use crate::routes::{param_names, RouteTable};
 use ipnet::IpNet;
-use std::collections::HashSet;
 use serde_json::Value;
+use std::collections::HashSet;
 
 #[derive(Debug)]
 pub struct Policy {
@@ -27,6 +28,18 @@ pub struct Policy {
     pub needs_source: bool,
     /// Some rule has claim conditions: verified tokens keep all their claims only then.
     pub needs_claims: bool,
+    /// The per-agent limit over all requests.
+    pub rate_limit: Option<RateLimit>,
+}
+
+fn rate_limit(at: &str, raw: Option<&config::RateLimitConfig>) -> Result<Option<RateLimit>, ConfigError> {
+    match raw {
+        None => Ok(None),
+        Some(r) if r.requests == 0 || r.per_seconds == 0 => {
+            Err(ConfigError::at(at, "requests and per_seconds must be at least 1"))
+        }
+        Some(r) => Ok(Some(RateLimit { requests: r.requests, per_seconds: r.per_seconds })),
+    }
 }
 
 /// The kill switch, compiled.
@@ -94,6 +107,7 @@ pub struct Rule {
     pub headers: Vec<Condition>,
     pub time: Option<TimeWindow>,
     pub claims: Vec<Condition>,
+    pub rate_limit: Option<RateLimit>,
 }
 
 #[derive(Debug)]
@@ -152,7 +166,10 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
             return Err(ConfigError::at(format!("{at}.name"), format!("duplicate provider name {:?}", provider.name)));
         }
         if providers.iter().any(|p| p.issuer == provider.issuer) {
-            return Err(ConfigError::at(format!("{at}.issuer"), format!("issuer {:?} is already used by another provider", provider.issuer)));
+            return Err(ConfigError::at(
+                format!("{at}.issuer"),
+                format!("issuer {:?} is already used by another provider", provider.issuer),
+            ));
         }
         providers.push(provider);
     }
@@ -162,9 +179,7 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
     let mut names = HashSet::new();
     for (i, raw) in config.rules.into_iter().enumerate() {
         let at = format!("rules[{i}]");
-        routes
-            .add(i, raw.matcher.path.as_deref())
-            .map_err(|e| ConfigError::at(format!("{at}.match.path"), e))?;
+        routes.add(i, raw.matcher.path.as_deref()).map_err(|e| ConfigError::at(format!("{at}.match.path"), e))?;
         let rule = compile_rule(&at, raw)?;
         if !names.insert(rule.name.clone()) {
             return Err(ConfigError::at(format!("{at}.name"), format!("duplicate rule name {:?}", rule.name)));
@@ -175,7 +190,9 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
 
     let token_sources = match &config.token_sources {
         None => vec![TokenSource::bearer()],
-        Some(sources) if sources.is_empty() => return Err(ConfigError::at("token_sources", "is empty: omit it for `Authorization: Bearer`")),
+        Some(sources) if sources.is_empty() => {
+            return Err(ConfigError::at("token_sources", "is empty: omit it for `Authorization: Bearer`"))
+        }
         Some(sources) => sources
             .iter()
             .enumerate()
@@ -194,7 +211,8 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
         max_claims: positive("max_claims", config.limits.max_claims, defaults.max_claims)?,
     };
     let token_cache_entries = config.limits.token_cache_entries.unwrap_or(DEFAULT_TOKEN_CACHE_ENTRIES);
-    let single_use_entries = positive("single_use_entries", config.limits.single_use_entries, DEFAULT_SINGLE_USE_ENTRIES)?;
+    let single_use_entries =
+        positive("single_use_entries", config.limits.single_use_entries, DEFAULT_SINGLE_USE_ENTRIES)?;
     let revoked = Revoked {
         subjects: patterns("revoked.subjects", &config.revoked.subjects)?,
         actors: patterns("revoked.actors", &config.revoked.actors)?,
@@ -214,6 +232,7 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
         revoked,
         needs_source,
         needs_claims,
+        rate_limit: rate_limit("rate_limit", config.rate_limit.as_ref())?,
     })
 }
 
@@ -221,7 +240,10 @@ fn compile_provider(at: &str, raw: ProviderConfig, load: FileLoader<'_>) -> Resu
     non_empty(&format!("{at}.name"), &raw.name)?;
     non_empty(&format!("{at}.issuer"), &raw.issuer)?;
     if raw.audiences.is_empty() {
-        return Err(ConfigError::at(format!("{at}.audiences"), "at least one audience is required: tokens minted for other APIs must not be accepted here"));
+        return Err(ConfigError::at(
+            format!("{at}.audiences"),
+            "at least one audience is required: tokens minted for other APIs must not be accepted here",
+        ));
     }
     for (j, audience) in raw.audiences.iter().enumerate() {
         non_empty(&format!("{at}.audiences[{j}]"), audience)?;
@@ -233,22 +255,31 @@ fn compile_provider(at: &str, raw: ProviderConfig, load: FileLoader<'_>) -> Resu
     for (j, name) in raw.algorithms.iter().enumerate() {
         let alg = Alg::from_name(name).ok_or_else(|| {
             let supported: Vec<&str> = Alg::ALL.iter().map(|a| a.name()).collect();
-            ConfigError::at(format!("{at}.algorithms[{j}]"), format!("unsupported algorithm {name:?} (supported: {})", supported.join(", ")))
+            ConfigError::at(
+                format!("{at}.algorithms[{j}]"),
+                format!("unsupported algorithm {name:?} (supported: {})", supported.join(", ")),
+            )
         })?;
         algorithms.push(alg);
     }
     if raw.clock_skew_seconds > config::MAX_CLOCK_SKEW_SECONDS {
-        return Err(ConfigError::at(format!("{at}.clock_skew_seconds"), format!("must be at most {}", config::MAX_CLOCK_SKEW_SECONDS)));
+        return Err(ConfigError::at(
+            format!("{at}.clock_skew_seconds"),
+            format!("must be at most {}", config::MAX_CLOCK_SKEW_SECONDS),
+        ));
     }
     let (jwks_at, jwks) = match (raw.jwks, &raw.jwks_file) {
         (Some(jwks), None) => (format!("{at}.jwks"), jwks.keys),
         (None, Some(file)) => {
             let file_at = format!("{at}.jwks_file");
             let text = load(file).map_err(|e| ConfigError::at(&file_at, e))?;
-            let set: config::JwksConfig = serde_json::from_str(&text).map_err(|e| ConfigError::at(&file_at, format!("{file}: {e}")))?;
+            let set: config::JwksConfig =
+                serde_json::from_str(&text).map_err(|e| ConfigError::at(&file_at, format!("{file}: {e}")))?;
             (format!("{file_at}({file})"), set.keys)
         }
-        (Some(_), Some(_)) => return Err(ConfigError::at(format!("{at}.jwks_file"), "give either jwks or jwks_file, not both")),
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::at(format!("{at}.jwks_file"), "give either jwks or jwks_file, not both"))
+        }
         (None, None) => return Err(ConfigError::at(at, "needs the provider's keys: jwks (inline) or jwks_file")),
     };
     let keys = compile_keys(&jwks_at, &jwks, &algorithms)?;
@@ -256,7 +287,9 @@ fn compile_provider(at: &str, raw: ProviderConfig, load: FileLoader<'_>) -> Resu
         return Err(ConfigError::at(format!("{at}.max_lifetime_seconds"), "must be at least 1"));
     }
     let token_types = match raw.token_types {
-        Some(types) if types.is_empty() => return Err(ConfigError::at(format!("{at}.token_types"), "is empty: omit it to accept any typ")),
+        Some(types) if types.is_empty() => {
+            return Err(ConfigError::at(format!("{at}.token_types"), "is empty: omit it to accept any typ"))
+        }
         Some(types) => Some(types.iter().map(|t| normalize_type(t)).collect()),
         None => None,
     };
@@ -264,11 +297,16 @@ fn compile_provider(at: &str, raw: ProviderConfig, load: FileLoader<'_>) -> Resu
         (false, _) => None,
         (true, Some(max)) => Some(crate::replay::ring_windows(max, raw.clock_skew_seconds)),
         (true, None) => {
-            return Err(ConfigError::at(format!("{at}.single_use"), "needs max_lifetime_seconds, so that remembered jtis can be forgotten when their tokens expire"));
+            return Err(ConfigError::at(
+                format!("{at}.single_use"),
+                "needs max_lifetime_seconds, so that remembered jtis can be forgotten when their tokens expire",
+            ));
         }
     };
     let subjects = match raw.subjects {
-        Some(subjects) if subjects.is_empty() => return Err(ConfigError::at(format!("{at}.subjects"), "is empty: omit it to accept any subject")),
+        Some(subjects) if subjects.is_empty() => {
+            return Err(ConfigError::at(format!("{at}.subjects"), "is empty: omit it to accept any subject"))
+        }
         Some(subjects) => Some(
             subjects
                 .iter()
@@ -324,7 +362,10 @@ fn optional_patterns(at: &str, raw: &Option<Vec<String>>) -> Result<Option<Vec<P
 fn scope_list(at: &str, scopes: &[String]) -> Result<(), ConfigError> {
     for (j, scope) in scopes.iter().enumerate() {
         if scope.is_empty() || scope.contains(char::is_whitespace) {
-            return Err(ConfigError::at(format!("{at}[{j}]"), format!("{scope:?} is not a scope (non-empty, no spaces)")));
+            return Err(ConfigError::at(
+                format!("{at}[{j}]"),
+                format!("{scope:?} is not a scope (non-empty, no spaces)"),
+            ));
         }
     }
     Ok(())
@@ -335,13 +376,19 @@ fn compile_rule(at: &str, raw: RuleConfig) -> Result<Rule, ConfigError> {
     let methods = match raw.matcher.methods {
         None => None,
         Some(methods) if methods.is_empty() => {
-            return Err(ConfigError::at(format!("{at}.match.methods"), "is empty: list methods, or omit the field to match any method"));
+            return Err(ConfigError::at(
+                format!("{at}.match.methods"),
+                "is empty: list methods, or omit the field to match any method",
+            ));
         }
         Some(methods) => {
             let mut upper = Vec::with_capacity(methods.len());
             for (j, method) in methods.iter().enumerate() {
                 if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
-                    return Err(ConfigError::at(format!("{at}.match.methods[{j}]"), format!("{method:?} is not an HTTP method")));
+                    return Err(ConfigError::at(
+                        format!("{at}.match.methods[{j}]"),
+                        format!("{method:?} is not an HTTP method"),
+                    ));
                 }
                 upper.push(method.to_ascii_uppercase());
             }
@@ -363,7 +410,10 @@ fn compile_rule(at: &str, raw: RuleConfig) -> Result<Rule, ConfigError> {
                     if !available.contains(&name) {
                         return Err(ConfigError::at(
                             format!("{at}.require.task.identifier"),
-                            format!("{{{name}}} is not a parameter of match.path ({})", raw.matcher.path.as_deref().unwrap_or("none")),
+                            format!(
+                                "{{{name}}} is not a parameter of match.path ({})",
+                                raw.matcher.path.as_deref().unwrap_or("none")
+                            ),
                         ));
                     }
                 }
@@ -380,25 +430,36 @@ fn compile_rule(at: &str, raw: RuleConfig) -> Result<Rule, ConfigError> {
     let approval = match require.approval {
         None => None,
         Some(approval) if approval.acr_values.is_empty() => {
-            return Err(ConfigError::at(format!("{at}.require.approval.acr_values"), "list the acr values that prove a human approved"));
+            return Err(ConfigError::at(
+                format!("{at}.require.approval.acr_values"),
+                "list the acr values that prove a human approved",
+            ));
         }
         Some(approval) => {
             for (j, acr) in approval.acr_values.iter().enumerate() {
                 if acr.is_empty() || acr.contains(|c: char| c.is_whitespace() || c == '"' || c == '\\') {
-                    return Err(ConfigError::at(format!("{at}.require.approval.acr_values[{j}]"), "must be non-empty, without spaces or quotes"));
+                    return Err(ConfigError::at(
+                        format!("{at}.require.approval.acr_values[{j}]"),
+                        "must be non-empty, without spaces or quotes",
+                    ));
                 }
             }
             Some(Approval { acr_values: approval.acr_values, max_age_seconds: approval.max_age_seconds })
         }
     };
-    let conditions = |field: &str, key: &str, raw: &Option<Vec<config::ConditionConfig>>| -> Result<Vec<Condition>, ConfigError> {
+    let conditions = |field: &str,
+                      key: &str,
+                      raw: &Option<Vec<config::ConditionConfig>>|
+     -> Result<Vec<Condition>, ConfigError> {
         match raw {
             None => Ok(Vec::new()),
             Some(list) if list.is_empty() => Err(ConfigError::at(format!("{at}.require.{field}"), "is empty: omit it")),
             Some(list) => list
                 .iter()
                 .enumerate()
-                .map(|(j, c)| Condition::compile(c, key).map_err(|e| ConfigError::at(format!("{at}.require.{field}[{j}]"), e)))
+                .map(|(j, c)| {
+                    Condition::compile(c, key).map_err(|e| ConfigError::at(format!("{at}.require.{field}[{j}]"), e))
+                })
                 .collect(),
         }
     };
@@ -406,7 +467,9 @@ fn compile_rule(at: &str, raw: RuleConfig) -> Result<Rule, ConfigError> {
     let claims = conditions("claims", "path", &require.claims)?;
     let source_cidrs = match &require.source_cidrs {
         None => None,
-        Some(list) if list.is_empty() => return Err(ConfigError::at(format!("{at}.require.source_cidrs"), "is empty: omit it to allow any source")),
+        Some(list) if list.is_empty() => {
+            return Err(ConfigError::at(format!("{at}.require.source_cidrs"), "is empty: omit it to allow any source"))
+        }
         Some(list) => Some(
             list.iter()
                 .enumerate()
@@ -416,7 +479,9 @@ fn compile_rule(at: &str, raw: RuleConfig) -> Result<Rule, ConfigError> {
     };
     let time = match &require.time {
         None => None,
-        Some(window) => Some(TimeWindow::compile(window).map_err(|e| ConfigError::at(format!("{at}.require.time"), e))?),
+        Some(window) => {
+            Some(TimeWindow::compile(window).map_err(|e| ConfigError::at(format!("{at}.require.time"), e))?)
+        }
     };
     Ok(Rule {
         name: raw.name,
@@ -434,6 +499,7 @@ fn compile_rule(at: &str, raw: RuleConfig) -> Result<Rule, ConfigError> {
         headers,
         time,
         claims,
+        rate_limit: rate_limit(&format!("{at}.rate_limit"), raw.rate_limit.as_ref())?,
     })
 }
 

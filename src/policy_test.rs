@@ -114,7 +114,8 @@ pub fn run(policy_json: &str, tests: &str) -> Result<Vec<CaseResult>, String> {
     let mut results = Vec::with_capacity(file.cases.len());
     for case in &file.cases {
         let now = case.now.or(file.now).unwrap_or(0);
-        let mut headers: Vec<(String, String)> = case.request.headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect();
+        let mut headers: Vec<(String, String)> =
+            case.request.headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect();
         if let Some(claims) = &case.token {
             let mut claims = claims.clone();
             let defaults = [
@@ -128,9 +129,18 @@ pub fn run(policy_json: &str, tests: &str) -> Result<Vec<CaseResult>, String> {
                     claims.insert(name.into(), value);
                 }
             }
-            headers.push(("authorization".into(), format!("Bearer {}", sign(&Value::Object(claims), case.token_header.as_ref())?)));
+            headers.push((
+                "authorization".into(),
+                format!("Bearer {}", sign(&Value::Object(claims), case.token_header.as_ref())?),
+            ));
         }
-        let request = Request { method: &case.request.method, path: &case.request.path, headers: &headers, now, source: case.request.source.as_deref() };
+        let request = Request {
+            method: &case.request.method,
+            path: &case.request.path,
+            headers: &headers,
+            now,
+            source: case.request.source.as_deref(),
+        };
         let decision = gate.evaluate(&request);
         let status = match &decision.action {
             Action::Respond { status, .. } => *status,

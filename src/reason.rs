@@ -36,6 +36,7 @@ pub enum Reason {
     OutsideTimeWindow,
     ClaimMismatch,
     Revoked,
+    RateLimited,
     NotConfigured,
     HostError,
 }
@@ -61,7 +62,7 @@ const NOT_PERMITTED: &str = "the access token does not permit this request";
 
 impl Reason {
     /// Every reason, for defining metrics up front.
-    pub const ALL: [Reason; 32] = [
+    pub const ALL: [Reason; 33] = [
         Reason::MissingToken,
         Reason::MultipleTokens,
         Reason::TokenTooLarge,
@@ -92,6 +93,7 @@ impl Reason {
         Reason::OutsideTimeWindow,
         Reason::ClaimMismatch,
         Reason::Revoked,
+        Reason::RateLimited,
         Reason::NotConfigured,
         Reason::HostError,
     ];
@@ -126,20 +128,30 @@ impl Reason {
             MissingJti => row("missing_jti", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
             Replayed => row("replayed", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
             // Fail closed: without a working replay store, single-use tokens cannot be accepted.
-            ReplayStoreUnavailable => row("replay_store_unavailable", 503, None, "the gateway cannot accept single-use tokens right now"),
-            NonCanonicalPath => row("non_canonical_path", 400, Some(INVALID_REQUEST), "the request path is not in canonical form"),
+            ReplayStoreUnavailable => {
+                row("replay_store_unavailable", 503, None, "the gateway cannot accept single-use tokens right now")
+            }
+            NonCanonicalPath => {
+                row("non_canonical_path", 400, Some(INVALID_REQUEST), "the request path is not in canonical form")
+            }
             NoMatchingRule => row("no_matching_rule", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
             InsufficientScope => row("insufficient_scope", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
             TaskMismatch => row("task_mismatch", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
             AgentNotAllowed => row("agent_not_allowed", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
             DelegationNotAllowed => row("delegation_not_allowed", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
             // RFC 9470: the agent must come back with a token showing a human approved.
-            ApprovalRequired => row("approval_required", 401, Some("insufficient_user_authentication"), "human approval is required for this request"),
+            ApprovalRequired => row(
+                "approval_required",
+                401,
+                Some("insufficient_user_authentication"),
+                "human approval is required for this request",
+            ),
             SourceNotAllowed => row("source_not_allowed", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
             HeaderMismatch => row("header_mismatch", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
             OutsideTimeWindow => row("outside_time_window", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
             ClaimMismatch => row("claim_mismatch", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
             Revoked => row("revoked", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
+            RateLimited => row("rate_limited", 429, None, "too many requests; retry later"),
             NotConfigured => row("not_configured", 503, None, "the gateway is not configured"),
             HostError => row("host_error", 500, None, "the gateway could not evaluate the request"),
         }
@@ -164,10 +176,7 @@ impl Reason {
         let spec = self.spec();
         match (spec.status, spec.error) {
             (401, None) => Some("Bearer".to_string()),
-            (_, Some(error)) => Some(format!(
-                "Bearer error=\"{error}\", error_description=\"{}\"",
-                spec.description
-            )),
+            (_, Some(error)) => Some(format!("Bearer error=\"{error}\", error_description=\"{}\"", spec.description)),
             _ => None,
         }
     }

@@ -83,7 +83,8 @@ pub const BUCKET_CAPACITY: usize = 4096;
 /// The windows a bucket ring needs so that no two live windows share a slot: tokens reach
 /// the guard only with `now - skew <= exp <= now + max_lifetime + skew`.
 pub fn ring_windows(max_lifetime_seconds: u64, skew_seconds: u64) -> i64 {
-    let span = i64::try_from(max_lifetime_seconds.saturating_add(skew_seconds.saturating_mul(2))).unwrap_or(i64::MAX / 2);
+    let span =
+        i64::try_from(max_lifetime_seconds.saturating_add(skew_seconds.saturating_mul(2))).unwrap_or(i64::MAX / 2);
     span / WINDOW_SECONDS + 3
 }
 
@@ -161,7 +162,10 @@ mod tests {
         let ring = ring_windows(300, 30);
         let id = token_id("i", "j");
         let now = 1_800_000_000;
-        let slots: Vec<String> = (now - 30..=now + 330).step_by(WINDOW_SECONDS as usize).map(|exp| bucket_key("p", &id, exp, ring).0).collect();
+        let slots: Vec<String> = (now - 30..=now + 330)
+            .step_by(WINDOW_SECONDS as usize)
+            .map(|exp| bucket_key("p", &id, exp, ring).0)
+            .collect();
         let mut unique = slots.clone();
         unique.sort();
         unique.dedup();

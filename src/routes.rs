@@ -249,8 +249,14 @@ mod tests {
     #[test]
     fn parameters_come_from_the_template_that_decided() {
         let t = table(&[Some("/invoices/{id}/pay"), Some("/invoices/{*rest}")]);
-        assert_eq!(t.0.first_match("/invoices/42/pay", |_| true), Some((0, vec![("id".to_string(), "42".to_string())])));
-        assert_eq!(t.0.first_match("/invoices/42/pay", |r| r == 1), Some((1, vec![("rest".to_string(), "42/pay".to_string())])));
+        assert_eq!(
+            t.0.first_match("/invoices/42/pay", |_| true),
+            Some((0, vec![("id".to_string(), "42".to_string())]))
+        );
+        assert_eq!(
+            t.0.first_match("/invoices/42/pay", |r| r == 1),
+            Some((1, vec![("rest".to_string(), "42/pay".to_string())]))
+        );
         assert_eq!(param_names("/a/{id}/b/{*rest}"), ["id", "rest"]);
         assert_eq!(param_names("/img-{n}.png"), ["n"]);
         assert!(param_names("/a/{{x}}").is_empty());

@@ -2,10 +2,10 @@
 //! signature, then the claims (time, audience, lifetime, type, subject).
 
 use crate::jws::{self, Actor, Claims, Header, Limits, Parsed};
-use serde_json::Value;
 use crate::keys::Alg;
 use crate::policy::{normalize_type, Policy, Provider};
 use crate::reason::Reason;
+use serde_json::Value;
 
 /// What a verified token tells us about the caller.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,7 +40,11 @@ impl VerifiedToken {
 
     /// On whose behalf, when someone else is acting: the subject of a delegated token.
     pub fn on_behalf_of(&self) -> Option<&str> {
-        if self.actors.is_empty() { None } else { self.subject.as_deref() }
+        if self.actors.is_empty() {
+            None
+        } else {
+            self.subject.as_deref()
+        }
     }
 }
 
@@ -58,7 +62,11 @@ pub struct Task {
 /// nothing (and a rule that needs a task then fails closed).
 fn tasks_from(value: &Value) -> Vec<Task> {
     let strings = |entry: &Value, key: &str| -> Vec<String> {
-        entry.get(key).and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect()).unwrap_or_default()
+        entry
+            .get(key)
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+            .unwrap_or_default()
     };
     let entries = match value {
         Value::Array(entries) => entries.as_slice(),
@@ -120,7 +128,10 @@ pub fn verify_untimed(policy: &Policy, token: &str) -> Result<VerifiedToken, Rea
     check_signature(provider, &parsed)?;
     check_header(provider, &parsed.header)?;
     let all_claims = if policy.needs_claims {
-        Some(serde_json::from_slice::<serde_json::Map<String, Value>>(&parsed.claims_json).map_err(|_| Reason::Malformed)?)
+        Some(
+            serde_json::from_slice::<serde_json::Map<String, Value>>(&parsed.claims_json)
+                .map_err(|_| Reason::Malformed)?,
+        )
     } else {
         None
     };
@@ -148,7 +159,9 @@ pub fn verify_signature(provider: &Provider, token: &str, limits: &Limits) -> Re
 }
 
 fn check_signature(provider: &Provider, parsed: &Parsed<'_>) -> Result<(), Reason> {
-    let alg = Alg::from_name(&parsed.header.alg).filter(|alg| provider.algorithms.contains(alg)).ok_or(Reason::AlgNotAllowed)?;
+    let alg = Alg::from_name(&parsed.header.alg)
+        .filter(|alg| provider.algorithms.contains(alg))
+        .ok_or(Reason::AlgNotAllowed)?;
     let kid = parsed.header.kid.as_deref();
     // A token with a `kid` is checked with that key only; one without is tried against every
     // key that accepts its algorithm.
@@ -179,7 +192,12 @@ fn check_header(provider: &Provider, header: &Header) -> Result<(), Reason> {
 }
 
 /// The checks that do not depend on the time; their result can be cached with the token.
-fn accept(provider_index: usize, provider: &Provider, claims: Claims, tasks: Vec<Task>) -> Result<VerifiedToken, Reason> {
+fn accept(
+    provider_index: usize,
+    provider: &Provider,
+    claims: Claims,
+    tasks: Vec<Task>,
+) -> Result<VerifiedToken, Reason> {
     let expires_at = claims.exp.ok_or(Reason::MissingExp)?;
     if !claims.aud.as_ref().is_some_and(|aud| aud.intersects(&provider.audiences)) {
         return Err(Reason::AudienceMismatch);

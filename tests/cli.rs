@@ -21,14 +21,30 @@ fn write_policy(name: &str, policy: &str) -> PathBuf {
 
 fn agentgate(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_agentgate")).args(args).output().expect("run agentgate");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 fn eval(policy_file: &Path, path: &str, token: Option<&str>) -> (i32, Value) {
     let config = policy_file.to_string_lossy().to_string();
     let now = NOW.to_string();
     let auth = token.map(|t| format!("Authorization: Bearer {t}"));
-    let mut args = vec!["eval", "--config", &config, "--method", "GET", "--path", path, "--now", &now, "--header", "x-request-id: cli-1"];
+    let mut args = vec![
+        "eval",
+        "--config",
+        &config,
+        "--method",
+        "GET",
+        "--path",
+        path,
+        "--now",
+        &now,
+        "--header",
+        "x-request-id: cli-1",
+    ];
     if let Some(auth) = &auth {
         args.extend(["--header", auth]);
     }
@@ -58,11 +74,17 @@ fn eval_reports_the_precise_reason_on_deny() {
     expired["exp"] = json!(NOW - 500);
     let (code, out) = eval(&file, "/invoices/1", Some(&signer.sign(&expired)));
     assert_eq!(code, 1);
-    assert_eq!((out["decision"].clone(), out["status"].clone(), out["reason"].clone()), (json!("deny"), json!(401), json!("expired")));
+    assert_eq!(
+        (out["decision"].clone(), out["status"].clone(), out["reason"].clone()),
+        (json!("deny"), json!(401), json!("expired"))
+    );
     assert!(out["headers"]["www-authenticate"].as_str().is_some_and(|c| c.contains("invalid_token")));
 
     let (code, out) = eval(&file, "/invoices/1", None);
-    assert_eq!((code, out["reason"].clone(), out["headers"]["www-authenticate"].clone()), (1, json!("missing_token"), json!("Bearer")));
+    assert_eq!(
+        (code, out["reason"].clone(), out["headers"]["www-authenticate"].clone()),
+        (1, json!("missing_token"), json!("Bearer"))
+    );
 }
 
 #[test]
@@ -122,7 +144,8 @@ fn provider_file(policy: &mut Value, file: &str) {
 #[test]
 fn example_policy_passes_its_own_tests() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/invoice-agents");
-    let (code, stdout, stderr) = agentgate(&["test", "--config", &format!("{dir}/policy.json"), &format!("{dir}/policy_tests.json")]);
+    let (code, stdout, stderr) =
+        agentgate(&["test", "--config", &format!("{dir}/policy.json"), &format!("{dir}/policy_tests.json")]);
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.trim_end().ends_with("15 passed, 0 failed"), "{stdout}");
     assert!(!stdout.contains("FAIL"), "{stdout}");

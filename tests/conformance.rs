@@ -50,7 +50,9 @@ fn provider(jwks: &Value) -> Provider {
 
 fn header_alg(token: &str) -> String {
     let header = token.split('.').next().and_then(|h| Base64UrlUnpadded::decode_vec(h).ok()).unwrap_or_default();
-    serde_json::from_slice::<Value>(&header).map(|h| h["alg"].as_str().unwrap_or_default().to_string()).unwrap_or_default()
+    serde_json::from_slice::<Value>(&header)
+        .map(|h| h["alg"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_default()
 }
 
 /// What agentgate answers for a case.
@@ -109,7 +111,11 @@ fn every_bit_flip_and_truncation_of_a_valid_signature_fails() {
         }
         assert_eq!(verify_signature(&provider, &with(&[])), Err(Reason::Malformed), "{name}: no signature");
         for len in [1, signature.len() / 2, signature.len() - 1] {
-            assert_eq!(verify_signature(&provider, &with(&signature[..len])), Err(Reason::BadSignature), "{name}: truncated to {len}");
+            assert_eq!(
+                verify_signature(&provider, &with(&signature[..len])),
+                Err(Reason::BadSignature),
+                "{name}: truncated to {len}"
+            );
         }
         checked += 1;
     }

@@ -55,7 +55,11 @@ fn hs256_signed_with_the_rsa_public_key_is_rejected() {
     use hmac::{Hmac, Mac};
     let rs = Signer::rs256("rs-1", 1);
     let public = rs.jwk().to_string();
-    let signed = format!("{}.{}", b64(json!({"alg": "HS256", "kid": "rs-1"}).to_string().as_bytes()), b64(claims().to_string().as_bytes()));
+    let signed = format!(
+        "{}.{}",
+        b64(json!({"alg": "HS256", "kid": "rs-1"}).to_string().as_bytes()),
+        b64(claims().to_string().as_bytes())
+    );
     let mut mac = Hmac::<sha2::Sha256>::new_from_slice(public.as_bytes()).unwrap();
     mac.update(signed.as_bytes());
     let token = format!("{signed}.{}", b64(&mac.finalize().into_bytes()));
@@ -84,13 +88,18 @@ fn keys_offered_by_the_token_are_never_used() {
     ] {
         let mut header = json!({"alg": "ES256", "kid": "es-1"});
         header.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-        assert_eq!(reason(&gate(), &attacker.sign_with_header(&header, &claims())), Some(Reason::BadSignature), "{header}");
+        assert_eq!(
+            reason(&gate(), &attacker.sign_with_header(&header, &claims())),
+            Some(Reason::BadSignature),
+            "{header}"
+        );
     }
 }
 
 #[test]
 fn unknown_crit_extension_is_rejected() {
-    let token = es().sign_with_header(&json!({"alg": "ES256", "kid": "es-1", "crit": ["urn:x:ext"], "urn:x:ext": 1}), &claims());
+    let token = es()
+        .sign_with_header(&json!({"alg": "ES256", "kid": "es-1", "crit": ["urn:x:ext"], "urn:x:ext": 1}), &claims());
     assert_eq!(reason(&gate(), &token), Some(Reason::Malformed));
 }
 

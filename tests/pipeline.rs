@@ -65,7 +65,13 @@ fn upstream_header<'a>(decision: &'a Decision, name: &str) -> Option<&'a str> {
 #[test]
 fn valid_token_with_the_rule_scope_is_allowed_with_audit_headers() {
     let token = es().sign(&claims("invoices:read profile"));
-    let d = eval_at(&gate(), "GET", "/invoices/42?x=1", &[("authorization", &format!("Bearer {token}")), ("x-request-id", "r-1")], NOW);
+    let d = eval_at(
+        &gate(),
+        "GET",
+        "/invoices/42?x=1",
+        &[("authorization", &format!("Bearer {token}")), ("x-request-id", "r-1")],
+        NOW,
+    );
     assert!(d.allowed);
     assert_eq!(d.reason, None);
     assert_eq!(upstream_header(&d, "x-agent-decision"), Some("allow"));
@@ -80,7 +86,18 @@ fn valid_token_with_the_rule_scope_is_allowed_with_audit_headers() {
 #[test]
 fn client_sent_agent_headers_are_removed() {
     let token = es().sign(&claims("invoices:read"));
-    let d = eval_at(&gate(), "GET", "/invoices/1", &[("authorization", &format!("Bearer {token}")), ("x-agent-id", "root"), ("x-agent-extra", "1"), ("x-other", "kept")], NOW);
+    let d = eval_at(
+        &gate(),
+        "GET",
+        "/invoices/1",
+        &[
+            ("authorization", &format!("Bearer {token}")),
+            ("x-agent-id", "root"),
+            ("x-agent-extra", "1"),
+            ("x-other", "kept"),
+        ],
+        NOW,
+    );
     match &d.action {
         Action::Continue { remove, .. } => assert_eq!(remove, &["x-agent-id", "x-agent-extra"]),
         other => panic!("{other:?}"),
@@ -139,7 +156,11 @@ fn token_not_yet_valid_is_rejected() {
 fn audience_must_intersect_the_providers_audiences() {
     let wrong = es().sign(&with(claims("invoices:read"), "aud", json!("https://other.example.com")));
     assert_eq!(get(&gate(), "/invoices/1", &wrong).reason, Some(Reason::AudienceMismatch));
-    let array = es().sign(&with(claims("invoices:read"), "aud", json!(["https://other.example.com", "https://api.example.com"])));
+    let array = es().sign(&with(
+        claims("invoices:read"),
+        "aud",
+        json!(["https://other.example.com", "https://api.example.com"]),
+    ));
     assert!(get(&gate(), "/invoices/1", &array).allowed);
     let mut none = claims("invoices:read");
     none.as_object_mut().map(|o| o.remove("aud"));
@@ -176,10 +197,18 @@ fn token_without_kid_is_tried_against_each_fitting_key() {
 fn alg_none_in_every_case_is_rejected() {
     use agentgate_test_harness::tokens::b64;
     for alg in ["none", "None", "NONE", "nOnE"] {
-        let unsigned = format!("{}.{}", b64(json!({"alg": alg}).to_string().as_bytes()), b64(claims("invoices:read").to_string().as_bytes()));
+        let unsigned = format!(
+            "{}.{}",
+            b64(json!({"alg": alg}).to_string().as_bytes()),
+            b64(claims("invoices:read").to_string().as_bytes())
+        );
         // RFC 7519 unsecured form (empty signature), and with some bytes where a signature would be.
         assert_eq!(get(&gate(), "/invoices/1", &format!("{unsigned}.")).reason, Some(Reason::Malformed), "{alg}");
-        assert_eq!(get(&gate(), "/invoices/1", &format!("{unsigned}.AAAA")).reason, Some(Reason::AlgNotAllowed), "{alg}");
+        assert_eq!(
+            get(&gate(), "/invoices/1", &format!("{unsigned}.AAAA")).reason,
+            Some(Reason::AlgNotAllowed),
+            "{alg}"
+        );
     }
 }
 
@@ -205,7 +234,8 @@ fn header_alg_that_does_not_fit_the_named_key_is_rejected() {
 
 #[test]
 fn garbage_tokens_are_malformed() {
-    for token in ["x", "a.b", "a.b.c", "a.b.c.d", "....", "eyJhbGciOiJFUzI1NiJ9.e30=.AA", "eyJhbGciOiJFUzI1NiJ9.%%%.AA"] {
+    for token in ["x", "a.b", "a.b.c", "a.b.c.d", "....", "eyJhbGciOiJFUzI1NiJ9.e30=.AA", "eyJhbGciOiJFUzI1NiJ9.%%%.AA"]
+    {
         assert_eq!(get(&gate(), "/invoices/1", token).reason, Some(Reason::Malformed), "{token}");
     }
 }
@@ -216,7 +246,9 @@ fn valid_token_without_the_scope_is_403_insufficient_scope() {
     assert_eq!(d.reason, Some(Reason::InsufficientScope));
     assert_eq!(d.rule.as_deref(), Some("read-invoice"));
     assert_eq!(status(&d), 403);
-    assert!(response_header(&d, "www-authenticate").is_some_and(|c| c.starts_with("Bearer error=\"insufficient_scope\"")));
+    assert!(
+        response_header(&d, "www-authenticate").is_some_and(|c| c.starts_with("Bearer error=\"insufficient_scope\""))
+    );
 }
 
 #[test]
@@ -256,7 +288,13 @@ fn non_canonical_paths_are_400() {
 fn two_different_tokens_are_400_invalid_request() {
     let a = es().sign(&claims("invoices:read"));
     let b = es().sign(&claims("invoices:write"));
-    let d = eval_at(&gate(), "GET", "/invoices/1", &[("authorization", &format!("Bearer {a}")), ("authorization", &format!("Bearer {b}"))], NOW);
+    let d = eval_at(
+        &gate(),
+        "GET",
+        "/invoices/1",
+        &[("authorization", &format!("Bearer {a}")), ("authorization", &format!("Bearer {b}"))],
+        NOW,
+    );
     assert_eq!(d.reason, Some(Reason::MultipleTokens));
     assert_eq!(status(&d), 400);
     assert!(response_header(&d, "www-authenticate").is_some_and(|c| c.contains("invalid_request")));
@@ -286,7 +324,10 @@ fn subject_cannot_inject_headers() {
 fn audit_record_and_responses_never_carry_the_token() {
     let token = es().sign(&claims("invoices:write"));
     let signature = token.rsplit('.').next().unwrap_or_default().to_string();
-    for d in [get(&gate(), "/invoices/1", &token), get(&gate_with(&[&es()], &read_invoice_rule(), "dry_run"), "/invoices/1", &token)] {
+    for d in [
+        get(&gate(), "/invoices/1", &token),
+        get(&gate_with(&[&es()], &read_invoice_rule(), "dry_run"), "/invoices/1", &token),
+    ] {
         let everything = format!("{} {:?}", d.audit.to_json(), d.action);
         assert!(!everything.contains(&signature), "{everything}");
         assert!(!everything.contains(&token[..40]), "{everything}");
@@ -384,16 +425,26 @@ fn token_types_and_subject_patterns() {
     };
     assert!(get(&gate, "/invoices/1", &es().sign_with_header(&header(Some("at+jwt")), &spiffe)).allowed);
     assert!(get(&gate, "/invoices/1", &es().sign_with_header(&header(Some("application/AT+JWT")), &spiffe)).allowed);
-    assert_eq!(get(&gate, "/invoices/1", &es().sign_with_header(&header(Some("JWT")), &spiffe)).reason, Some(Reason::TypeNotAllowed));
-    assert_eq!(get(&gate, "/invoices/1", &es().sign_with_header(&header(None), &spiffe)).reason, Some(Reason::TypeNotAllowed));
+    assert_eq!(
+        get(&gate, "/invoices/1", &es().sign_with_header(&header(Some("JWT")), &spiffe)).reason,
+        Some(Reason::TypeNotAllowed)
+    );
+    assert_eq!(
+        get(&gate, "/invoices/1", &es().sign_with_header(&header(None), &spiffe)).reason,
+        Some(Reason::TypeNotAllowed)
+    );
     let stranger = with(claims("invoices:read"), "sub", json!("spiffe://other.example/agent/x"));
-    assert_eq!(get(&gate, "/invoices/1", &es().sign_with_header(&header(Some("at+jwt")), &stranger)).reason, Some(Reason::SubjectNotAllowed));
+    assert_eq!(
+        get(&gate, "/invoices/1", &es().sign_with_header(&header(Some("at+jwt")), &stranger)).reason,
+        Some(Reason::SubjectNotAllowed)
+    );
 }
 
 #[test]
 fn tokens_from_several_providers_are_told_apart_by_issuer() {
     let other = Signer::eddsa("ed-9", 9);
-    let mut p: Value = serde_json::from_str(&policy(&json!({"keys": [es().jwk()]}), &read_invoice_rule(), "enforce")).unwrap_or_default();
+    let mut p: Value = serde_json::from_str(&policy(&json!({"keys": [es().jwk()]}), &read_invoice_rule(), "enforce"))
+        .unwrap_or_default();
     let mut second = p["providers"][0].clone();
     second["name"] = json!("partner-idp");
     second["issuer"] = json!("https://partner.example");

@@ -31,23 +31,77 @@ fn each_mistake_names_its_path() {
     type Edit = Box<dyn FnOnce(&mut Value)>;
     let cases: Vec<(Edit, &str)> = vec![
         (Box::new(|p| p["providers"] = json!([])), "providers: at least one token provider is required"),
-        (Box::new(|p| p["providers"][0]["audiences"] = json!([])), "providers[0].audiences: at least one audience is required"),
+        (
+            Box::new(|p| p["providers"][0]["audiences"] = json!([])),
+            "providers[0].audiences: at least one audience is required",
+        ),
         (Box::new(|p| p["providers"][0]["issuer"] = json!(" ")), "providers[0].issuer: must not be empty"),
-        (Box::new(|p| p["providers"][0]["algorithms"] = json!(["none"])), "providers[0].algorithms[0]: unsupported algorithm \"none\""),
-        (Box::new(|p| p["providers"][0]["clock_skew_seconds"] = json!(301)), "providers[0].clock_skew_seconds: must be at most 300"),
-        (Box::new(|p| p["providers"][0]["clock_skew_seconds"] = json!(-1)), "providers[0].clock_skew_seconds: invalid value: integer `-1`"),
+        (
+            Box::new(|p| p["providers"][0]["algorithms"] = json!(["none"])),
+            "providers[0].algorithms[0]: unsupported algorithm \"none\"",
+        ),
+        (
+            Box::new(|p| p["providers"][0]["clock_skew_seconds"] = json!(301)),
+            "providers[0].clock_skew_seconds: must be at most 300",
+        ),
+        (
+            Box::new(|p| p["providers"][0]["clock_skew_seconds"] = json!(-1)),
+            "providers[0].clock_skew_seconds: invalid value: integer `-1`",
+        ),
         (Box::new(|p| p["providers"][0]["jwks"]["keys"] = json!([])), "providers[0].jwks.keys: no signing key"),
-        (Box::new(|p| p["providers"][0]["jwks"]["keys"][0]["kty"] = json!("OKT")), "providers[0].jwks.keys[0]: unsupported kty"),
-        (Box::new(|p| p["providers"][0]["jwks"]["keys"][0]["kty"] = json!("oct")), "providers[0].jwks.keys[0]: missing k"),
-        (Box::new(|p| p["providers"][0]["jwks"]["keys"][0]["x"] = json!("AAAA")), "providers[0].jwks.keys[0]: invalid key"),
-        (Box::new(|p| { let k = p["providers"][0]["jwks"]["keys"][0].clone(); p["providers"][0]["jwks"]["keys"] = json!([k.clone(), k]); }), "providers[0].jwks.keys[1].kid: duplicate kid"),
-        (Box::new(|p| { let q = p["providers"][0].clone(); p["providers"] = json!([q.clone(), q]); }), "providers[1].name: duplicate provider name"),
-        (Box::new(|p| p["providers"][0]["jwks_uri"] = json!("https://x")), "providers[0].jwks_uri: unknown field `jwks_uri`"),
-        (Box::new(|p| p["rules"][0]["match"]["methods"] = json!(["GE T"])), "rules[0].match.methods[0]: \"GE T\" is not an HTTP method"),
-        (Box::new(|p| p["rules"][0]["match"]["path"] = json!("/a/{*rest}/b")), "rules[0].match.path: invalid path template"),
-        (Box::new(|p| p["rules"][0]["require"]["scopes"] = json!(["a b"])), "rules[0].require.scopes[0]: \"a b\" is not a scope"),
-        (Box::new(|p| p["rules"][0]["require"]["scopes"] = json!("invoices:read")), "rules[0].require.scopes: invalid type: string"),
-        (Box::new(|p| { let r = p["rules"][0].clone(); p["rules"] = json!([r.clone(), r]); }), "rules[1].name: duplicate rule name"),
+        (
+            Box::new(|p| p["providers"][0]["jwks"]["keys"][0]["kty"] = json!("OKT")),
+            "providers[0].jwks.keys[0]: unsupported kty",
+        ),
+        (
+            Box::new(|p| p["providers"][0]["jwks"]["keys"][0]["kty"] = json!("oct")),
+            "providers[0].jwks.keys[0]: missing k",
+        ),
+        (
+            Box::new(|p| p["providers"][0]["jwks"]["keys"][0]["x"] = json!("AAAA")),
+            "providers[0].jwks.keys[0]: invalid key",
+        ),
+        (
+            Box::new(|p| {
+                let k = p["providers"][0]["jwks"]["keys"][0].clone();
+                p["providers"][0]["jwks"]["keys"] = json!([k.clone(), k]);
+            }),
+            "providers[0].jwks.keys[1].kid: duplicate kid",
+        ),
+        (
+            Box::new(|p| {
+                let q = p["providers"][0].clone();
+                p["providers"] = json!([q.clone(), q]);
+            }),
+            "providers[1].name: duplicate provider name",
+        ),
+        (
+            Box::new(|p| p["providers"][0]["jwks_uri"] = json!("https://x")),
+            "providers[0].jwks_uri: unknown field `jwks_uri`",
+        ),
+        (
+            Box::new(|p| p["rules"][0]["match"]["methods"] = json!(["GE T"])),
+            "rules[0].match.methods[0]: \"GE T\" is not an HTTP method",
+        ),
+        (
+            Box::new(|p| p["rules"][0]["match"]["path"] = json!("/a/{*rest}/b")),
+            "rules[0].match.path: invalid path template",
+        ),
+        (
+            Box::new(|p| p["rules"][0]["require"]["scopes"] = json!(["a b"])),
+            "rules[0].require.scopes[0]: \"a b\" is not a scope",
+        ),
+        (
+            Box::new(|p| p["rules"][0]["require"]["scopes"] = json!("invoices:read")),
+            "rules[0].require.scopes: invalid type: string",
+        ),
+        (
+            Box::new(|p| {
+                let r = p["rules"][0].clone();
+                p["rules"] = json!([r.clone(), r]);
+            }),
+            "rules[1].name: duplicate rule name",
+        ),
         (Box::new(|p| p["mode"] = json!("monitor")), "mode: unknown variant `monitor`"),
     ];
     for (edit, expected) in cases {

@@ -30,7 +30,10 @@ fn token(edit: impl FnOnce(&mut Value)) -> String {
 }
 
 fn eval(gate: &Gate, method: &str, authority: &str, path: &str, token: &str) -> Decision {
-    let headers = vec![(":authority".to_string(), authority.to_string()), ("authorization".to_string(), format!("Bearer {token}"))];
+    let headers = vec![
+        (":authority".to_string(), authority.to_string()),
+        ("authorization".to_string(), format!("Bearer {token}")),
+    ];
     gate.evaluate(&Request { method, path, headers: &headers, now: NOW, source: None })
 }
 
@@ -61,9 +64,13 @@ fn task_identifier_is_bound_to_the_path() {
 #[test]
 fn task_needs_the_type_and_every_action() {
     let g = gate(pay_rule(json!({})));
-    let read_only = token(|c| c["authorization_details"] = json!([{"type": "invoice_processing", "actions": ["read"], "identifier": "42"}]));
+    let read_only = token(|c| {
+        c["authorization_details"] = json!([{"type": "invoice_processing", "actions": ["read"], "identifier": "42"}])
+    });
     assert_eq!(reason(&g, "/invoices/42/pay", &read_only), Some(Reason::TaskMismatch));
-    let other_type = token(|c| c["authorization_details"] = json!([{"type": "payment_initiation", "actions": ["pay"], "identifier": "42"}]));
+    let other_type = token(|c| {
+        c["authorization_details"] = json!([{"type": "payment_initiation", "actions": ["pay"], "identifier": "42"}])
+    });
     assert_eq!(reason(&g, "/invoices/42/pay", &other_type), Some(Reason::TaskMismatch));
     let none = token(|_| {});
     assert_eq!(reason(&g, "/invoices/42/pay", &none), Some(Reason::TaskMismatch));
@@ -76,7 +83,11 @@ fn task_locations_and_datatypes_must_be_granted() {
     let rules = json!([{"name": "r", "match": {"path": "/accounts/{id}"}, "require": {"task": {
         "type": "account_information", "actions": ["read"], "locations": ["https://api.example.com"], "datatypes": ["balances"]}}}]);
     let g = gate(rules);
-    let grant = |datatypes: Value| token(|c| c["authorization_details"] = json!([{"type": "account_information", "actions": ["read"], "locations": ["https://api.example.com"], "datatypes": datatypes}]));
+    let grant = |datatypes: Value| {
+        token(
+            |c| c["authorization_details"] = json!([{"type": "account_information", "actions": ["read"], "locations": ["https://api.example.com"], "datatypes": datatypes}]),
+        )
+    };
     assert_eq!(reason(&g, "/accounts/1", &grant(json!(["balances", "transactions"]))), None);
     assert_eq!(reason(&g, "/accounts/1", &grant(json!(["transactions"]))), Some(Reason::TaskMismatch));
 }
@@ -127,7 +138,8 @@ fn delegated(actors: &[&str]) -> Value {
 
 #[test]
 fn agents_match_the_acting_party() {
-    let g = gate(json!([{"name": "r", "match": {"path": "/x"}, "require": {"agents": ["spiffe://corp.example/agent/*"]}}]));
+    let g =
+        gate(json!([{"name": "r", "match": {"path": "/x"}, "require": {"agents": ["spiffe://corp.example/agent/*"]}}]));
     let direct = token(|c| c["sub"] = json!("spiffe://corp.example/agent/billing"));
     assert_eq!(reason(&g, "/x", &direct), None);
     let user = token(|c| c["sub"] = json!("alice"));
@@ -151,7 +163,9 @@ fn agents_match_the_acting_party() {
 
 #[test]
 fn delegation_depth_and_actors() {
-    let g = gate(json!([{"name": "r", "match": {"path": "/x"}, "require": {"max_delegation_depth": 1, "actors": ["orchestrator-*"]}}]));
+    let g = gate(
+        json!([{"name": "r", "match": {"path": "/x"}, "require": {"max_delegation_depth": 1, "actors": ["orchestrator-*"]}}]),
+    );
     let chain = |actors: &[&str]| token(|c| c["act"] = delegated(actors));
     assert_eq!(reason(&g, "/x", &token(|_| {})), None, "no delegation at all");
     assert_eq!(reason(&g, "/x", &chain(&["orchestrator-1"])), None);
@@ -162,10 +176,12 @@ fn delegation_depth_and_actors() {
 #[test]
 fn may_act_limits_who_can_act() {
     let g = gate(json!([{"name": "r", "match": {"path": "/x"}}]));
-    let t = |actor: &str| token(|c| {
-        c["may_act"] = json!({"sub": "orchestrator-1"});
-        c["act"] = delegated(&[actor]);
-    });
+    let t = |actor: &str| {
+        token(|c| {
+            c["may_act"] = json!({"sub": "orchestrator-1"});
+            c["act"] = delegated(&[actor]);
+        })
+    };
     assert_eq!(reason(&g, "/x", &t("orchestrator-1")), None);
     assert_eq!(reason(&g, "/x", &t("orchestrator-2")), Some(Reason::DelegationNotAllowed));
 }
@@ -173,13 +189,15 @@ fn may_act_limits_who_can_act() {
 #[test]
 fn approval_requires_a_recent_human_approved_acr() {
     let g = gate(pay_rule(json!({"approval": {"acr_values": ["urn:corp:human-approved"], "max_age_seconds": 300}})));
-    let t = |acr: Option<&str>, age: i64| token(|c| {
-        c["authorization_details"] = pay_task("42");
-        if let Some(acr) = acr {
-            c["acr"] = json!(acr);
-        }
-        c["auth_time"] = json!(NOW - age);
-    });
+    let t = |acr: Option<&str>, age: i64| {
+        token(|c| {
+            c["authorization_details"] = pay_task("42");
+            if let Some(acr) = acr {
+                c["acr"] = json!(acr);
+            }
+            c["auth_time"] = json!(NOW - age);
+        })
+    };
     assert_eq!(reason(&g, "/invoices/42/pay", &t(Some("urn:corp:human-approved"), 60)), None);
     for (acr, age) in [(None, 60), (Some("urn:corp:mfa"), 60), (Some("urn:corp:human-approved"), 301)] {
         let d = eval(&g, "POST", "api", "/invoices/42/pay", &t(acr, age));
@@ -228,7 +246,14 @@ fn a_rule_in_dry_run_forwards_while_the_rest_enforce() {
     assert!(matches!(old.action, Action::Respond { status: 403, .. }));
 }
 
-fn eval_from(gate: &Gate, path: &str, token: &str, source: Option<&str>, extra: &[(&str, &str)], now: i64) -> Option<Reason> {
+fn eval_from(
+    gate: &Gate,
+    path: &str,
+    token: &str,
+    source: Option<&str>,
+    extra: &[(&str, &str)],
+    now: i64,
+) -> Option<Reason> {
     let mut headers = vec![("authorization".to_string(), format!("Bearer {token}"))];
     headers.extend(extra.iter().map(|(n, v)| (n.to_string(), v.to_string())));
     gate.evaluate(&Request { method: "GET", path, headers: &headers, now, source }).reason
@@ -236,7 +261,9 @@ fn eval_from(gate: &Gate, path: &str, token: &str, source: Option<&str>, extra: 
 
 #[test]
 fn source_cidrs_fail_closed_on_unknown_sources() {
-    let g = gate(json!([{"name": "r", "match": {"path": "/x"}, "require": {"source_cidrs": ["10.0.0.0/8", "2001:db8::/32"]}}]));
+    let g = gate(
+        json!([{"name": "r", "match": {"path": "/x"}, "require": {"source_cidrs": ["10.0.0.0/8", "2001:db8::/32"]}}]),
+    );
     let t = token(|_| {});
     assert_eq!(eval_from(&g, "/x", &t, Some("10.2.3.4:5000"), &[], NOW), None);
     assert_eq!(eval_from(&g, "/x", &t, Some("[2001:db8::7]:443"), &[], NOW), None);
@@ -247,19 +274,26 @@ fn source_cidrs_fail_closed_on_unknown_sources() {
 
 #[test]
 fn header_conditions() {
-    let g = gate(json!([{"name": "r", "match": {"path": "/x"}, "require": {"headers": [{"name": "X-Tenant", "in": ["acme"]}, {"name": "x-debug", "present": false}]}}]));
+    let g = gate(
+        json!([{"name": "r", "match": {"path": "/x"}, "require": {"headers": [{"name": "X-Tenant", "in": ["acme"]}, {"name": "x-debug", "present": false}]}}]),
+    );
     let t = token(|_| {});
     assert_eq!(eval_from(&g, "/x", &t, None, &[("x-tenant", "acme")], NOW), None);
     assert_eq!(eval_from(&g, "/x", &t, None, &[("x-tenant", "initech")], NOW), Some(Reason::HeaderMismatch));
     assert_eq!(eval_from(&g, "/x", &t, None, &[], NOW), Some(Reason::HeaderMismatch));
-    assert_eq!(eval_from(&g, "/x", &t, None, &[("x-tenant", "acme"), ("x-debug", "1")], NOW), Some(Reason::HeaderMismatch));
+    assert_eq!(
+        eval_from(&g, "/x", &t, None, &[("x-tenant", "acme"), ("x-debug", "1")], NOW),
+        Some(Reason::HeaderMismatch)
+    );
 }
 
 #[test]
 fn time_windows_in_utc() {
     // 2027-01-04 10:00 UTC was a Monday.
     let monday_10 = 1_799_056_800;
-    let g = gate(json!([{"name": "r", "match": {"path": "/x"}, "require": {"time": {"days": ["mon", "tue", "wed", "thu", "fri"], "from_hour": 9, "to_hour": 17}}}]));
+    let g = gate(
+        json!([{"name": "r", "match": {"path": "/x"}, "require": {"time": {"days": ["mon", "tue", "wed", "thu", "fri"], "from_hour": 9, "to_hour": 17}}}]),
+    );
     let t = |now: i64| {
         let mut c = agent_claims("agent-7", "", now);
         c["exp"] = json!(now + 60);
@@ -274,11 +308,15 @@ fn time_windows_in_utc() {
 
 #[test]
 fn claim_conditions() {
-    let g = gate(json!([{"name": "r", "match": {"path": "/x"}, "require": {"claims": [{"path": "trust_score", "gte": 0.7}, {"path": "tenant.id", "equals": "acme"}]}}]));
-    let t = |score: Value, tenant: &str| token(|c| {
-        c["trust_score"] = score;
-        c["tenant"] = json!({"id": tenant});
-    });
+    let g = gate(
+        json!([{"name": "r", "match": {"path": "/x"}, "require": {"claims": [{"path": "trust_score", "gte": 0.7}, {"path": "tenant.id", "equals": "acme"}]}}]),
+    );
+    let t = |score: Value, tenant: &str| {
+        token(|c| {
+            c["trust_score"] = score;
+            c["tenant"] = json!({"id": tenant});
+        })
+    };
     assert_eq!(reason(&g, "/x", &t(json!(0.9), "acme")), None);
     assert_eq!(reason(&g, "/x", &t(json!(0.5), "acme")), Some(Reason::ClaimMismatch));
     assert_eq!(reason(&g, "/x", &t(json!("0.9"), "acme")), Some(Reason::ClaimMismatch));
@@ -292,9 +330,48 @@ fn context_config_errors_name_their_path() {
         let rules = json!([{"name": "r", "match": {"path": "/x"}, "require": require}]);
         Gate::from_json(&policy(&signer().jwks(), &rules, "enforce")).err().map(|e| e.to_string()).unwrap_or_default()
     };
-    assert!(err(json!({"source_cidrs": ["10.0.0.0/40"]})).starts_with("rules[0].require.source_cidrs[0]: \"10.0.0.0/40\" is not a CIDR"));
+    assert!(err(json!({"source_cidrs": ["10.0.0.0/40"]}))
+        .starts_with("rules[0].require.source_cidrs[0]: \"10.0.0.0/40\" is not a CIDR"));
     assert!(err(json!({"headers": [{"path": "x"}]})).starts_with("rules[0].require.headers[0]: give `name` (only)"));
     assert!(err(json!({"claims": [{"path": "a"}]})).starts_with("rules[0].require.claims[0]: give at least one of"));
     assert!(err(json!({"time": {"days": ["someday"]}})).starts_with("rules[0].require.time: \"someday\" is not a day"));
     assert!(err(json!({"time": {"from_hour": 9, "to_hour": 9}})).starts_with("rules[0].require.time: hours must be"));
+}
+
+#[test]
+fn rate_limits_per_agent_per_rule_and_for_the_policy() {
+    let rules = json!([
+        {"name": "search", "match": {"path": "/search"}, "rate_limit": {"requests": 2, "per_seconds": 60}},
+        {"name": "other", "match": {"path": "/other"}},
+    ]);
+    let g = gate(rules);
+    let a = token(|_| {});
+    let b = token(|c| c["sub"] = json!("agent-8"));
+    assert_eq!(reason(&g, "/search", &a), None);
+    assert_eq!(reason(&g, "/search", &a), None);
+    let limited = eval(&g, "GET", "api", "/search", &a);
+    assert_eq!(limited.reason, Some(Reason::RateLimited));
+    match &limited.action {
+        Action::Respond { status, headers, .. } => {
+            assert_eq!(*status, 429);
+            assert!(headers.contains(&("retry-after", "30".to_string())), "{headers:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(reason(&g, "/search", &b), None, "another agent has its own bucket");
+    assert_eq!(reason(&g, "/other", &a), None, "another rule is not limited");
+
+    let policy_wide = gate_with(json!([{"name": "any", "match": {}}]), |p| p["rate_limit"] = json!({"requests": 1, "per_seconds": 10}));
+    assert_eq!(reason(&policy_wide, "/x", &a), None);
+    assert_eq!(reason(&policy_wide, "/y", &a), Some(Reason::RateLimited));
+}
+
+#[test]
+fn denied_requests_do_not_use_up_a_rules_limit() {
+    let g = gate(json!([{"name": "r", "match": {"path": "/x"}, "require": {"scopes": ["x"]}, "rate_limit": {"requests": 1, "per_seconds": 60}}]));
+    let without = token(|_| {});
+    for _ in 0..3 {
+        assert_eq!(reason(&g, "/x", &without), Some(Reason::InsufficientScope));
+    }
+    assert_eq!(reason(&g, "/x", &token(|c| c["scope"] = json!("x"))), None);
 }

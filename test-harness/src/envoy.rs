@@ -29,7 +29,8 @@ pub fn filter_wasm() -> PathBuf {
 
 /// `envoy-config/demo.yaml` with its `${...}` placeholders filled in.
 pub fn render_config(policy: &str, upstream_port: u16) -> String {
-    let template = std::fs::read_to_string(workspace_root().join("envoy-config/demo.yaml")).expect("read envoy-config/demo.yaml");
+    let template =
+        std::fs::read_to_string(workspace_root().join("envoy-config/demo.yaml")).expect("read envoy-config/demo.yaml");
     template
         .replace("${AGENTGATE_WASM}", &filter_wasm().display().to_string())
         // A JSON string literal is a valid YAML double-quoted scalar.
@@ -41,7 +42,11 @@ pub fn render_config(policy: &str, upstream_port: u16) -> String {
 
 fn scratch_dir() -> PathBuf {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!("agentgate-envoy-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+    let dir = std::env::temp_dir().join(format!(
+        "agentgate-envoy-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
     std::fs::create_dir_all(&dir).expect("create scratch dir");
     dir
 }
@@ -115,7 +120,15 @@ impl Envoy {
         let child = Command::new(envoy_binary())
             .arg("-c")
             .arg(&config)
-            .args(["--concurrency", "1", "--disable-hot-restart", "-l", "warning", "--component-log-level", "wasm:info"])
+            .args([
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "-l",
+                "warning",
+                "--component-log-level",
+                "wasm:info",
+            ])
             .arg("--admin-address-path")
             .arg(&admin_file)
             .stdin(Stdio::null())

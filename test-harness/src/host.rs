@@ -137,7 +137,8 @@ fn engine_and_module() -> Result<&'static (Engine, Module), HostError> {
         .get_or_init(|| {
             let engine = Engine::default();
             let path = filter_wasm();
-            let module = Module::from_file(&engine, &path).map_err(|e| format!("{}: {e} (run `make build`)", path.display()))?;
+            let module =
+                Module::from_file(&engine, &path).map_err(|e| format!("{}: {e} (run `make build`)", path.display()))?;
             Ok((engine, module))
         })
         .as_ref()
@@ -186,7 +187,8 @@ impl Host {
         define_wasi(&mut linker).map_err(|e| HostError::Setup(e.to_string()))?;
         linker.define_unknown_imports_as_traps(module).map_err(|e| HostError::Setup(e.to_string()))?;
         let instance = linker.instantiate(&mut store, module).map_err(trap)?;
-        let memory = instance.get_memory(&mut store, "memory").ok_or_else(|| HostError::Setup("no memory export".into()))?;
+        let memory =
+            instance.get_memory(&mut store, "memory").ok_or_else(|| HostError::Setup("no memory export".into()))?;
         let mut host = Host { store, instance, memory, next_context: ROOT_CONTEXT + 1 };
         host.call::<(), ()>("_initialize", ())?;
         host.call::<(i32, i32), ()>("proxy_on_context_create", (ROOT_CONTEXT, 0))?;
@@ -201,7 +203,11 @@ impl Host {
         Ok(host)
     }
 
-    fn call<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(&mut self, name: &str, params: P) -> Result<R, HostError> {
+    fn call<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(
+        &mut self,
+        name: &str,
+        params: P,
+    ) -> Result<R, HostError> {
         let func: TypedFunc<P, R> = self
             .instance
             .get_typed_func(&mut self.store, name)
@@ -276,7 +282,10 @@ impl Host {
         let headers = vec![(":status".to_string(), status.to_string())];
         state.call_response = Some((headers, body.to_vec()));
         let body_size = i32::try_from(body.len()).unwrap_or(i32::MAX);
-        let result = self.call::<(i32, i32, i32, i32, i32), ()>("proxy_on_http_call_response", (ROOT_CONTEXT, token as i32, 1, body_size, 0));
+        let result = self.call::<(i32, i32, i32, i32, i32), ()>(
+            "proxy_on_http_call_response",
+            (ROOT_CONTEXT, token as i32, 1, body_size, 0),
+        );
         self.store.data_mut().call_response = None;
         result
     }
@@ -378,7 +387,9 @@ fn deserialize_map(bytes: &[u8]) -> Vec<(String, String)> {
     let mut out = Vec::with_capacity(count);
     for i in 0..count {
         let (klen, vlen) = (word(4 + i * 8), word(8 + i * 8));
-        let text = |from: usize, len: usize| String::from_utf8_lossy(bytes.get(from..from + len).unwrap_or_default()).into_owned();
+        let text = |from: usize, len: usize| {
+            String::from_utf8_lossy(bytes.get(from..from + len).unwrap_or_default()).into_owned()
+        };
         out.push((text(at, klen), text(at + klen + 1, vlen)));
         at += klen + vlen + 2;
     }
@@ -388,20 +399,28 @@ fn deserialize_map(bytes: &[u8]) -> Vec<(String, String)> {
 // ---- proxy-wasm ABI 0.2.1 -------------------------------------------------------------------
 
 fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
-    linker.func_wrap("env", "proxy_log", |mut c: Caller<'_, State>, level: i32, ptr: i32, len: i32| -> wasmtime::Result<i32> {
-        let line = read_string(&mut c, ptr, len)?;
-        c.data_mut().logs.push((level, line));
-        Ok(OK)
-    })?;
+    linker.func_wrap(
+        "env",
+        "proxy_log",
+        |mut c: Caller<'_, State>, level: i32, ptr: i32, len: i32| -> wasmtime::Result<i32> {
+            let line = read_string(&mut c, ptr, len)?;
+            c.data_mut().logs.push((level, line));
+            Ok(OK)
+        },
+    )?;
     linker.func_wrap("env", "proxy_get_log_level", |mut c: Caller<'_, State>, out: i32| -> wasmtime::Result<i32> {
         write(&mut c, out, &0i32.to_le_bytes())?;
         Ok(OK)
     })?;
-    linker.func_wrap("env", "proxy_get_current_time_nanoseconds", |mut c: Caller<'_, State>, out: i32| -> wasmtime::Result<i32> {
-        let now = c.data().now_nanos;
-        write(&mut c, out, &now.to_le_bytes())?;
-        Ok(OK)
-    })?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_current_time_nanoseconds",
+        |mut c: Caller<'_, State>, out: i32| -> wasmtime::Result<i32> {
+            let now = c.data().now_nanos;
+            write(&mut c, out, &now.to_le_bytes())?;
+            Ok(OK)
+        },
+    )?;
     linker.func_wrap("env", "proxy_set_tick_period_milliseconds", |mut c: Caller<'_, State>, period: i32| -> i32 {
         c.data_mut().tick_period_ms = period as u32;
         OK
@@ -409,7 +428,13 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
     linker.func_wrap(
         "env",
         "proxy_get_buffer_bytes",
-        |mut c: Caller<'_, State>, kind: i32, start: i32, max: i32, ptr_out: i32, size_out: i32| -> wasmtime::Result<i32> {
+        |mut c: Caller<'_, State>,
+         kind: i32,
+         start: i32,
+         max: i32,
+         ptr_out: i32,
+         size_out: i32|
+         -> wasmtime::Result<i32> {
             let data = match kind {
                 BUFFER_PLUGIN_CONFIGURATION => c.data().plugin_configuration.clone(),
                 BUFFER_VM_CONFIGURATION => Vec::new(),
@@ -428,18 +453,30 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             return_bytes(&mut c, &slice, ptr_out, size_out)
         },
     )?;
-    linker.func_wrap("env", "proxy_get_header_map_pairs", |mut c: Caller<'_, State>, map: i32, ptr_out: i32, size_out: i32| -> wasmtime::Result<i32> {
-        let pairs = match map {
-            MAP_REQUEST_HEADERS => c.data().request_headers.clone(),
-            MAP_HTTP_CALL_RESPONSE_HEADERS => c.data().call_response.as_ref().map(|(h, _)| h.clone()).unwrap_or_default(),
-            _ => return Ok(BAD_ARGUMENT),
-        };
-        return_bytes(&mut c, &serialize_map(&pairs), ptr_out, size_out)
-    })?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_header_map_pairs",
+        |mut c: Caller<'_, State>, map: i32, ptr_out: i32, size_out: i32| -> wasmtime::Result<i32> {
+            let pairs = match map {
+                MAP_REQUEST_HEADERS => c.data().request_headers.clone(),
+                MAP_HTTP_CALL_RESPONSE_HEADERS => {
+                    c.data().call_response.as_ref().map(|(h, _)| h.clone()).unwrap_or_default()
+                }
+                _ => return Ok(BAD_ARGUMENT),
+            };
+            return_bytes(&mut c, &serialize_map(&pairs), ptr_out, size_out)
+        },
+    )?;
     linker.func_wrap(
         "env",
         "proxy_get_header_map_value",
-        |mut c: Caller<'_, State>, map: i32, kptr: i32, klen: i32, ptr_out: i32, size_out: i32| -> wasmtime::Result<i32> {
+        |mut c: Caller<'_, State>,
+         map: i32,
+         kptr: i32,
+         klen: i32,
+         ptr_out: i32,
+         size_out: i32|
+         -> wasmtime::Result<i32> {
             if map != MAP_REQUEST_HEADERS {
                 return Ok(BAD_ARGUMENT);
             }
@@ -451,19 +488,29 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             }
         },
     )?;
-    linker.func_wrap("env", "proxy_remove_header_map_value", |mut c: Caller<'_, State>, map: i32, kptr: i32, klen: i32| -> wasmtime::Result<i32> {
-        if map != MAP_REQUEST_HEADERS {
-            return Ok(BAD_ARGUMENT);
-        }
-        let key = read_string(&mut c, kptr, klen)?.to_ascii_lowercase();
-        c.data_mut().request_headers.retain(|(k, _)| *k != key);
-        Ok(OK)
-    })?;
+    linker.func_wrap(
+        "env",
+        "proxy_remove_header_map_value",
+        |mut c: Caller<'_, State>, map: i32, kptr: i32, klen: i32| -> wasmtime::Result<i32> {
+            if map != MAP_REQUEST_HEADERS {
+                return Ok(BAD_ARGUMENT);
+            }
+            let key = read_string(&mut c, kptr, klen)?.to_ascii_lowercase();
+            c.data_mut().request_headers.retain(|(k, _)| *k != key);
+            Ok(OK)
+        },
+    )?;
     for (name, replace) in [("proxy_replace_header_map_value", true), ("proxy_add_header_map_value", false)] {
         linker.func_wrap(
             "env",
             name,
-            move |mut c: Caller<'_, State>, map: i32, kptr: i32, klen: i32, vptr: i32, vlen: i32| -> wasmtime::Result<i32> {
+            move |mut c: Caller<'_, State>,
+                  map: i32,
+                  kptr: i32,
+                  klen: i32,
+                  vptr: i32,
+                  vlen: i32|
+                  -> wasmtime::Result<i32> {
                 if map != MAP_REQUEST_HEADERS {
                     return Ok(BAD_ARGUMENT);
                 }
@@ -481,24 +528,43 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
     linker.func_wrap(
         "env",
         "proxy_send_local_response",
-        |mut c: Caller<'_, State>, status: i32, _dptr: i32, _dlen: i32, bptr: i32, blen: i32, hptr: i32, hlen: i32, _grpc: i32| -> wasmtime::Result<i32> {
+        |mut c: Caller<'_, State>,
+         status: i32,
+         _dptr: i32,
+         _dlen: i32,
+         bptr: i32,
+         blen: i32,
+         hptr: i32,
+         hlen: i32,
+         _grpc: i32|
+         -> wasmtime::Result<i32> {
             let body = read(&mut c, bptr, blen)?;
             let headers = deserialize_map(&read(&mut c, hptr, hlen)?);
             c.data_mut().local_response = Some((status as u32, headers, body));
             Ok(OK)
         },
     )?;
-    linker.func_wrap("env", "proxy_get_property", |mut c: Caller<'_, State>, pptr: i32, plen: i32, ptr_out: i32, size_out: i32| -> wasmtime::Result<i32> {
-        let path = read_string(&mut c, pptr, plen)?;
-        match c.data().properties.get(&path).cloned() {
-            Some(value) => return_bytes(&mut c, &value, ptr_out, size_out),
-            None => Ok(NOT_FOUND),
-        }
-    })?;
+    linker.func_wrap(
+        "env",
+        "proxy_get_property",
+        |mut c: Caller<'_, State>, pptr: i32, plen: i32, ptr_out: i32, size_out: i32| -> wasmtime::Result<i32> {
+            let path = read_string(&mut c, pptr, plen)?;
+            match c.data().properties.get(&path).cloned() {
+                Some(value) => return_bytes(&mut c, &value, ptr_out, size_out),
+                None => Ok(NOT_FOUND),
+            }
+        },
+    )?;
     linker.func_wrap(
         "env",
         "proxy_get_shared_data",
-        |mut c: Caller<'_, State>, kptr: i32, klen: i32, ptr_out: i32, size_out: i32, cas_out: i32| -> wasmtime::Result<i32> {
+        |mut c: Caller<'_, State>,
+         kptr: i32,
+         klen: i32,
+         ptr_out: i32,
+         size_out: i32,
+         cas_out: i32|
+         -> wasmtime::Result<i32> {
             let key = read_string(&mut c, kptr, klen)?;
             let entry = lock(&c.data().process.shared_data).get(&key).cloned();
             match entry {
@@ -530,21 +596,25 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             Ok(OK)
         },
     )?;
-    linker.func_wrap("env", "proxy_define_metric", |mut c: Caller<'_, State>, _kind: i32, nptr: i32, nlen: i32, id_out: i32| -> wasmtime::Result<i32> {
-        let name = read_string(&mut c, nptr, nlen)?;
-        let id = {
-            let mut metrics = lock(&c.data().process.metrics);
-            match metrics.iter().position(|(n, _)| *n == name) {
-                Some(i) => i,
-                None => {
-                    metrics.push((name, 0));
-                    metrics.len() - 1
+    linker.func_wrap(
+        "env",
+        "proxy_define_metric",
+        |mut c: Caller<'_, State>, _kind: i32, nptr: i32, nlen: i32, id_out: i32| -> wasmtime::Result<i32> {
+            let name = read_string(&mut c, nptr, nlen)?;
+            let id = {
+                let mut metrics = lock(&c.data().process.metrics);
+                match metrics.iter().position(|(n, _)| *n == name) {
+                    Some(i) => i,
+                    None => {
+                        metrics.push((name, 0));
+                        metrics.len() - 1
+                    }
                 }
-            }
-        };
-        write(&mut c, id_out, &(id as u32).to_le_bytes())?;
-        Ok(OK)
-    })?;
+            };
+            write(&mut c, id_out, &(id as u32).to_le_bytes())?;
+            Ok(OK)
+        },
+    )?;
     linker.func_wrap("env", "proxy_increment_metric", |c: Caller<'_, State>, id: i32, offset: i64| -> i32 {
         match lock(&c.data().process.metrics).get_mut(id as u32 as usize) {
             Some((_, value)) => {
@@ -563,20 +633,35 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             None => NOT_FOUND,
         }
     })?;
-    linker.func_wrap("env", "proxy_get_metric", |mut c: Caller<'_, State>, id: i32, out: i32| -> wasmtime::Result<i32> {
-        let value = lock(&c.data().process.metrics).get(id as u32 as usize).map(|&(_, v)| v);
-        match value {
-            Some(v) => {
-                write(&mut c, out, &(v as u64).to_le_bytes())?;
-                Ok(OK)
+    linker.func_wrap(
+        "env",
+        "proxy_get_metric",
+        |mut c: Caller<'_, State>, id: i32, out: i32| -> wasmtime::Result<i32> {
+            let value = lock(&c.data().process.metrics).get(id as u32 as usize).map(|&(_, v)| v);
+            match value {
+                Some(v) => {
+                    write(&mut c, out, &(v as u64).to_le_bytes())?;
+                    Ok(OK)
+                }
+                None => Ok(NOT_FOUND),
             }
-            None => Ok(NOT_FOUND),
-        }
-    })?;
+        },
+    )?;
     linker.func_wrap(
         "env",
         "proxy_http_call",
-        |mut c: Caller<'_, State>, uptr: i32, ulen: i32, hptr: i32, hlen: i32, bptr: i32, blen: i32, _tptr: i32, _tlen: i32, timeout: i32, token_out: i32| -> wasmtime::Result<i32> {
+        |mut c: Caller<'_, State>,
+         uptr: i32,
+         ulen: i32,
+         hptr: i32,
+         hlen: i32,
+         bptr: i32,
+         blen: i32,
+         _tptr: i32,
+         _tlen: i32,
+         timeout: i32,
+         token_out: i32|
+         -> wasmtime::Result<i32> {
             let upstream = read_string(&mut c, uptr, ulen)?;
             let headers = deserialize_map(&read(&mut c, hptr, hlen)?);
             let body = read(&mut c, bptr, blen)?;
@@ -597,30 +682,42 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
 
 fn define_wasi(linker: &mut Linker<State>) -> wasmtime::Result<()> {
     const WASI: &str = "wasi_snapshot_preview1";
-    linker.func_wrap(WASI, "fd_write", |mut c: Caller<'_, State>, fd: i32, iovs: i32, count: i32, written_out: i32| -> wasmtime::Result<i32> {
-        let mut text = Vec::new();
-        for i in 0..count {
-            let iov = read(&mut c, iovs + i * 8, 8)?;
-            let ptr = i32::from_le_bytes([iov[0], iov[1], iov[2], iov[3]]);
-            let len = i32::from_le_bytes([iov[4], iov[5], iov[6], iov[7]]);
-            text.extend(read(&mut c, ptr, len)?);
-        }
-        let written = text.len() as u32;
-        c.data_mut().logs.push((-fd, String::from_utf8_lossy(&text).trim_end().to_string()));
-        write(&mut c, written_out, &written.to_le_bytes())?;
-        Ok(0)
-    })?;
-    linker.func_wrap(WASI, "environ_sizes_get", |mut c: Caller<'_, State>, count_out: i32, size_out: i32| -> wasmtime::Result<i32> {
-        write(&mut c, count_out, &0u32.to_le_bytes())?;
-        write(&mut c, size_out, &0u32.to_le_bytes())?;
-        Ok(0)
-    })?;
+    linker.func_wrap(
+        WASI,
+        "fd_write",
+        |mut c: Caller<'_, State>, fd: i32, iovs: i32, count: i32, written_out: i32| -> wasmtime::Result<i32> {
+            let mut text = Vec::new();
+            for i in 0..count {
+                let iov = read(&mut c, iovs + i * 8, 8)?;
+                let ptr = i32::from_le_bytes([iov[0], iov[1], iov[2], iov[3]]);
+                let len = i32::from_le_bytes([iov[4], iov[5], iov[6], iov[7]]);
+                text.extend(read(&mut c, ptr, len)?);
+            }
+            let written = text.len() as u32;
+            c.data_mut().logs.push((-fd, String::from_utf8_lossy(&text).trim_end().to_string()));
+            write(&mut c, written_out, &written.to_le_bytes())?;
+            Ok(0)
+        },
+    )?;
+    linker.func_wrap(
+        WASI,
+        "environ_sizes_get",
+        |mut c: Caller<'_, State>, count_out: i32, size_out: i32| -> wasmtime::Result<i32> {
+            write(&mut c, count_out, &0u32.to_le_bytes())?;
+            write(&mut c, size_out, &0u32.to_le_bytes())?;
+            Ok(0)
+        },
+    )?;
     linker.func_wrap(WASI, "environ_get", |_: Caller<'_, State>, _a: i32, _b: i32| -> i32 { 0 })?;
-    linker.func_wrap(WASI, "clock_time_get", |mut c: Caller<'_, State>, _id: i32, _precision: i64, out: i32| -> wasmtime::Result<i32> {
-        let now = c.data().now_nanos;
-        write(&mut c, out, &now.to_le_bytes())?;
-        Ok(0)
-    })?;
+    linker.func_wrap(
+        WASI,
+        "clock_time_get",
+        |mut c: Caller<'_, State>, _id: i32, _precision: i64, out: i32| -> wasmtime::Result<i32> {
+            let now = c.data().now_nanos;
+            write(&mut c, out, &now.to_le_bytes())?;
+            Ok(0)
+        },
+    )?;
     linker.func_wrap(WASI, "random_get", |mut c: Caller<'_, State>, ptr: i32, len: i32| -> wasmtime::Result<i32> {
         let mut bytes = vec![0u8; len as u32 as usize];
         c.data_mut().rng.fill_bytes(&mut bytes);

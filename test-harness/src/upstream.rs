@@ -31,7 +31,8 @@ impl Upstream {
                     }
                 }
                 let body = json!({"method": request.method().as_str(), "path": request.url(), "headers": headers});
-                let content_type = tiny_http::Header::from_bytes("content-type", "application/json").expect("static header");
+                let content_type =
+                    tiny_http::Header::from_bytes("content-type", "application/json").expect("static header");
                 let response = tiny_http::Response::from_string(body.to_string()).with_header(content_type);
                 let _ = request.respond(response);
             }

@@ -14,7 +14,8 @@ struct Setup {
 
 fn start_with(signer: Signer, jwks: Value, mode: &str) -> Setup {
     let upstream = Upstream::start();
-    let envoy = Envoy::start(&policy(&jwks, &read_invoice_rule(), mode), upstream.port).unwrap_or_else(|e| panic!("{e}"));
+    let envoy =
+        Envoy::start(&policy(&jwks, &read_invoice_rule(), mode), upstream.port).unwrap_or_else(|e| panic!("{e}"));
     Setup { envoy, signer, _upstream: upstream }
 }
 
@@ -90,7 +91,10 @@ fn missing_token_gets_a_bare_bearer_challenge() {
     let record = s.envoy.audit_records().last().cloned().unwrap_or_default();
     assert_eq!(record["reason"], "missing_token");
     // The denial carries the audit id, so support can find the record.
-    assert!(r.header("x-agent-audit-id").is_some_and(|id| !id.is_empty() && record["audit_id"] == json!(id)), "{r:?} {record}");
+    assert!(
+        r.header("x-agent-audit-id").is_some_and(|id| !id.is_empty() && record["audit_id"] == json!(id)),
+        "{r:?} {record}"
+    );
 }
 
 #[test]
@@ -107,7 +111,10 @@ fn invalid_tokens_get_401_invalid_token() {
         ("bad_signature", other_key.sign(&agent_claims("agent-7", "invoices:read", t))),
         ("audience_mismatch", s.signer.sign(&wrong_audience)),
         ("malformed", "not-a-jwt".to_string()),
-        ("alg_not_allowed", s.signer.sign_with_header(&json!({"alg": "none", "kid": "es-1"}), &agent_claims("a", "invoices:read", t))),
+        (
+            "alg_not_allowed",
+            s.signer.sign_with_header(&json!({"alg": "none", "kid": "es-1"}), &agent_claims("a", "invoices:read", t)),
+        ),
     ];
     for (reason, token) in cases {
         let r = s.envoy.get("/invoices/42", &[("authorization", &bearer(&token))]);
@@ -190,7 +197,9 @@ fn hostile_tokens_are_refused_and_envoy_keeps_serving() {
     let s = start();
     let t = now();
     let claims = agent_claims("agent-7", "invoices:read", t);
-    let raw = |header: &str, sig: &[u8]| format!("{}.{}.{}", b64(header.as_bytes()), b64(claims.to_string().as_bytes()), b64(sig));
+    let raw = |header: &str, sig: &[u8]| {
+        format!("{}.{}.{}", b64(header.as_bytes()), b64(claims.to_string().as_bytes()), b64(sig))
+    };
     let deep = format!(r#"{{"iss":"x","a":{}1{}}}"#, "[".repeat(2_000), "]".repeat(2_000));
     let cases: Vec<(&str, String)> = vec![
         ("alg none", raw(r#"{"alg":"none","kid":"es-1"}"#, b"x")),
@@ -254,7 +263,8 @@ fn task_scoped_rules_delegation_approval_and_revocation() {
     let other_invoice = get("/invoices/43/pay", &token(&|_| {}));
     assert_eq!(other_invoice.status, 403);
 
-    let too_deep = get("/invoices/42/pay", &token(&|c| c["act"] = json!({"sub": "orchestrator-1", "act": {"sub": "planner"}})));
+    let too_deep =
+        get("/invoices/42/pay", &token(&|c| c["act"] = json!({"sub": "orchestrator-1", "act": {"sub": "planner"}})));
     assert_eq!(too_deep.status, 403);
     let wrong_actor = get("/invoices/42/pay", &token(&|c| c["act"] = json!({"sub": "scraper"})));
     assert_eq!(wrong_actor.status, 403);
@@ -269,7 +279,17 @@ fn task_scoped_rules_delegation_approval_and_revocation() {
     assert_eq!(revoked.status, 403);
 
     let reasons: Vec<Value> = envoy.audit_records().iter().map(|r| r["reason"].clone()).collect();
-    assert_eq!(reasons, [Value::Null, json!("task_mismatch"), json!("delegation_not_allowed"), json!("delegation_not_allowed"), json!("approval_required"), json!("revoked")]);
+    assert_eq!(
+        reasons,
+        [
+            Value::Null,
+            json!("task_mismatch"),
+            json!("delegation_not_allowed"),
+            json!("delegation_not_allowed"),
+            json!("approval_required"),
+            json!("revoked")
+        ]
+    );
 }
 
 #[test]
@@ -280,9 +300,25 @@ fn source_cidrs_use_the_address_envoy_saw() {
         {"name": "corp-net", "match": {"path": "/corp"}, "require": {"source_cidrs": ["10.0.0.0/8"]}},
     ]);
     let upstream = Upstream::start();
-    let envoy = Envoy::start(&policy(&signer.jwks(), &rules, "enforce"), upstream.port).unwrap_or_else(|e| panic!("{e}"));
+    let envoy =
+        Envoy::start(&policy(&signer.jwks(), &rules, "enforce"), upstream.port).unwrap_or_else(|e| panic!("{e}"));
     let auth = bearer(&signer.sign(&agent_claims("agent-7", "", now())));
     assert_eq!(envoy.get("/local", &[("authorization", &auth)]).status, 200);
     assert_eq!(envoy.get("/corp", &[("authorization", &auth), ("x-forwarded-for", "10.1.1.1")]).status, 403);
     assert_eq!(envoy.audit_records().last().map(|r| r["reason"].clone()), Some(json!("source_not_allowed")));
+}
+
+#[test]
+fn rate_limit_answers_429_with_retry_after() {
+    let signer = Signer::es256("es-1", 1);
+    let mut rules = read_invoice_rule();
+    rules[0]["rate_limit"] = json!({"requests": 2, "per_seconds": 60});
+    let upstream = Upstream::start();
+    let envoy = Envoy::start(&policy(&signer.jwks(), &rules, "enforce"), upstream.port).unwrap_or_else(|e| panic!("{e}"));
+    let auth = bearer(&signer.sign(&agent_claims("agent-7", "invoices:read", now())));
+    let statuses: Vec<u16> = (0..3).map(|_| envoy.get("/invoices/1", &[("authorization", &auth)]).status).collect();
+    assert_eq!(statuses, [200, 200, 429]);
+    let limited = envoy.get("/invoices/1", &[("authorization", &auth)]);
+    assert!(limited.header("retry-after").is_some_and(|s| s.parse::<u64>().is_ok_and(|s| (1..=30).contains(&s))), "{limited:?}");
+    assert_eq!(limited.json()["error"], "too_many_requests");
 }

@@ -16,8 +16,14 @@ fn host() -> Host {
 
 fn get(host: &mut Host, token: &str) -> Outcome {
     let auth = format!("Bearer {token}");
-    host.request(&[(":method", "GET"), (":path", "/invoices/7"), (":authority", "api"), ("authorization", &auth), ("x-request-id", "r-9")])
-        .unwrap_or_else(|e| panic!("{e}"))
+    host.request(&[
+        (":method", "GET"),
+        (":path", "/invoices/7"),
+        (":authority", "api"),
+        ("authorization", &auth),
+        ("x-request-id", "r-9"),
+    ])
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn token_at(host: &Host, edit: impl FnOnce(&mut Value)) -> String {
@@ -73,10 +79,18 @@ fn token_becomes_valid_at_nbf() {
 
 #[test]
 fn bad_policy_is_refused_with_its_path() {
-    let bad = policy(&signer().jwks(), &json!([{"name": "r", "match": {"methods": ["GET"], "path": "/a/{*x}/b"}}]), "enforce");
+    let bad = policy(
+        &signer().jwks(),
+        &json!([{"name": "r", "match": {"methods": ["GET"], "path": "/a/{*x}/b"}}]),
+        "enforce",
+    );
     match Host::new(&bad) {
         Err(HostError::Refused { logs }) => {
-            assert!(logs.iter().any(|l| l.starts_with("agentgate: invalid policy: rules[0].match.path: invalid path template")), "{logs:?}");
+            assert!(
+                logs.iter()
+                    .any(|l| l.starts_with("agentgate: invalid policy: rules[0].match.path: invalid path template")),
+                "{logs:?}"
+            );
         }
         other => panic!("expected refusal, got {:?}", other.map(|_| "a running filter")),
     }
@@ -86,7 +100,9 @@ fn bad_policy_is_refused_with_its_path() {
 fn a_panic_inside_the_filter_is_a_harness_error() {
     let mut host = host();
     match host.request_on_unknown_context() {
-        Err(HostError::Trap(message)) => assert!(message.contains("unreachable") || message.contains("wasm trap"), "{message}"),
+        Err(HostError::Trap(message)) => {
+            assert!(message.contains("unreachable") || message.contains("wasm trap"), "{message}")
+        }
         other => panic!("a panic in the filter went unnoticed: {other:?}"),
     }
 }
@@ -95,7 +111,8 @@ fn a_panic_inside_the_filter_is_a_harness_error() {
 fn worker_vms_of_one_process_share_their_counters() {
     let process = Process::new();
     let policy = policy(&signer().jwks(), &read_invoice_rule(), "enforce");
-    let mut workers = [Host::in_process(&policy, &process), Host::in_process(&policy, &process)].map(|h| h.unwrap_or_else(|e| panic!("{e}")));
+    let mut workers = [Host::in_process(&policy, &process), Host::in_process(&policy, &process)]
+        .map(|h| h.unwrap_or_else(|e| panic!("{e}")));
     for worker in &mut workers {
         let outcome = worker.request(&[(":method", "GET"), (":path", "/invoices/1")]).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(outcome.status(), 401);
@@ -105,16 +122,21 @@ fn worker_vms_of_one_process_share_their_counters() {
 
 #[test]
 fn jwks_file_is_refused_inside_the_gateway() {
-    let mut p: Value = serde_json::from_str(&policy(&json!({"keys": []}), &read_invoice_rule(), "enforce")).unwrap_or_default();
+    let mut p: Value =
+        serde_json::from_str(&policy(&json!({"keys": []}), &read_invoice_rule(), "enforce")).unwrap_or_default();
     if let Some(provider) = p["providers"][0].as_object_mut() {
         provider.remove("jwks");
         provider.insert("jwks_file".into(), json!("/etc/keys.json"));
     }
     match Host::new(&p.to_string()) {
-        Err(HostError::Refused { logs }) => assert!(
-            logs.iter().any(|l| l.contains("providers[0].jwks_file: this host cannot read files: inline the keys with `jwks`")),
-            "{logs:?}"
-        ),
+        Err(HostError::Refused { logs }) => {
+            assert!(
+                logs.iter()
+                    .any(|l| l
+                        .contains("providers[0].jwks_file: this host cannot read files: inline the keys with `jwks`")),
+                "{logs:?}"
+            )
+        }
         other => panic!("expected refusal, got {:?}", other.map(|_| "a running filter")),
     }
 }
@@ -135,7 +157,8 @@ fn a_reused_token_is_a_cache_hit_and_still_expires() {
 
 #[test]
 fn a_single_use_token_used_on_one_worker_is_refused_on_another() {
-    let mut p: Value = serde_json::from_str(&policy(&signer().jwks(), &read_invoice_rule(), "enforce")).unwrap_or_default();
+    let mut p: Value =
+        serde_json::from_str(&policy(&signer().jwks(), &read_invoice_rule(), "enforce")).unwrap_or_default();
     p["providers"][0]["single_use"] = json!(true);
     p["providers"][0]["max_lifetime_seconds"] = json!(600);
     let process = Process::new();
@@ -152,7 +175,8 @@ fn a_single_use_token_used_on_one_worker_is_refused_on_another() {
 
 #[test]
 fn a_bucket_slot_is_reused_once_its_tokens_expired() {
-    let mut p: Value = serde_json::from_str(&policy(&signer().jwks(), &read_invoice_rule(), "enforce")).unwrap_or_default();
+    let mut p: Value =
+        serde_json::from_str(&policy(&signer().jwks(), &read_invoice_rule(), "enforce")).unwrap_or_default();
     p["providers"][0]["single_use"] = json!(true);
     p["providers"][0]["max_lifetime_seconds"] = json!(60);
     let mut host = Host::new(&p.to_string()).unwrap_or_else(|e| panic!("{e}"));
@@ -164,4 +188,21 @@ fn a_bucket_slot_is_reused_once_its_tokens_expired() {
         assert_eq!(get(&mut host, &token).status(), 401, "round {round}");
         host.advance_clock(Duration::from_secs(170));
     }
+}
+
+#[test]
+fn workers_share_one_rate_limit_bucket() {
+    let mut p: Value = serde_json::from_str(&policy(&signer().jwks(), &read_invoice_rule(), "enforce")).unwrap_or_default();
+    p["rules"][0]["rate_limit"] = json!({"requests": 2, "per_seconds": 60});
+    let process = Process::new();
+    let mut a = Host::in_process(&p.to_string(), &process).unwrap_or_else(|e| panic!("{e}"));
+    let mut b = Host::in_process(&p.to_string(), &process).unwrap_or_else(|e| panic!("{e}"));
+    let token = token_at(&a, |_| {});
+    assert_eq!(get(&mut a, &token).status(), 200);
+    assert_eq!(get(&mut b, &token).status(), 200);
+    let limited = get(&mut a, &token);
+    assert_eq!(limited.status(), 429);
+    assert_eq!(limited.header("retry-after"), Some("30"));
+    a.advance_clock(Duration::from_secs(30));
+    assert_eq!(get(&mut a, &token).status(), 200, "one request refilled after 30 s");
 }

@@ -2,7 +2,10 @@
 //! Only `proxy_wasm::hostcalls` are used: the SDK's trait helpers unwrap host statuses and a
 //! panic would abort the VM (and every request on that worker).
 
-use agentgate::replay::{bucket_key, bucket_name, record_in_bucket, GuardError, ReplayGuard, ReplayScope, TokenId, SHARDS};
+use agentgate::ratelimit::{admit_in_slot, slot_key, RateLimit, RateLimiter};
+use agentgate::replay::{
+    bucket_key, bucket_name, record_in_bucket, GuardError, ReplayGuard, ReplayScope, TokenId, SHARDS,
+};
 use agentgate::{Action, Gate, Reason, Request};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -89,12 +92,15 @@ impl RootContext for Root {
         match Gate::from_json(json) {
             Ok(gate) => {
                 let policy = gate.policy();
-                log(LogLevel::Info, &format!(
-                    "agentgate: policy loaded ({} providers, {} rules, mode {:?})",
-                    policy.providers.len(),
-                    policy.rules.len(),
-                    policy.mode
-                ));
+                log(
+                    LogLevel::Info,
+                    &format!(
+                        "agentgate: policy loaded ({} providers, {} rules, mode {:?})",
+                        policy.providers.len(),
+                        policy.rules.len(),
+                        policy.mode
+                    ),
+                );
                 prepare_replay_buckets(&gate);
                 self.gate = Some(Rc::new(gate));
                 true
@@ -141,7 +147,10 @@ impl HttpContext for Filter {
         let pseudo = |name: &str| headers.iter().find(|(n, _)| n == name).map_or("", |(_, v)| v.as_str());
         // One more host call, only for policies with `source_cidrs`.
         let source = if gate.policy().needs_source {
-            hostcalls::get_property(vec!["source", "address"]).ok().flatten().and_then(|bytes| String::from_utf8(bytes).ok())
+            hostcalls::get_property(vec!["source", "address"])
+                .ok()
+                .flatten()
+                .and_then(|bytes| String::from_utf8(bytes).ok())
         } else {
             None
         };
@@ -192,25 +201,50 @@ fn apply(action: &Action) -> HostAction {
     }
 }
 
-/// Single-use `jti`s in the host's shared data, so every worker VM of the proxy agrees.
-/// Updates use the host's compare-and-swap, retried a few times under contention.
+/// Single-use `jti`s and rate-limit buckets in the host's shared data, so every worker VM
+/// of the proxy agrees.
 struct SharedDataGuard;
 
 const CAS_RETRIES: usize = 16;
 
+/// Reads `key`, lets `update` compute the new value (`None`: nothing to write) and an
+/// answer, and writes with the host's compare-and-swap, retrying when another worker won.
+fn update_shared<T>(
+    key: &str,
+    update: impl Fn(Option<&[u8]>) -> Result<(Option<Vec<u8>>, T), GuardError>,
+) -> Result<T, GuardError> {
+    for _ in 0..CAS_RETRIES {
+        let (current, cas) = hostcalls::get_shared_data(key).map_err(|_| GuardError::Unavailable)?;
+        let (updated, answer) = update(current.as_deref())?;
+        let Some(updated) = updated else { return Ok(answer) };
+        match hostcalls::set_shared_data(key, Some(&updated), cas) {
+            Ok(()) => return Ok(answer),
+            Err(Status::CasMismatch) => continue,
+            Err(_) => return Err(GuardError::Unavailable),
+        }
+    }
+    Err(GuardError::Unavailable)
+}
+
 impl ReplayGuard for SharedDataGuard {
     fn first_use(&self, scope: ReplayScope<'_>, id: &TokenId, expires_at: i64, _now: i64) -> Result<bool, GuardError> {
         let (key, window) = bucket_key(scope.provider, id, expires_at, scope.ring);
-        for _ in 0..CAS_RETRIES {
-            let (bucket, cas) = hostcalls::get_shared_data(&key).map_err(|_| GuardError::Unavailable)?;
-            let Some(updated) = record_in_bucket(bucket.as_deref(), window, id)? else { return Ok(false) };
-            match hostcalls::set_shared_data(&key, Some(&updated), cas) {
-                Ok(()) => return Ok(true),
-                Err(Status::CasMismatch) => continue,
-                Err(_) => return Err(GuardError::Unavailable),
-            }
-        }
-        Err(GuardError::Unavailable)
+        update_shared(&key, |bucket| {
+            Ok(match record_in_bucket(bucket, window, id)? {
+                Some(updated) => (Some(updated), true),
+                None => (None, false),
+            })
+        })
+    }
+}
+
+impl RateLimiter for SharedDataGuard {
+    fn admit(&self, scope: &str, agent: &str, limit: &RateLimit, now: i64) -> Result<Result<(), u64>, GuardError> {
+        let (key, id) = slot_key(scope, agent);
+        update_shared(&key, |slot| {
+            let (updated, verdict) = admit_in_slot(slot, &id, limit, now);
+            Ok((Some(updated), verdict))
+        })
     }
 }
 

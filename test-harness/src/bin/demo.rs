@@ -36,7 +36,10 @@ fn run() -> Result<bool, String> {
 
     let upstream = Upstream::start();
     let envoy = Envoy::start(&policy.to_string(), upstream.port)?;
-    println!("agentgate demo: Envoy 1.40 + dist/agentgate.wasm on 127.0.0.1:{}, echo upstream on 127.0.0.1:{}", envoy.port, upstream.port);
+    println!(
+        "agentgate demo: Envoy 1.40 + dist/agentgate.wasm on 127.0.0.1:{}, echo upstream on 127.0.0.1:{}",
+        envoy.port, upstream.port
+    );
     println!("policy: envoy-config/demo-policy.json, with an ES256 key generated for this run (kid demo-key-1)\n");
 
     let t = now();
@@ -48,15 +51,30 @@ fn run() -> Result<bool, String> {
     let stranger = Signer::generate_es256("demo-key-1");
 
     let steps = [
-        Step { title: "valid agent token, scope invoices:read", path: "/invoices/42", headers: vec![("authorization", bearer(&valid))], expect: 200 },
+        Step {
+            title: "valid agent token, scope invoices:read",
+            path: "/invoices/42",
+            headers: vec![("authorization", bearer(&valid))],
+            expect: 200,
+        },
         Step {
             title: "valid token + forged x-agent-id header",
             path: "/invoices/42",
             headers: vec![("authorization", bearer(&valid)), ("x-agent-id", "admin".into())],
             expect: 200,
         },
-        Step { title: "expired token", path: "/invoices/42", headers: vec![("authorization", bearer(&expired))], expect: 401 },
-        Step { title: "token without the required scope", path: "/invoices/42", headers: vec![("authorization", bearer(&wrong_scope))], expect: 403 },
+        Step {
+            title: "expired token",
+            path: "/invoices/42",
+            headers: vec![("authorization", bearer(&expired))],
+            expect: 401,
+        },
+        Step {
+            title: "token without the required scope",
+            path: "/invoices/42",
+            headers: vec![("authorization", bearer(&wrong_scope))],
+            expect: 403,
+        },
         Step {
             title: "token signed by an unknown key",
             path: "/invoices/42",
@@ -72,7 +90,14 @@ fn run() -> Result<bool, String> {
         let response = envoy.get(step.path, &headers);
         let ok = response.status == step.expect;
         all_as_expected &= ok;
-        println!("{}. {:<42} GET {} -> {}{}", i + 1, step.title, step.path, response.status, if ok { "" } else { "  (UNEXPECTED)" });
+        println!(
+            "{}. {:<42} GET {} -> {}{}",
+            i + 1,
+            step.title,
+            step.path,
+            response.status,
+            if ok { "" } else { "  (UNEXPECTED)" }
+        );
         describe(&response);
     }
 
@@ -85,7 +110,10 @@ fn run() -> Result<bool, String> {
     for line in stats.lines().filter(|l| !l.ends_with(": 0")) {
         println!("  {line}");
     }
-    println!("\n{}", if all_as_expected { "every decision was as expected" } else { "SOME DECISIONS WERE NOT AS EXPECTED" });
+    println!(
+        "\n{}",
+        if all_as_expected { "every decision was as expected" } else { "SOME DECISIONS WERE NOT AS EXPECTED" }
+    );
     Ok(all_as_expected)
 }
 
@@ -98,6 +126,10 @@ fn describe(response: &Response) {
         println!("   upstream received  {}", audit.join(" | "));
     } else {
         println!("   client received    www-authenticate: {}", response.header("www-authenticate").unwrap_or("-"));
-        println!("                      x-agent-audit-id: {}  body: {}", response.header("x-agent-audit-id").unwrap_or("-"), response.body);
+        println!(
+            "                      x-agent-audit-id: {}  body: {}",
+            response.header("x-agent-audit-id").unwrap_or("-"),
+            response.body
+        );
     }
 }

@@ -9,7 +9,8 @@ use serde_json::json;
 const N: u32 = 300;
 
 fn request(token: Option<&str>) -> Vec<(String, String)> {
-    let mut headers = vec![(":method".to_string(), "GET".to_string()), (":path".to_string(), "/invoices/42".to_string())];
+    let mut headers =
+        vec![(":method".to_string(), "GET".to_string()), (":path".to_string(), "/invoices/42".to_string())];
     if let Some(token) = token {
         headers.push(("authorization".to_string(), format!("Bearer {token}")));
     }
@@ -27,9 +28,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for signer in &signers {
         let hot = signer.sign(&agent_claims("agent-7", "invoices:read", now));
         let hot = vec![request(Some(&hot)); N as usize];
-        let cold: Vec<_> = (0..N).map(|i| request(Some(&signer.sign(&agent_claims(&format!("agent-{i}"), "invoices:read", now))))).collect();
-        println!("{:<28} {:>12.1}", format!("{} hot (token reused)", signer.alg), host.time_requests(&hot)?.as_secs_f64() * 1e6);
-        println!("{:<28} {:>12.1}", format!("{} cold (new token)", signer.alg), host.time_requests(&cold)?.as_secs_f64() * 1e6);
+        let cold: Vec<_> = (0..N)
+            .map(|i| request(Some(&signer.sign(&agent_claims(&format!("agent-{i}"), "invoices:read", now)))))
+            .collect();
+        println!(
+            "{:<28} {:>12.1}",
+            format!("{} hot (token reused)", signer.alg),
+            host.time_requests(&hot)?.as_secs_f64() * 1e6
+        );
+        println!(
+            "{:<28} {:>12.1}",
+            format!("{} cold (new token)", signer.alg),
+            host.time_requests(&cold)?.as_secs_f64() * 1e6
+        );
     }
     println!("linear memory: {} KiB", host.memory_bytes() / 1024);
     Ok(())
