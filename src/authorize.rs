@@ -31,6 +31,8 @@ pub struct Target<'a> {
     pub headers: &'a [(String, String)],
     /// The client's address as the host gives it (`ip:port`), when known.
     pub source: Option<&'a str>,
+    /// The mTLS peer certificate's URI SAN, when there is one.
+    pub peer_uri_san: Option<&'a str>,
     /// Authority without port, lower case.
     pub host: &'a str,
     pub path: &'a str,
@@ -63,14 +65,15 @@ pub fn authorize(policy: &Policy, target: &Target<'_>, token: &VerifiedToken) ->
         return Authorization::denied(Reason::NoMatchingRule);
     };
     let task_identifier = rule.task.as_ref().and_then(|task| task.identifier.as_deref()).map(|t| bind(t, &params));
-    let result =
-        check(rule, task_identifier.as_deref(), token, target.now).and_then(|()| check_context(rule, target, token));
+    let result = check(rule, task_identifier.as_deref(), token)
+        .and_then(|()| check_peer(rule, target, token))
+        .and_then(|()| check_context(rule, target, token))
+        .and_then(|()| check_approval(rule, token, target.now));
     Authorization { rule: Some(index), result, task_identifier }
 }
 
-/// The requirements in a fixed order; human approval last, so an agent is only sent to get
-/// approval for a request that would otherwise be allowed.
-fn check(rule: &Rule, identifier: Option<&str>, token: &VerifiedToken, now: i64) -> Result<(), Reason> {
+/// Who and what: scopes, agent, delegation, task.
+fn check(rule: &Rule, identifier: Option<&str>, token: &VerifiedToken) -> Result<(), Reason> {
     let has = |scope: &String| token.scopes.contains(scope);
     if !rule.scopes.iter().all(has) || !(rule.any_scopes.is_empty() || rule.any_scopes.iter().any(has)) {
         return Err(Reason::InsufficientScope);
@@ -86,19 +89,34 @@ fn check(rule: &Rule, identifier: Option<&str>, token: &VerifiedToken, now: i64)
             return Err(Reason::TaskMismatch);
         }
     }
-    if let Some(approval) = &rule.approval {
-        let approved = token.acr.as_ref().is_some_and(|acr| approval.acr_values.contains(acr));
-        let recent = approval.max_age_seconds.is_none_or(|max| {
-            token.auth_time.is_some_and(|t| now.saturating_sub(t) <= i64::try_from(max).unwrap_or(i64::MAX))
-        });
-        if !(approved && recent) {
-            return Err(Reason::ApprovalRequired);
-        }
+    Ok(())
+}
+
+/// Human approval, checked last: an agent is only sent to get approval for a request that
+/// would otherwise be allowed.
+fn check_approval(rule: &Rule, token: &VerifiedToken, now: i64) -> Result<(), Reason> {
+    let Some(approval) = &rule.approval else { return Ok(()) };
+    let approved = token.acr.as_ref().is_some_and(|acr| approval.acr_values.contains(acr));
+    let recent = approval.max_age_seconds.is_none_or(|max| {
+        token.auth_time.is_some_and(|t| now.saturating_sub(t) <= i64::try_from(max).unwrap_or(i64::MAX))
+    });
+    if approved && recent {
+        Ok(())
+    } else {
+        Err(Reason::ApprovalRequired)
+    }
+}
+
+/// Proof of possession by mTLS: the agent the token names is the workload on the other end
+/// of the connection. No peer certificate, no match.
+fn check_peer(rule: &Rule, target: &Target<'_>, token: &VerifiedToken) -> Result<(), Reason> {
+    if rule.bind_mtls_peer && (target.peer_uri_san.is_none() || target.peer_uri_san != token.agent()) {
+        return Err(Reason::PeerMismatch);
     }
     Ok(())
 }
 
-/// Where, when and with what: checked after who and what task, before nothing else.
+/// Where, when and in what context: source network, headers, time, claims.
 fn check_context(rule: &Rule, target: &Target<'_>, token: &VerifiedToken) -> Result<(), Reason> {
     if let Some(networks) = &rule.source_cidrs {
         // An unknown source is outside every network: fail closed.

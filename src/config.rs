@@ -196,6 +196,9 @@ pub struct RequireConfig {
     pub time: Option<TimeWindowConfig>,
     /// Conditions on claims (`path`, dot-separated), e.g. `trust_score >= 0.7`.
     pub claims: Option<Vec<ConditionConfig>>,
+    /// The acting agent must be the mTLS peer: its certificate's URI SAN (a SPIFFE ID).
+    #[serde(default)]
+    pub bind_mtls_peer: bool,
 }
 
 #[derive(Debug, Deserialize)]

@@ -26,6 +26,9 @@ pub struct Request<'a> {
     /// The client's address (`ip:port`), for `source_cidrs`; hosts fill it when
     /// `policy().needs_source` (it may cost a host call).
     pub source: Option<&'a str>,
+    /// The mTLS peer certificate's URI SAN, for `bind_mtls_peer`; hosts fill it when
+    /// `policy().needs_peer`.
+    pub peer_uri_san: Option<&'a str>,
 }
 
 /// What the host must do with the request.
@@ -244,6 +247,7 @@ impl Gate {
             method: request.method,
             headers: request.headers,
             source: request.source,
+            peer_uri_san: request.peer_uri_san,
             host: &host,
             path: request.path,
             now,

@@ -40,6 +40,9 @@ enum Command {
         /// The client address, as `ip:port` or `ip` (for `source_cidrs`).
         #[arg(long)]
         source: Option<String>,
+        /// The mTLS peer certificate's URI SAN (for `bind_mtls_peer`).
+        #[arg(long)]
+        peer_uri_san: Option<String>,
     },
     /// Validate a policy file.
     CheckConfig {
@@ -115,7 +118,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Eval { config, method, path, headers, now, source } => {
+        Command::Eval { config, method, path, headers, now, source, peer_uri_san } => {
             let gate = match load(&config) {
                 Ok(gate) => gate,
                 Err(e) => {
@@ -128,7 +131,14 @@ fn main() -> ExitCode {
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
             });
-            let request = Request { method: &method, path: &path, headers: &headers, now, source: source.as_deref() };
+            let request = Request {
+                method: &method,
+                path: &path,
+                headers: &headers,
+                now,
+                source: source.as_deref(),
+                peer_uri_san: peer_uri_san.as_deref(),
+            };
             let decision = gate.evaluate(&request);
             let (status, headers) = match &decision.action {
                 Action::Continue { set, .. } => (200, set),

@@ -30,6 +30,8 @@ pub struct Policy {
     pub needs_claims: bool,
     /// The per-agent limit over all requests.
     pub rate_limit: Option<RateLimit>,
+    /// Some rule binds the agent to the mTLS peer: hosts fetch the peer's URI SAN only then.
+    pub needs_peer: bool,
 }
 
 fn rate_limit(at: &str, raw: Option<&config::RateLimitConfig>) -> Result<Option<RateLimit>, ConfigError> {
@@ -108,6 +110,7 @@ pub struct Rule {
     pub time: Option<TimeWindow>,
     pub claims: Vec<Condition>,
     pub rate_limit: Option<RateLimit>,
+    pub bind_mtls_peer: bool,
 }
 
 #[derive(Debug)]
@@ -220,6 +223,7 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
     };
     let needs_source = rules.iter().any(|r: &Rule| r.source_cidrs.is_some());
     let needs_claims = rules.iter().any(|r: &Rule| !r.claims.is_empty());
+    let needs_peer = rules.iter().any(|r: &Rule| r.bind_mtls_peer);
     Ok(Policy {
         mode: config.mode,
         providers,
@@ -233,6 +237,7 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
         needs_source,
         needs_claims,
         rate_limit: rate_limit("rate_limit", config.rate_limit.as_ref())?,
+        needs_peer,
     })
 }
 
@@ -500,6 +505,7 @@ fn compile_rule(at: &str, raw: RuleConfig) -> Result<Rule, ConfigError> {
         time,
         claims,
         rate_limit: rate_limit(&format!("{at}.rate_limit"), raw.rate_limit.as_ref())?,
+        bind_mtls_peer: require.bind_mtls_peer,
     })
 }
 

@@ -46,6 +46,8 @@ pub struct TestRequest {
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     pub source: Option<String>,
+    /// The mTLS peer's URI SAN (for `bind_mtls_peer`).
+    pub peer_uri_san: Option<String>,
 }
 
 fn get() -> String {
@@ -140,6 +142,7 @@ pub fn run(policy_json: &str, tests: &str) -> Result<Vec<CaseResult>, String> {
             headers: &headers,
             now,
             source: case.request.source.as_deref(),
+            peer_uri_san: case.request.peer_uri_san.as_deref(),
         };
         let decision = gate.evaluate(&request);
         let status = match &decision.action {

@@ -29,6 +29,7 @@ pub enum Reason {
     InsufficientScope,
     TaskMismatch,
     AgentNotAllowed,
+    PeerMismatch,
     DelegationNotAllowed,
     ApprovalRequired,
     SourceNotAllowed,
@@ -62,7 +63,7 @@ const NOT_PERMITTED: &str = "the access token does not permit this request";
 
 impl Reason {
     /// Every reason, for defining metrics up front.
-    pub const ALL: [Reason; 33] = [
+    pub const ALL: [Reason; 34] = [
         Reason::MissingToken,
         Reason::MultipleTokens,
         Reason::TokenTooLarge,
@@ -86,6 +87,7 @@ impl Reason {
         Reason::InsufficientScope,
         Reason::TaskMismatch,
         Reason::AgentNotAllowed,
+        Reason::PeerMismatch,
         Reason::DelegationNotAllowed,
         Reason::ApprovalRequired,
         Reason::SourceNotAllowed,
@@ -138,6 +140,7 @@ impl Reason {
             InsufficientScope => row("insufficient_scope", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
             TaskMismatch => row("task_mismatch", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
             AgentNotAllowed => row("agent_not_allowed", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
+            PeerMismatch => row("peer_mismatch", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
             DelegationNotAllowed => row("delegation_not_allowed", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
             // RFC 9470: the agent must come back with a token showing a human approved.
             ApprovalRequired => row(

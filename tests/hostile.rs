@@ -28,7 +28,14 @@ fn gate() -> Gate {
 
 fn eval(gate: &Gate, token: &str) -> Decision {
     let headers = vec![("authorization".to_string(), format!("Bearer {token}"))];
-    gate.evaluate(&Request { method: "GET", path: "/invoices/1", headers: &headers, now: NOW, source: None })
+    gate.evaluate(&Request {
+        method: "GET",
+        path: "/invoices/1",
+        headers: &headers,
+        now: NOW,
+        source: None,
+        peer_uri_san: None,
+    })
 }
 
 fn reason(gate: &Gate, token: &str) -> Option<Reason> {

@@ -34,7 +34,7 @@ fn eval(gate: &Gate, method: &str, authority: &str, path: &str, token: &str) -> 
         (":authority".to_string(), authority.to_string()),
         ("authorization".to_string(), format!("Bearer {token}")),
     ];
-    gate.evaluate(&Request { method, path, headers: &headers, now: NOW, source: None })
+    gate.evaluate(&Request { method, path, headers: &headers, now: NOW, source: None, peer_uri_san: None })
 }
 
 fn reason(gate: &Gate, path: &str, token: &str) -> Option<Reason> {
@@ -256,7 +256,7 @@ fn eval_from(
 ) -> Option<Reason> {
     let mut headers = vec![("authorization".to_string(), format!("Bearer {token}"))];
     headers.extend(extra.iter().map(|(n, v)| (n.to_string(), v.to_string())));
-    gate.evaluate(&Request { method: "GET", path, headers: &headers, now, source }).reason
+    gate.evaluate(&Request { method: "GET", path, headers: &headers, now, source, peer_uri_san: None }).reason
 }
 
 #[test]
@@ -361,17 +361,43 @@ fn rate_limits_per_agent_per_rule_and_for_the_policy() {
     assert_eq!(reason(&g, "/search", &b), None, "another agent has its own bucket");
     assert_eq!(reason(&g, "/other", &a), None, "another rule is not limited");
 
-    let policy_wide = gate_with(json!([{"name": "any", "match": {}}]), |p| p["rate_limit"] = json!({"requests": 1, "per_seconds": 10}));
+    let policy_wide = gate_with(json!([{"name": "any", "match": {}}]), |p| {
+        p["rate_limit"] = json!({"requests": 1, "per_seconds": 10})
+    });
     assert_eq!(reason(&policy_wide, "/x", &a), None);
     assert_eq!(reason(&policy_wide, "/y", &a), Some(Reason::RateLimited));
 }
 
 #[test]
 fn denied_requests_do_not_use_up_a_rules_limit() {
-    let g = gate(json!([{"name": "r", "match": {"path": "/x"}, "require": {"scopes": ["x"]}, "rate_limit": {"requests": 1, "per_seconds": 60}}]));
+    let g = gate(
+        json!([{"name": "r", "match": {"path": "/x"}, "require": {"scopes": ["x"]}, "rate_limit": {"requests": 1, "per_seconds": 60}}]),
+    );
     let without = token(|_| {});
     for _ in 0..3 {
         assert_eq!(reason(&g, "/x", &without), Some(Reason::InsufficientScope));
     }
     assert_eq!(reason(&g, "/x", &token(|c| c["scope"] = json!("x"))), None);
+}
+
+#[test]
+fn bind_mtls_peer_requires_the_agent_to_be_the_tls_peer() {
+    let g = gate(json!([{"name": "r", "match": {"path": "/x"}, "require": {"bind_mtls_peer": true}}]));
+    assert!(g.policy().needs_peer);
+    let t = token(|c| c["sub"] = json!("spiffe://corp.example/agent/a"));
+    let with_peer = |peer: Option<&str>| {
+        let headers = vec![("authorization".to_string(), format!("Bearer {t}"))];
+        g.evaluate(&Request {
+            method: "GET",
+            path: "/x",
+            headers: &headers,
+            now: NOW,
+            source: None,
+            peer_uri_san: peer,
+        })
+        .reason
+    };
+    assert_eq!(with_peer(Some("spiffe://corp.example/agent/a")), None);
+    assert_eq!(with_peer(Some("spiffe://corp.example/agent/b")), Some(Reason::PeerMismatch));
+    assert_eq!(with_peer(None), Some(Reason::PeerMismatch));
 }

@@ -21,6 +21,6 @@ fuzz_target!(|data: &[u8]| {
     ];
     let path = format!("/invoices/{}?access_token={token}", data.len());
     for now in [0, 1_800_000_000, i64::MAX] {
-        let _ = gate().evaluate(&Request { method: "GET", path: &path, headers: &headers, now, source: None });
+        let _ = gate().evaluate(&Request { method: "GET", path: &path, headers: &headers, now, source: None, peer_uri_san: None });
     }
 });

@@ -314,11 +314,15 @@ fn rate_limit_answers_429_with_retry_after() {
     let mut rules = read_invoice_rule();
     rules[0]["rate_limit"] = json!({"requests": 2, "per_seconds": 60});
     let upstream = Upstream::start();
-    let envoy = Envoy::start(&policy(&signer.jwks(), &rules, "enforce"), upstream.port).unwrap_or_else(|e| panic!("{e}"));
+    let envoy =
+        Envoy::start(&policy(&signer.jwks(), &rules, "enforce"), upstream.port).unwrap_or_else(|e| panic!("{e}"));
     let auth = bearer(&signer.sign(&agent_claims("agent-7", "invoices:read", now())));
     let statuses: Vec<u16> = (0..3).map(|_| envoy.get("/invoices/1", &[("authorization", &auth)]).status).collect();
     assert_eq!(statuses, [200, 200, 429]);
     let limited = envoy.get("/invoices/1", &[("authorization", &auth)]);
-    assert!(limited.header("retry-after").is_some_and(|s| s.parse::<u64>().is_ok_and(|s| (1..=30).contains(&s))), "{limited:?}");
+    assert!(
+        limited.header("retry-after").is_some_and(|s| s.parse::<u64>().is_ok_and(|s| (1..=30).contains(&s))),
+        "{limited:?}"
+    );
     assert_eq!(limited.json()["error"], "too_many_requests");
 }

@@ -192,7 +192,8 @@ fn a_bucket_slot_is_reused_once_its_tokens_expired() {
 
 #[test]
 fn workers_share_one_rate_limit_bucket() {
-    let mut p: Value = serde_json::from_str(&policy(&signer().jwks(), &read_invoice_rule(), "enforce")).unwrap_or_default();
+    let mut p: Value =
+        serde_json::from_str(&policy(&signer().jwks(), &read_invoice_rule(), "enforce")).unwrap_or_default();
     p["rules"][0]["rate_limit"] = json!({"requests": 2, "per_seconds": 60});
     let process = Process::new();
     let mut a = Host::in_process(&p.to_string(), &process).unwrap_or_else(|e| panic!("{e}"));
@@ -205,4 +206,18 @@ fn workers_share_one_rate_limit_bucket() {
     assert_eq!(limited.header("retry-after"), Some("30"));
     a.advance_clock(Duration::from_secs(30));
     assert_eq!(get(&mut a, &token).status(), 200, "one request refilled after 30 s");
+}
+
+#[test]
+fn the_filter_reads_the_mtls_peer_from_the_host() {
+    let mut p: Value =
+        serde_json::from_str(&policy(&signer().jwks(), &read_invoice_rule(), "enforce")).unwrap_or_default();
+    p["rules"][0]["require"]["bind_mtls_peer"] = json!(true);
+    let mut host = Host::new(&p.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    let token = token_at(&host, |c| c["sub"] = json!("spiffe://corp.example/agent/a"));
+    assert_eq!(get(&mut host, &token).status(), 403, "no client certificate");
+    host.set_property("connection.uri_san_peer_certificate", b"spiffe://corp.example/agent/a");
+    assert_eq!(get(&mut host, &token).status(), 200);
+    host.set_property("connection.uri_san_peer_certificate", b"spiffe://corp.example/agent/b");
+    assert_eq!(get(&mut host, &token).status(), 403);
 }

@@ -154,8 +154,17 @@ impl HttpContext for Filter {
         } else {
             None
         };
+        let peer = if gate.policy().needs_peer {
+            hostcalls::get_property(vec!["connection", "uri_san_peer_certificate"])
+                .ok()
+                .flatten()
+                .and_then(|bytes| String::from_utf8(bytes).ok())
+        } else {
+            None
+        };
         let request = Request {
             source: source.as_deref(),
+            peer_uri_san: peer.as_deref(),
             method: pseudo(":method"),
             path: pseudo(":path"),
             headers: &headers,
