@@ -2,6 +2,9 @@
 //! rules (the router keeps it flat), and a whole decision on a cached token.
 //! `cargo bench -p agentgate --bench core`.
 
+// Benchmark set-up: a panic is how it reports a broken fixture.
+#![allow(clippy::expect_used, clippy::indexing_slicing)]
+
 use agentgate::authorize::{authorize, Target};
 use agentgate::verify::verify;
 use agentgate::{Gate, Request};
