@@ -32,6 +32,7 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// Denied requests are refused.
@@ -43,6 +44,7 @@ pub enum Mode {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     #[serde(default)]
@@ -61,6 +63,7 @@ pub struct PolicyConfig {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitConfig {
     pub requests: u32,
@@ -68,6 +71,7 @@ pub struct RateLimitConfig {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RevokedConfig {
     /// Patterns on `sub`.
@@ -83,6 +87,7 @@ pub struct RevokedConfig {
 
 /// One place a token may come from: exactly one of `header`, `cookie`, `query`.
 #[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TokenSourceConfig {
     pub header: Option<String>,
@@ -93,6 +98,7 @@ pub struct TokenSourceConfig {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     pub max_token_bytes: Option<usize>,
@@ -105,6 +111,7 @@ pub struct LimitsConfig {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ProviderConfig {
     pub name: String,
@@ -139,12 +146,14 @@ fn default_clock_skew() -> u64 {
 /// An inline JSON Web Key Set (RFC 7517 section 5). Keys stay raw here: each is checked and
 /// decoded, with its own path in errors, when the policy is compiled.
 #[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct JwksConfig {
     pub keys: Vec<Value>,
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
     pub name: String,
@@ -159,6 +168,7 @@ pub struct RuleConfig {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MatchConfig {
     /// HTTP methods; absent means any method.
@@ -170,6 +180,7 @@ pub struct MatchConfig {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RequireConfig {
     /// Every one of these must be granted by the token's `scope` (or `scp`) claim.
@@ -202,6 +213,7 @@ pub struct RequireConfig {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ConditionConfig {
     pub name: Option<String>,
@@ -215,6 +227,7 @@ pub struct ConditionConfig {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TimeWindowConfig {
     /// `mon` … `sun`; absent: every day.
@@ -226,6 +239,7 @@ pub struct TimeWindowConfig {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TaskConfig {
     #[serde(rename = "type")]
@@ -239,10 +253,18 @@ pub struct TaskConfig {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ApprovalConfig {
     pub acr_values: Vec<String>,
     pub max_age_seconds: Option<u64>,
+}
+
+/// The JSON Schema of the policy, generated from these types (committed as
+/// `docs/policy.schema.json`, for editors and CI validators).
+#[cfg(feature = "schema")]
+pub fn schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(PolicyConfig)).unwrap_or_default()
 }
 
 /// Parses a policy document, reporting the JSON path of the first error.

@@ -49,6 +49,8 @@ enum Command {
         /// The policy file (JSON).
         policy: PathBuf,
     },
+    /// Print the policy's JSON Schema.
+    Schema,
     /// Run a policy's test cases: exit 0 if all pass, 1 if any fails.
     Test {
         /// The policy file (JSON).
@@ -92,6 +94,10 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_ERROR)
             }
         },
+        Command::Schema => {
+            println!("{:#}", agentgate::config::schema());
+            ExitCode::SUCCESS
+        }
         Command::Test { config, tests } => {
             let read = |path: &Path| std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()));
             let results = read(&config)
