@@ -65,97 +65,155 @@ pub fn authorize(policy: &Policy, target: &Target<'_>, token: &VerifiedToken) ->
         return Authorization::denied(Reason::NoMatchingRule);
     };
     let task_identifier = rule.task.as_ref().and_then(|task| task.identifier.as_deref()).map(|t| bind(t, &params));
-    let result = check(rule, task_identifier.as_deref(), token)
-        .and_then(|()| check_peer(rule, target, token))
-        .and_then(|()| check_context(rule, target, token))
-        .and_then(|()| check_approval(rule, token, target.now));
+    let facts = Facts { rule, target, token, identifier: task_identifier.as_deref() };
+    let result = REQUIREMENTS.iter().filter_map(|(_, check)| check(&facts)).find(Result::is_err).unwrap_or(Ok(()));
     Authorization { rule: Some(index), result, task_identifier }
 }
 
-/// Who and what: scopes, agent, delegation, task.
-fn check(rule: &Rule, identifier: Option<&str>, token: &VerifiedToken) -> Result<(), Reason> {
-    let has = |scope: &String| token.scopes.contains(scope);
-    if !rule.scopes.iter().all(has) || !(rule.any_scopes.is_empty() || rule.any_scopes.iter().any(has)) {
-        return Err(Reason::InsufficientScope);
-    }
-    if let Some(agents) = &rule.agents {
-        if !token.agent().is_some_and(|agent| agents.iter().any(|p| p.matches(agent))) {
-            return Err(Reason::AgentNotAllowed);
-        }
-    }
-    check_delegation(rule, token)?;
-    if let Some(task) = &rule.task {
-        if !token.tasks.iter().any(|granted| task_covers(task, identifier, granted)) {
-            return Err(Reason::TaskMismatch);
-        }
-    }
-    Ok(())
+/// Every requirement of the rule matching the request, in order, and whether it held: what
+/// `agentgate eval` shows. `None` when no rule matches.
+pub fn explain(
+    policy: &Policy,
+    target: &Target<'_>,
+    token: &VerifiedToken,
+) -> Option<Vec<(&'static str, Result<(), Reason>)>> {
+    let path = strip_query(target.path);
+    let (index, params) = policy.routes.first_match(path, |i| {
+        policy.rules.get(i).is_some_and(|rule| rule.matches_method(target.method) && rule.matches_host(target.host))
+    })?;
+    let rule = policy.rules.get(index)?;
+    let identifier = rule.task.as_ref().and_then(|task| task.identifier.as_deref()).map(|t| bind(t, &params));
+    let facts = Facts { rule, target, token, identifier: identifier.as_deref() };
+    Some(REQUIREMENTS.iter().filter_map(|(name, check)| check(&facts).map(|result| (*name, result))).collect())
 }
 
-/// Human approval, checked last: an agent is only sent to get approval for a request that
-/// would otherwise be allowed.
-fn check_approval(rule: &Rule, token: &VerifiedToken, now: i64) -> Result<(), Reason> {
-    let Some(approval) = &rule.approval else { return Ok(()) };
-    let approved = token.acr.as_ref().is_some_and(|acr| approval.acr_values.contains(acr));
-    let recent = approval.max_age_seconds.is_none_or(|max| {
-        token.auth_time.is_some_and(|t| now.saturating_sub(t) <= i64::try_from(max).unwrap_or(i64::MAX))
-    });
-    if approved && recent {
+/// What the requirements look at.
+struct Facts<'a> {
+    rule: &'a Rule,
+    target: &'a Target<'a>,
+    token: &'a VerifiedToken,
+    /// The rule's task identifier, bound from the path.
+    identifier: Option<&'a str>,
+}
+
+/// A requirement, by its name in the policy; its check gives `None` when the rule does not
+/// have it.
+type Requirement = (&'static str, fn(&Facts<'_>) -> Option<Result<(), Reason>>);
+
+/// In order: who and what task first, then proof of possession, then context; human
+/// approval last, so an agent is only sent to get approval for a request that would
+/// otherwise be allowed.
+const REQUIREMENTS: [Requirement; 11] = [
+    ("scopes", scopes),
+    ("any_scopes", any_scopes),
+    ("agents", agents),
+    ("delegation", delegation),
+    ("task", task),
+    ("bind_mtls_peer", mtls_peer),
+    ("source_cidrs", source_cidrs),
+    ("headers", headers),
+    ("time", time),
+    ("claims", claims),
+    ("approval", approval),
+];
+
+fn verdict(held: bool, reason: Reason) -> Result<(), Reason> {
+    if held {
         Ok(())
     } else {
-        Err(Reason::ApprovalRequired)
+        Err(reason)
     }
+}
+
+fn scopes(f: &Facts<'_>) -> Option<Result<(), Reason>> {
+    let rule = f.rule;
+    (!rule.scopes.is_empty())
+        .then(|| verdict(rule.scopes.iter().all(|s| f.token.scopes.contains(s)), Reason::InsufficientScope))
+}
+
+fn any_scopes(f: &Facts<'_>) -> Option<Result<(), Reason>> {
+    let rule = f.rule;
+    (!rule.any_scopes.is_empty())
+        .then(|| verdict(rule.any_scopes.iter().any(|s| f.token.scopes.contains(s)), Reason::InsufficientScope))
+}
+
+fn agents(f: &Facts<'_>) -> Option<Result<(), Reason>> {
+    let agents = f.rule.agents.as_ref()?;
+    Some(verdict(f.token.agent().is_some_and(|agent| agents.iter().any(|p| p.matches(agent))), Reason::AgentNotAllowed))
+}
+
+fn delegation(f: &Facts<'_>) -> Option<Result<(), Reason>> {
+    let (rule, token) = (f.rule, f.token);
+    if rule.max_delegation_depth.is_none() && rule.actors.is_none() && token.may_act.is_none() {
+        return None;
+    }
+    let depth_ok = rule.max_delegation_depth.is_none_or(|max| token.actors.len() <= max);
+    let actor_ok = token.actors.first().is_none_or(|actor| {
+        rule.actors.as_ref().is_none_or(|patterns| patterns.iter().any(|p| p.matches(actor)))
+            // RFC 8693: where the subject said who may act for it, the actor must be one of them.
+            && token.may_act.as_ref().is_none_or(|allowed| allowed.contains(actor))
+    });
+    Some(verdict(depth_ok && actor_ok, Reason::DelegationNotAllowed))
+}
+
+fn task(f: &Facts<'_>) -> Option<Result<(), Reason>> {
+    let required = f.rule.task.as_ref()?;
+    Some(verdict(
+        f.token.tasks.iter().any(|granted| task_covers(required, f.identifier, granted)),
+        Reason::TaskMismatch,
+    ))
 }
 
 /// Proof of possession by mTLS: the agent the token names is the workload on the other end
 /// of the connection. No peer certificate, no match.
-fn check_peer(rule: &Rule, target: &Target<'_>, token: &VerifiedToken) -> Result<(), Reason> {
-    if rule.bind_mtls_peer && (target.peer_uri_san.is_none() || target.peer_uri_san != token.agent()) {
-        return Err(Reason::PeerMismatch);
-    }
-    Ok(())
+fn mtls_peer(f: &Facts<'_>) -> Option<Result<(), Reason>> {
+    f.rule.bind_mtls_peer.then(|| {
+        verdict(f.target.peer_uri_san.is_some() && f.target.peer_uri_san == f.token.agent(), Reason::PeerMismatch)
+    })
 }
 
-/// Where, when and in what context: source network, headers, time, claims.
-fn check_context(rule: &Rule, target: &Target<'_>, token: &VerifiedToken) -> Result<(), Reason> {
-    if let Some(networks) = &rule.source_cidrs {
-        // An unknown source is outside every network: fail closed.
-        let ip = target.source.and_then(source_ip);
-        if !ip.is_some_and(|ip| networks.iter().any(|n| n.contains(&ip))) {
-            return Err(Reason::SourceNotAllowed);
-        }
-    }
-    for condition in &rule.headers {
-        let value = target.headers.iter().find(|(n, _)| *n == condition.key).map(|(_, v)| Value::String(v.clone()));
-        if !condition.holds(value.as_ref()) {
-            return Err(Reason::HeaderMismatch);
-        }
-    }
-    if rule.time.as_ref().is_some_and(|window| !window.contains(target.now)) {
-        return Err(Reason::OutsideTimeWindow);
-    }
-    for condition in &rule.claims {
-        let value = token.claims.as_ref().and_then(|claims| claim(claims, &condition.key));
-        if !condition.holds(value) {
-            return Err(Reason::ClaimMismatch);
-        }
-    }
-    Ok(())
+fn source_cidrs(f: &Facts<'_>) -> Option<Result<(), Reason>> {
+    let networks = f.rule.source_cidrs.as_ref()?;
+    // An unknown source is outside every network: fail closed.
+    let ip = f.target.source.and_then(source_ip);
+    Some(verdict(ip.is_some_and(|ip| networks.iter().any(|n| n.contains(&ip))), Reason::SourceNotAllowed))
 }
 
-fn check_delegation(rule: &Rule, token: &VerifiedToken) -> Result<(), Reason> {
-    if rule.max_delegation_depth.is_some_and(|max| token.actors.len() > max) {
-        return Err(Reason::DelegationNotAllowed);
-    }
-    let Some(actor) = token.actors.first() else { return Ok(()) };
-    if rule.actors.as_ref().is_some_and(|patterns| !patterns.iter().any(|p| p.matches(actor))) {
-        return Err(Reason::DelegationNotAllowed);
-    }
-    // RFC 8693: where the subject said who may act for it, the actor must be one of them.
-    if token.may_act.as_ref().is_some_and(|allowed| !allowed.contains(actor)) {
-        return Err(Reason::DelegationNotAllowed);
-    }
-    Ok(())
+fn headers(f: &Facts<'_>) -> Option<Result<(), Reason>> {
+    let conditions = &f.rule.headers;
+    (!conditions.is_empty()).then(|| {
+        let holds = conditions.iter().all(|condition| {
+            let value =
+                f.target.headers.iter().find(|(n, _)| *n == condition.key).map(|(_, v)| Value::String(v.clone()));
+            condition.holds(value.as_ref())
+        });
+        verdict(holds, Reason::HeaderMismatch)
+    })
+}
+
+fn time(f: &Facts<'_>) -> Option<Result<(), Reason>> {
+    let window = f.rule.time.as_ref()?;
+    Some(verdict(window.contains(f.target.now), Reason::OutsideTimeWindow))
+}
+
+fn claims(f: &Facts<'_>) -> Option<Result<(), Reason>> {
+    let conditions = &f.rule.claims;
+    (!conditions.is_empty()).then(|| {
+        let holds = conditions
+            .iter()
+            .all(|condition| condition.holds(f.token.claims.as_ref().and_then(|claims| claim(claims, &condition.key))));
+        verdict(holds, Reason::ClaimMismatch)
+    })
+}
+
+fn approval(f: &Facts<'_>) -> Option<Result<(), Reason>> {
+    let approval = f.rule.approval.as_ref()?;
+    let token = f.token;
+    let approved = token.acr.as_ref().is_some_and(|acr| approval.acr_values.contains(acr));
+    let recent = approval.max_age_seconds.is_none_or(|max| {
+        token.auth_time.is_some_and(|t| f.target.now.saturating_sub(t) <= i64::try_from(max).unwrap_or(i64::MAX))
+    });
+    Some(verdict(approved && recent, Reason::ApprovalRequired))
 }
 
 fn task_covers(required: &TaskRequirement, identifier: Option<&str>, granted: &crate::verify::Task) -> bool {

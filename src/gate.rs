@@ -1,7 +1,7 @@
 //! The pipeline: extract → verify → authorize → audit, and the decision a host applies.
 
 use crate::audit::{self, AuditRecord};
-use crate::authorize::{authorize, check_revoked, strip_query, Authorization, Target};
+use crate::authorize::{authorize, check_revoked, explain, strip_query, Authorization, Target};
 use crate::config::{ConfigError, Mode};
 use crate::extract::find_token;
 use crate::policy::Policy;
@@ -261,6 +261,27 @@ impl Gate {
             }
         }
         (authorization, None)
+    }
+
+    /// For tooling (`agentgate eval`): each requirement of the rule matching `request`, in
+    /// order, and whether it held. `None` without a verified token or a matching rule. Has
+    /// no side effects: nothing is counted or consumed.
+    pub fn explain(&self, request: &Request<'_>) -> Option<Vec<(&'static str, Result<(), Reason>)>> {
+        let token =
+            find_token(&self.policy.token_sources, request.headers, request.path, self.policy.limits.max_token_bytes)
+                .and_then(|t| self.verified(t, request.now, &mut false))
+                .ok()?;
+        let host = authority(request.headers);
+        let target = Target {
+            method: request.method,
+            headers: request.headers,
+            source: request.source,
+            peer_uri_san: request.peer_uri_san,
+            host: &host,
+            path: request.path,
+            now: request.now,
+        };
+        explain(&self.policy, &target, &token)
     }
 
     /// Decides `request` with a host's shared state (single-use tokens, rate limits).

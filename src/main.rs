@@ -146,6 +146,14 @@ fn main() -> ExitCode {
                 peer_uri_san: peer_uri_san.as_deref(),
             };
             let decision = gate.evaluate(&request);
+            let checks = gate.explain(&request).map(|checks| {
+                checks
+                    .iter()
+                    .map(|(requirement, result)| {
+                        json!({"requirement": requirement, "held": result.is_ok(), "reason": result.err().map(|r| r.code())})
+                    })
+                    .collect::<Vec<_>>()
+            });
             let (status, headers) = match &decision.action {
                 Action::Continue { set, .. } => (200, set),
                 Action::Respond { status, headers, .. } => (*status, headers),
@@ -158,6 +166,7 @@ fn main() -> ExitCode {
                 "rule": decision.rule,
                 "dry_run": decision.dry_run,
                 "headers": headers,
+                "checks": checks,
                 "audit": decision.audit,
             });
             println!("{out:#}");

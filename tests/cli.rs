@@ -169,3 +169,48 @@ fn a_failing_policy_test_is_reported_and_exits_1() {
     assert!(stdout.contains("FAIL wrong expectation: got decision deny (reason insufficient_scope)"), "{stdout}");
     assert!(stdout.trim_end().ends_with("1 passed, 1 failed"), "{stdout}");
 }
+
+#[test]
+fn eval_explains_each_requirement_of_the_matched_rule() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/invoice-agents");
+    let example = std::fs::read_to_string(format!("{dir}/policy.json")).unwrap();
+    // The example policy's key is a public test vector; sign with our own key instead.
+    let signer = Signer::eddsa("corp-ed-1", 3);
+    let mut p: Value = serde_json::from_str(&example).unwrap();
+    p["providers"][0]["jwks"] = signer.jwks();
+    let file = write_policy("explained.json", &p.to_string());
+    let claims = json!({
+        "iss": "https://idp.corp.example", "aud": "https://api.corp.example", "iat": NOW, "exp": NOW + 300,
+        "sub": "spiffe://corp.example/agent/invoice-7", "trust_score": 0.9,
+        "authorization_details": [{"type": "invoice_processing", "actions": ["pay"], "identifier": "42"}]
+    });
+    let auth = format!("authorization: Bearer {}", signer.sign(&claims));
+    let config = file.to_string_lossy().to_string();
+    let now = NOW.to_string();
+    let (code, stdout, _) = agentgate(&[
+        "eval",
+        "--config",
+        &config,
+        "--method",
+        "POST",
+        "--path",
+        "/invoices/43/pay",
+        "--now",
+        &now,
+        "--header",
+        &auth,
+    ]);
+    assert_eq!(code, 1);
+    let out: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(out["rule"], "pay-invoice");
+    assert_eq!(out["reason"], "task_mismatch");
+    assert_eq!(
+        out["checks"],
+        json!([
+            {"requirement": "agents", "held": true, "reason": null},
+            {"requirement": "task", "held": false, "reason": "task_mismatch"},
+            {"requirement": "claims", "held": true, "reason": null},
+            {"requirement": "approval", "held": false, "reason": "approval_required"}
+        ])
+    );
+}
