@@ -31,6 +31,21 @@ pub struct Request<'a> {
     pub peer_uri_san: Option<&'a str>,
 }
 
+impl<'a> Request<'a> {
+    /// What the rules look at; `host` is the request's [`authority`].
+    fn target(&self, host: &'a str) -> Target<'a> {
+        Target {
+            method: self.method,
+            headers: self.headers,
+            source: self.source,
+            peer_uri_san: self.peer_uri_san,
+            host,
+            path: self.path,
+            now: self.now,
+        }
+    }
+}
+
 /// What the host must do with the request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
@@ -243,16 +258,7 @@ impl Gate {
             return (Authorization::denied(reason), wait);
         }
         let host = authority(request.headers);
-        let target = Target {
-            method: request.method,
-            headers: request.headers,
-            source: request.source,
-            peer_uri_san: request.peer_uri_san,
-            host: &host,
-            path: request.path,
-            now,
-        };
-        let mut authorization = authorize(&self.policy, &target, token);
+        let mut authorization = authorize(&self.policy, &request.target(&host), token);
         let rule = authorization.rule.and_then(|i| self.policy.rules.get(i));
         if let (Ok(()), Some(rule)) = (&authorization.result, rule) {
             if let Err((reason, wait)) = self.check_rate(state, &rule.name, rule.rate_limit.as_ref(), token, now) {
@@ -272,16 +278,7 @@ impl Gate {
                 .and_then(|t| self.verified(t, request.now, &mut false))
                 .ok()?;
         let host = authority(request.headers);
-        let target = Target {
-            method: request.method,
-            headers: request.headers,
-            source: request.source,
-            peer_uri_san: request.peer_uri_san,
-            host: &host,
-            path: request.path,
-            now: request.now,
-        };
-        explain(&self.policy, &target, &token)
+        explain(&self.policy, &request.target(&host), &token)
     }
 
     /// Decides `request` with a host's shared state (single-use tokens, rate limits).

@@ -145,23 +145,10 @@ impl HttpContext for Filter {
             _ => return self.refuse_request(Reason::HostError),
         };
         let pseudo = |name: &str| headers.iter().find(|(n, _)| n == name).map_or("", |(_, v)| v.as_str());
-        // One more host call, only for policies with `source_cidrs`.
-        let source = if gate.policy().needs_source {
-            hostcalls::get_property(vec!["source", "address"])
-                .ok()
-                .flatten()
-                .and_then(|bytes| String::from_utf8(bytes).ok())
-        } else {
-            None
-        };
-        let peer = if gate.policy().needs_peer {
-            hostcalls::get_property(vec!["connection", "uri_san_peer_certificate"])
-                .ok()
-                .flatten()
-                .and_then(|bytes| String::from_utf8(bytes).ok())
-        } else {
-            None
-        };
+        // Extra host calls only for policies that use them.
+        let policy = gate.policy();
+        let source = property(policy.needs_source, vec!["source", "address"]);
+        let peer = property(policy.needs_peer, vec!["connection", "uri_san_peer_certificate"]);
         let request = Request {
             source: source.as_deref(),
             peer_uri_san: peer.as_deref(),
@@ -186,6 +173,14 @@ impl Filter {
         self.metrics.count(Some(reason), false);
         apply(&Action::deny(reason, None))
     }
+}
+
+/// A host property as text, fetched only when `wanted`.
+fn property(wanted: bool, path: Vec<&str>) -> Option<String> {
+    if !wanted {
+        return None;
+    }
+    hostcalls::get_property(path).ok().flatten().and_then(|bytes| String::from_utf8(bytes).ok())
 }
 
 fn apply(action: &Action) -> HostAction {
