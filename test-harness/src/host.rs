@@ -203,6 +203,16 @@ impl Host {
         Ok(host)
     }
 
+    /// Delivers a new plugin configuration, as Envoy does on an ECDS update.
+    pub fn reconfigure(&mut self, policy: &str) -> Result<(), HostError> {
+        self.store.data_mut().plugin_configuration = policy.as_bytes().to_vec();
+        let size = i32::try_from(policy.len()).unwrap_or(i32::MAX);
+        if self.call::<(i32, i32), i32>("proxy_on_configure", (ROOT_CONTEXT, size))? == 0 {
+            return Err(HostError::Refused { logs: self.logs() });
+        }
+        Ok(())
+    }
+
     fn call<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(
         &mut self,
         name: &str,

@@ -221,3 +221,19 @@ fn the_filter_reads_the_mtls_peer_from_the_host() {
     host.set_property("connection.uri_san_peer_certificate", b"spiffe://corp.example/agent/b");
     assert_eq!(get(&mut host, &token).status(), 403);
 }
+
+#[test]
+fn a_revocation_pushed_as_new_configuration_applies_at_once() {
+    let mut host = host();
+    let token = token_at(&host, |_| {});
+    assert_eq!(get(&mut host, &token).status(), 200);
+    let mut revoking: Value =
+        serde_json::from_str(&policy(&signer().jwks(), &read_invoice_rule(), "enforce")).unwrap_or_default();
+    revoking["revoked"] = json!({"subjects": ["agent-7"]});
+    host.reconfigure(&revoking.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(get(&mut host, &token).status(), 403);
+    assert_eq!(last_audit(&host)["reason"], "revoked");
+    // A broken update is refused and the policy in force stays in force.
+    assert!(matches!(host.reconfigure("{\"rules\": []}"), Err(HostError::Refused { .. })));
+    assert_eq!(get(&mut host, &token).status(), 403);
+}
