@@ -37,6 +37,9 @@ pub struct AuditRecord {
     pub task_identifier: Option<String>,
     pub issuer: Option<String>,
     pub jti: Option<String>,
+    /// The first 8 bytes of the token's SHA-256, hex: ties records of one token together
+    /// without revealing it.
+    pub token_fingerprint: Option<String>,
     pub method: String,
     /// Without the query string, which may carry personal data.
     pub path: String,
@@ -49,6 +52,11 @@ impl AuditRecord {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
     }
+}
+
+/// The short, one-way token fingerprint kept in audit records.
+pub fn fingerprint(digest: &[u8; 32]) -> String {
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 /// Makes a claim value safe as an HTTP header value: visible ASCII and spaces pass, anything

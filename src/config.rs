@@ -60,6 +60,9 @@ pub struct PolicyConfig {
     pub revoked: RevokedConfig,
     /// A limit per agent over all its requests.
     pub rate_limit: Option<RateLimitConfig>,
+    /// Send the agent's token on to the upstream. Default: credentials stay at the gate.
+    #[serde(default)]
+    pub forward_token: bool,
 }
 
 #[derive(Debug, Deserialize)]

@@ -90,6 +90,57 @@ fn strip_prefix<'v>(value: &'v str, prefix: Option<&str>) -> Option<&'v str> {
     (!needs_space || rest.starts_with(' ')).then(|| rest.trim_start())
 }
 
+/// How to take every token `sources` would find out of the request before it goes upstream:
+/// headers to remove, and headers to set (`cookie` without the token's cookie, `:path`
+/// without the token's query parameter).
+pub fn strip_tokens(
+    sources: &[TokenSource],
+    headers: &[(String, String)],
+    path: &str,
+) -> (Vec<String>, Vec<(&'static str, String)>) {
+    let (mut remove, mut set) = (Vec::new(), Vec::new());
+    for source in sources {
+        match source {
+            TokenSource::Header { name, prefix } => {
+                let carries =
+                    headers.iter().any(|(n, v)| n == name && strip_prefix(v.trim(), prefix.as_deref()).is_some());
+                if carries && !remove.contains(name) {
+                    remove.push(name.clone());
+                }
+            }
+            TokenSource::Cookie(cookie) => {
+                for (_, value) in headers.iter().filter(|(n, _)| n == "cookie") {
+                    let pairs: Vec<&str> = value.split(';').map(str::trim).filter(|p| !p.is_empty()).collect();
+                    let kept: Vec<&str> =
+                        pairs.iter().copied().filter(|p| p.split_once('=').is_none_or(|(n, _)| n != cookie)).collect();
+                    if kept.len() != pairs.len() {
+                        set.push(("cookie", kept.join("; ")));
+                    }
+                }
+            }
+            TokenSource::Query(param) => {
+                let base = strip_query(path);
+                let Some(query) = path.get(base.len()..).and_then(|q| q.strip_prefix('?')) else { continue };
+                let (query, fragment) = query.split_once('#').map_or((query, None), |(q, f)| (q, Some(f)));
+                let pairs: Vec<&str> = query.split('&').collect();
+                let kept: Vec<&str> =
+                    pairs.iter().copied().filter(|p| p.split_once('=').map_or(*p, |(n, _)| n) != param).collect();
+                if kept.len() != pairs.len() {
+                    let mut rewritten = base.to_string();
+                    if !kept.is_empty() {
+                        rewritten = format!("{rewritten}?{}", kept.join("&"));
+                    }
+                    if let Some(fragment) = fragment {
+                        rewritten = format!("{rewritten}#{fragment}");
+                    }
+                    set.push((":path", rewritten));
+                }
+            }
+        }
+    }
+    (remove, set)
+}
+
 /// The one token the request carries. Several copies of the same token are fine; two
 /// different tokens are an invalid request, since which one decides would be ambiguous.
 pub fn find_token<'r>(
@@ -178,6 +229,24 @@ mod tests {
         assert_eq!(find(&[("cookie", "agent_token=t2")], "/x?access_token=t3"), Err(Reason::MultipleTokens));
         assert_eq!(find(&[("authorization", "Bearer t4")], "/x?access_token=t4"), Ok("t4".into()));
         assert_eq!(find(&[], "/x?other=t5"), Err(Reason::MissingToken));
+    }
+
+    #[test]
+    fn tokens_are_taken_out_wherever_they_came_from() {
+        let sources = [
+            TokenSource::bearer(),
+            TokenSource::Cookie("agent_token".into()),
+            TokenSource::Query("access_token".into()),
+        ];
+        let h = headers(&[("authorization", "Bearer t"), ("cookie", "a=1; agent_token=t; b=2"), ("x-other", "1")]);
+        let (remove, set) = strip_tokens(&sources, &h, "/x?a=1&access_token=t&b=2");
+        assert_eq!(remove, ["authorization"]);
+        assert_eq!(set, [("cookie", "a=1; b=2".to_string()), (":path", "/x?a=1&b=2".to_string())]);
+        let (_, set) = strip_tokens(&sources, &headers(&[]), "/x?access_token=t");
+        assert_eq!(set, [(":path", "/x".to_string())]);
+        // A Basic credential is not agentgate's to remove.
+        let (remove, set) = strip_tokens(&sources, &headers(&[("authorization", "Basic eA==")]), "/x");
+        assert!(remove.is_empty() && set.is_empty());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use crate::audit::{self, AuditRecord};
 use crate::authorize::{authorize, check_revoked, explain, strip_query, Authorization, Target};
 use crate::config::{ConfigError, Mode};
-use crate::extract::find_token;
+use crate::extract::{find_token, strip_tokens};
 use crate::policy::Policy;
 use crate::ratelimit::{MemoryLimiter, RateLimit, RateLimiter};
 use crate::reason::Reason;
@@ -174,12 +174,19 @@ impl Gate {
 
     /// A verified token for `token` at `now`, from the cache when it was seen before (then
     /// `cache_hit` is set).
-    fn verified(&self, token: &str, now: i64, cache_hit: &mut bool) -> Result<Arc<VerifiedToken>, Reason> {
+    /// `digest` is the token's SHA-256, the cache key.
+    fn verified(
+        &self,
+        token: &str,
+        digest: [u8; 32],
+        now: i64,
+        cache_hit: &mut bool,
+    ) -> Result<Arc<VerifiedToken>, Reason> {
         let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let verified = match cache.as_mut() {
             None => Arc::new(verify_untimed(&self.policy, token)?),
             Some(cache) => {
-                let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+                let key = digest;
                 match cache.get(&key) {
                     Some(hit) => {
                         *cache_hit = true;
@@ -275,7 +282,7 @@ impl Gate {
     pub fn explain(&self, request: &Request<'_>) -> Option<Vec<(&'static str, Result<(), Reason>)>> {
         let token =
             find_token(&self.policy.token_sources, request.headers, request.path, self.policy.limits.max_token_bytes)
-                .and_then(|t| self.verified(t, request.now, &mut false))
+                .and_then(|t| self.verified(t, Sha256::digest(t.as_bytes()).into(), request.now, &mut false))
                 .ok()?;
         let host = authority(request.headers);
         explain(&self.policy, &request.target(&host), &token)
@@ -285,9 +292,14 @@ impl Gate {
     pub fn evaluate_with(&self, request: &Request<'_>, guard: &dyn SharedState) -> Decision {
         let audit_id = header(request.headers, audit::REQUEST_ID);
         let mut cache_hit = false;
+        let mut fingerprint = None;
         let verified =
             find_token(&self.policy.token_sources, request.headers, request.path, self.policy.limits.max_token_bytes)
-                .and_then(|t| self.verified(t, request.now, &mut cache_hit));
+                .and_then(|t| {
+                    let digest: [u8; 32] = Sha256::digest(t.as_bytes()).into();
+                    fingerprint = Some(audit::fingerprint(&digest));
+                    self.verified(t, digest, request.now, &mut cache_hit)
+                });
         let (token, authorization, retry_after) = match verified {
             Err(reason) => (None, Authorization::denied(reason), None),
             Ok(token) => {
@@ -320,10 +332,17 @@ impl Gate {
                     retry_after.filter(|_| reason == Reason::RateLimited),
                 )
             }
-            _ => Action::Continue {
-                remove: forged_headers(request.headers),
-                set: audit_headers(reason, rule.as_deref(), token.as_deref(), audit_id, dry_run),
-            },
+            _ => {
+                let mut remove = forged_headers(request.headers);
+                let mut set = audit_headers(reason, rule.as_deref(), token.as_deref(), audit_id, dry_run);
+                if !self.policy.forward_token {
+                    // Credentials stay at the gate: the upstream learns who called from the audit headers.
+                    let (headers, rewrites) = strip_tokens(&self.policy.token_sources, request.headers, request.path);
+                    remove.extend(headers);
+                    set.extend(rewrites);
+                }
+                Action::Continue { remove, set }
+            }
         };
         let audit = AuditRecord {
             time: request.now,
@@ -337,6 +356,7 @@ impl Gate {
             task_identifier: authorization.task_identifier.clone(),
             issuer: token.as_ref().map(|t| t.issuer.clone()),
             jti: token.as_ref().and_then(|t| t.jti.clone()),
+            token_fingerprint: fingerprint,
             method: request.method.to_string(),
             path: strip_query(request.path).to_string(),
             dry_run,

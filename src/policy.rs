@@ -32,6 +32,7 @@ pub struct Policy {
     pub rate_limit: Option<RateLimit>,
     /// Some rule binds the agent to the mTLS peer: hosts fetch the peer's URI SAN only then.
     pub needs_peer: bool,
+    pub forward_token: bool,
 }
 
 fn rate_limit(at: &str, raw: Option<&config::RateLimitConfig>) -> Result<Option<RateLimit>, ConfigError> {
@@ -238,6 +239,7 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
         needs_claims,
         rate_limit: rate_limit("rate_limit", config.rate_limit.as_ref())?,
         needs_peer,
+        forward_token: config.forward_token,
     })
 }
 

@@ -99,7 +99,8 @@ fn client_sent_agent_headers_are_removed() {
         NOW,
     );
     match &d.action {
-        Action::Continue { remove, .. } => assert_eq!(remove, &["x-agent-id", "x-agent-extra"]),
+        // The token goes too: credentials stay at the gate.
+        Action::Continue { remove, .. } => assert_eq!(remove, &["x-agent-id", "x-agent-extra", "authorization"]),
         other => panic!("{other:?}"),
     }
 }
@@ -459,4 +460,27 @@ fn tokens_from_several_providers_are_told_apart_by_issuer() {
     // The partner's key does not vouch for the corporate issuer, nor the other way round.
     assert_eq!(get(&gate, "/invoices/1", &other.sign(&claims("invoices:read"))).reason, Some(Reason::UnknownKid));
     assert_eq!(get(&gate, "/invoices/1", &es().sign(&partner)).reason, Some(Reason::UnknownKid));
+}
+
+#[test]
+fn forward_token_keeps_the_credential_for_the_upstream() {
+    let jwks = json!({"keys": [es().jwk()]});
+    let mut p: Value = serde_json::from_str(&policy(&jwks, &read_invoice_rule(), "enforce")).unwrap_or_default();
+    p["forward_token"] = json!(true);
+    let gate = Gate::from_json(&p.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    match &get(&gate, "/invoices/1", &es().sign(&claims("invoices:read"))).action {
+        Action::Continue { remove, .. } => assert!(remove.is_empty(), "{remove:?}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn audit_record_carries_a_token_fingerprint_not_the_token() {
+    let token = es().sign(&claims("invoices:read"));
+    let first = get(&gate(), "/invoices/1", &token);
+    let again = get(&gate(), "/invoices/2", &token);
+    let fingerprint = first.audit.token_fingerprint.clone().unwrap_or_default();
+    assert_eq!(fingerprint.len(), 16);
+    assert_eq!(again.audit.token_fingerprint, Some(fingerprint.clone()), "one token, one fingerprint");
+    assert_ne!(get(&gate(), "/invoices/1", &es().sign(&claims("x"))).audit.token_fingerprint, Some(fingerprint));
 }

@@ -39,6 +39,7 @@ fn allowed_request_reaches_upstream_with_audit_headers() {
     assert_eq!(r.upstream_header("x-agent-id").as_deref(), Some("agent-7"));
     assert_eq!(r.upstream_header("x-agent-decision").as_deref(), Some("allow"));
     assert_eq!(r.upstream_header("x-agent-rule").as_deref(), Some("read-invoice"));
+    assert_eq!(r.upstream_header("authorization"), None, "the token stays at the gate");
     let request_id = r.upstream_header("x-request-id").unwrap_or_default();
     assert_ne!(request_id, "chosen-by-client");
     assert_eq!(r.upstream_header("x-agent-audit-id"), Some(request_id.clone()));
@@ -325,4 +326,23 @@ fn rate_limit_answers_429_with_retry_after() {
         "{limited:?}"
     );
     assert_eq!(limited.json()["error"], "too_many_requests");
+}
+
+#[test]
+fn tokens_in_cookies_and_query_strings_stay_at_the_gate() {
+    let signer = Signer::es256("es-1", 1);
+    let mut p: Value =
+        serde_json::from_str(&policy(&signer.jwks(), &read_invoice_rule(), "enforce")).unwrap_or_default();
+    p["token_sources"] = json!([{"cookie": "agent_token"}, {"query": "access_token"}]);
+    let upstream = Upstream::start();
+    let envoy = Envoy::start(&p.to_string(), upstream.port).unwrap_or_else(|e| panic!("{e}"));
+    let token = signer.sign(&agent_claims("agent-7", "invoices:read", now()));
+    let by_cookie = envoy.get("/invoices/1?page=2", &[("cookie", &format!("theme=dark; agent_token={token}"))]);
+    assert_eq!(by_cookie.status, 200, "{}", by_cookie.body);
+    assert_eq!(by_cookie.upstream_header("cookie").as_deref(), Some("theme=dark"));
+    assert_eq!(by_cookie.json()["path"], "/invoices/1?page=2");
+    let by_query = envoy.get(&format!("/invoices/1?page=2&access_token={token}"), &[]);
+    assert_eq!(by_query.status, 200, "{}", by_query.body);
+    assert_eq!(by_query.json()["path"], "/invoices/1?page=2");
+    assert!(!envoy.logs().contains(&token), "the token is never logged");
 }
