@@ -1,23 +1,116 @@
-//! Stage 4: what the decision leaves behind: the audit headers sent upstream and the JSON
-//! audit record logged for every request, allowed or denied.
+//! Stage 4: what the decision leaves behind: the audit headers sent upstream, the JSON audit
+//! record logged for every request, allowed or denied, and the fields an access log prints.
 
+use hmac::{Hmac, Mac};
 use serde::Serialize;
+use sha2::Sha256;
 
-/// Every header agentgate sets starts with this; the client's own are removed first, so an
-/// upstream can trust them.
-pub const HEADER_PREFIX: &str = "x-agent-";
-pub const AGENT_ID: &str = "x-agent-id";
-pub const ON_BEHALF_OF: &str = "x-agent-on-behalf-of";
-pub const DECISION: &str = "x-agent-decision";
-pub const RULE: &str = "x-agent-rule";
-pub const AUDIT_ID: &str = "x-agent-audit-id";
-pub const DRY_RUN: &str = "x-agent-dry-run";
-pub const REASON: &str = "x-agent-reason";
+/// The default prefix of every header agentgate sets upstream (`audit.header_prefix`).
+pub const DEFAULT_HEADER_PREFIX: &str = "x-agent-";
 
 /// The request header whose value becomes the audit id (Envoy sets it on every request).
 pub const REQUEST_ID: &str = "x-request-id";
 
-/// One record per request. Never holds the token or its signature.
+/// The names of the headers agentgate sets, all under one prefix. Client headers with the
+/// prefix are removed first, so an upstream can trust them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderNames {
+    pub prefix: String,
+    pub agent_id: String,
+    pub on_behalf_of: String,
+    pub delegation_chain: String,
+    pub task_type: String,
+    pub task_id: String,
+    pub rule: String,
+    pub decision: String,
+    pub audit_id: String,
+    pub dry_run: String,
+    pub reason: String,
+}
+
+impl HeaderNames {
+    pub fn with_prefix(prefix: &str) -> HeaderNames {
+        let name = |suffix: &str| format!("{prefix}{suffix}");
+        HeaderNames {
+            prefix: prefix.to_string(),
+            agent_id: name("id"),
+            on_behalf_of: name("on-behalf-of"),
+            delegation_chain: name("delegation-chain"),
+            task_type: name("task-type"),
+            task_id: name("task-id"),
+            rule: name("rule"),
+            decision: name("decision"),
+            audit_id: name("audit-id"),
+            dry_run: name("dry-run"),
+            reason: name("reason"),
+        }
+    }
+
+    /// Whether a (lower-case) header name is in agentgate's namespace.
+    pub fn owns(&self, name: &str) -> bool {
+        name.len() >= self.prefix.len()
+            && name.get(..self.prefix.len()).is_some_and(|p| p.eq_ignore_ascii_case(&self.prefix))
+    }
+}
+
+impl Default for HeaderNames {
+    fn default() -> Self {
+        HeaderNames::with_prefix(DEFAULT_HEADER_PREFIX)
+    }
+}
+
+/// Replaces subject identifiers with keyed pseudonyms: the same subject always gets the same
+/// pseudonym (records stay linkable), and only the key holder can tell who it is.
+#[derive(Clone)]
+pub struct Pseudonymizer {
+    key: Vec<u8>,
+}
+
+impl std::fmt::Debug for Pseudonymizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pseudonymizer(..)")
+    }
+}
+
+/// Shorter keys are refused: a guessable key makes pseudonyms reversible by brute force.
+pub const MIN_PSEUDONYM_KEY_BYTES: usize = 32;
+
+impl Pseudonymizer {
+    pub fn new(key: &[u8]) -> Option<Pseudonymizer> {
+        (key.len() >= MIN_PSEUDONYM_KEY_BYTES).then(|| Pseudonymizer { key: key.to_vec() })
+    }
+
+    /// HMAC-SHA256 of `subject`, the first 16 bytes in hex.
+    pub fn pseudonym(&self, subject: &str) -> String {
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&self.key) else { return String::new() };
+        mac.update(subject.as_bytes());
+        mac.finalize().into_bytes().iter().take(16).map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// The compiled `audit` section of the policy.
+#[derive(Debug, Clone, Default)]
+pub struct AuditSettings {
+    pub headers: HeaderNames,
+    pub pseudonymizer: Option<Pseudonymizer>,
+    /// Log the query string (without token parameters).
+    pub log_query: bool,
+    /// Set the record's key fields as host properties (Envoy filter state) for access logs.
+    pub filter_state: bool,
+}
+
+impl AuditSettings {
+    /// A subject identifier as it may leave the gate.
+    pub fn subject(&self, subject: &str) -> String {
+        match &self.pseudonymizer {
+            Some(p) => p.pseudonym(subject),
+            None => subject.to_string(),
+        }
+    }
+}
+
+/// One record per request. Never holds the token or its signature; subject identifiers are
+/// pseudonyms when the policy asks for them.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AuditRecord {
     /// Unix seconds.
@@ -33,6 +126,8 @@ pub struct AuditRecord {
     pub on_behalf_of: Option<String>,
     /// The delegation chain, current actor first.
     pub actors: Vec<String>,
+    /// The RFC 9396 task type the matched rule required.
+    pub task_type: Option<String>,
     /// The task identifier the matched rule bound from the path.
     pub task_identifier: Option<String>,
     pub issuer: Option<String>,
@@ -41,8 +136,10 @@ pub struct AuditRecord {
     /// without revealing it.
     pub token_fingerprint: Option<String>,
     pub method: String,
-    /// Without the query string, which may carry personal data.
+    /// Without the query string unless `audit.log_query` (and never with a token in it).
     pub path: String,
+    /// The client address as the host reported it.
+    pub source: Option<String>,
     pub dry_run: bool,
     /// The status agentgate answered with itself; `None` when the request went upstream.
     pub status: Option<u16>,
@@ -51,6 +148,47 @@ pub struct AuditRecord {
 impl AuditRecord {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// The headers that tell the upstream who called, for what, under which rule.
+    pub fn upstream_headers(&self, names: &HeaderNames) -> Vec<(String, String)> {
+        let mut set = vec![(names.decision.clone(), self.decision.to_string())];
+        let mut put = |name: &String, value: Option<&str>| {
+            if let Some(value) = value {
+                set.push((name.clone(), header_value(value)));
+            }
+        };
+        put(&names.agent_id, self.agent.as_deref());
+        put(&names.on_behalf_of, self.on_behalf_of.as_deref());
+        put(&names.task_type, self.task_type.as_deref());
+        put(&names.task_id, self.task_identifier.as_deref());
+        put(&names.rule, self.rule.as_deref());
+        put(&names.audit_id, self.audit_id.as_deref());
+        if self.dry_run {
+            put(&names.dry_run, Some("true"));
+            put(&names.reason, self.reason);
+        }
+        if !self.actors.is_empty() {
+            // Commas separate the actors, so one inside an identifier is encoded.
+            let chain: Vec<String> = self.actors.iter().map(|a| header_value(a).replace(',', "%2C")).collect();
+            set.push((names.delegation_chain.clone(), chain.join(",")));
+        }
+        set
+    }
+
+    /// The fields an access log prints, for hosts that keep per-request state (Envoy filter
+    /// state `wasm.agentgate.<field>`). Absent values are left out.
+    pub fn log_fields(&self) -> Vec<(&'static str, &str)> {
+        let mut fields = vec![("decision", self.decision)];
+        let optional = [
+            ("reason", self.reason),
+            ("rule", self.rule.as_deref()),
+            ("agent", self.agent.as_deref()),
+            ("on_behalf_of", self.on_behalf_of.as_deref()),
+            ("task_identifier", self.task_identifier.as_deref()),
+        ];
+        fields.extend(optional.into_iter().filter_map(|(name, value)| value.map(|v| (name, v))));
+        fields
     }
 }
 
@@ -82,5 +220,28 @@ mod tests {
         assert_eq!(header_value("agent-7"), "agent-7");
         assert_eq!(header_value("a\r\nx-agent-id: evil"), "a%0D%0Ax-agent-id: evil");
         assert_eq!(header_value("é%"), "%C3%A9%25");
+    }
+
+    #[test]
+    fn pseudonyms_are_stable_keyed_and_need_a_long_key() {
+        assert!(Pseudonymizer::new(b"short").is_none());
+        let a = Pseudonymizer::new(&[7; 32]).map(|p| p.pseudonym("alice"));
+        let b = Pseudonymizer::new(&[8; 32]).map(|p| p.pseudonym("alice"));
+        assert_eq!(a, Pseudonymizer::new(&[7; 32]).map(|p| p.pseudonym("alice")));
+        assert_ne!(a, b);
+        assert_eq!(a.as_ref().map(String::len), Some(32));
+        assert_ne!(a.as_deref(), Some("alice"));
+        // RFC 4231 test case 6: the documented algorithm, reproducible by anyone with the key.
+        let rfc = Pseudonymizer::new(&[0xaa; 131])
+            .map(|p| p.pseudonym("Test Using Larger Than Block-Size Key - Hash Key First"));
+        assert_eq!(rfc.as_deref(), Some("60e431591ee0b67f0d8a26aacbf5b77f"));
+    }
+
+    #[test]
+    fn names_follow_the_prefix() {
+        let names = HeaderNames::with_prefix("x-gw-");
+        assert_eq!(names.agent_id, "x-gw-id");
+        assert!(names.owns("X-GW-anything"));
+        assert!(!names.owns("x-agent-id"));
     }
 }

@@ -63,6 +63,46 @@ pub struct PolicyConfig {
     /// Send the agent's token on to the upstream. Default: credentials stay at the gate.
     #[serde(default)]
     pub forward_token: bool,
+    /// What the upstream, the audit log and the access log are told.
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// The prefix of every header agentgate sets upstream; client headers with it are removed.
+    #[serde(default = "default_header_prefix")]
+    pub header_prefix: String,
+    /// A secret of at least 32 bytes: subject identifiers (agent, on-behalf-of, actors) in
+    /// headers and records become HMAC-SHA256 pseudonyms.
+    pub pseudonymize_key: Option<String>,
+    /// Log the query string too (token parameters removed).
+    #[serde(default)]
+    pub log_query: bool,
+    /// Set decision, reason, rule and agent as filter state (`wasm.agentgate.*`) for access logs.
+    #[serde(default = "default_true")]
+    pub filter_state: bool,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            header_prefix: default_header_prefix(),
+            pseudonymize_key: None,
+            log_query: false,
+            filter_state: true,
+        }
+    }
+}
+
+fn default_header_prefix() -> String {
+    crate::audit::DEFAULT_HEADER_PREFIX.to_string()
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]

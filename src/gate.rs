@@ -1,6 +1,6 @@
 //! The pipeline: extract → verify → authorize → audit, and the decision a host applies.
 
-use crate::audit::{self, AuditRecord};
+use crate::audit::{self, AuditRecord, HeaderNames};
 use crate::authorize::{authorize, check_revoked, explain, strip_query, Authorization, Target};
 use crate::config::{ConfigError, Mode};
 use crate::extract::{find_token, strip_tokens};
@@ -50,43 +50,41 @@ impl<'a> Request<'a> {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Forward upstream after removing `remove` and setting `set`.
-    Continue { remove: Vec<String>, set: Vec<(&'static str, String)> },
+    Continue { remove: Vec<String>, set: Vec<(String, String)> },
     /// Answer locally; the request never reaches the upstream.
-    Respond { status: u16, headers: Vec<(&'static str, String)>, body: String },
+    Respond { status: u16, headers: Vec<(String, String)>, body: String },
 }
 
 impl Action {
-    /// The local response for a denial.
+    /// The local response for a denial, for hosts without a policy to take header names from.
     pub fn deny(reason: Reason, audit_id: Option<&str>) -> Action {
-        Action::deny_with(reason, audit_id, None)
+        Action::deny_full(&HeaderNames::default(), reason, audit_id, None, None)
     }
 
-    /// The local response for a denial, with extra challenge attributes (RFC 9470 step-up)
-    /// or a `Retry-After` (rate limits).
-    pub fn deny_with(reason: Reason, audit_id: Option<&str>, challenge_extra: Option<&str>) -> Action {
-        Action::deny_full(reason, audit_id, challenge_extra, None)
-    }
-
+    /// The local response for a denial: status, challenge (with RFC 9470 step-up attributes
+    /// in `challenge_extra`), `Retry-After` for rate limits, the audit id — and nothing else
+    /// that would help an attacker.
     fn deny_full(
+        names: &HeaderNames,
         reason: Reason,
         audit_id: Option<&str>,
         challenge_extra: Option<&str>,
         retry_after: Option<u64>,
     ) -> Action {
         let spec = reason.spec();
-        let mut headers = vec![("content-type", "application/json".to_string())];
+        let mut headers = vec![("content-type".to_string(), "application/json".to_string())];
         if let Some(seconds) = retry_after {
-            headers.push(("retry-after", seconds.to_string()));
+            headers.push(("retry-after".to_string(), seconds.to_string()));
         }
         if let Some(challenge) = reason.challenge() {
             let challenge = match challenge_extra {
                 Some(extra) => format!("{challenge}, {extra}"),
                 None => challenge,
             };
-            headers.push(("www-authenticate", challenge));
+            headers.push(("www-authenticate".to_string(), challenge));
         }
         if let Some(id) = audit_id {
-            headers.push((audit::AUDIT_ID, audit::header_value(id)));
+            headers.push((names.audit_id.clone(), audit::header_value(id)));
         }
         let error = spec.error.unwrap_or(match spec.status {
             401 => "unauthorized",
@@ -104,6 +102,8 @@ pub struct Decision {
     pub allowed: bool,
     pub reason: Option<Reason>,
     pub rule: Option<String>,
+    /// Index into `policy().rules` of the matched rule.
+    pub rule_index: Option<usize>,
     pub dry_run: bool,
     /// The token was verified earlier and came from the cache: no signature was checked.
     pub cache_hit: bool,
@@ -313,6 +313,35 @@ impl Gate {
         // A rule's own mode wins over the policy's: one rule can be rolled out in dry run.
         let dry_run = matched.and_then(|r| r.mode).unwrap_or(self.policy.mode) == Mode::DryRun;
 
+        let settings = &self.policy.audit;
+        let subject = |s: &str| settings.subject(s);
+        // Token parameters leave the path before anything sees it: the log, and (unless
+        // forwarded) the upstream.
+        let (token_headers, token_rewrites) = strip_tokens(&self.policy.token_sources, request.headers, request.path);
+        let logged_path = match settings.log_query {
+            false => strip_query(request.path),
+            true => token_rewrites.iter().find(|(n, _)| *n == ":path").map_or(request.path, |(_, p)| p.as_str()),
+        };
+        let mut audit = AuditRecord {
+            time: request.now,
+            audit_id: audit_id.map(str::to_string),
+            decision: if reason.is_none() { "allow" } else { "deny" },
+            reason: reason.map(Reason::code),
+            rule: rule.clone(),
+            agent: token.as_ref().and_then(|t| t.agent().map(subject)),
+            on_behalf_of: token.as_ref().and_then(|t| t.on_behalf_of().map(subject)),
+            actors: token.as_ref().map(|t| t.actors.iter().map(|a| subject(a)).collect()).unwrap_or_default(),
+            task_type: matched.and_then(|r| r.task.as_ref()).map(|t| t.kind.clone()),
+            task_identifier: authorization.task_identifier.clone(),
+            issuer: token.as_ref().map(|t| t.issuer.clone()),
+            jti: token.as_ref().and_then(|t| t.jti.clone()),
+            token_fingerprint: fingerprint,
+            method: request.method.to_string(),
+            path: logged_path.to_string(),
+            source: request.source.map(str::to_string),
+            dry_run,
+            status: None,
+        };
         let action = match reason {
             Some(reason) if !dry_run => {
                 let step_up = matched
@@ -325,47 +354,32 @@ impl Gate {
                         }
                         extra
                     });
-                Action::deny_full(
-                    reason,
-                    audit_id,
-                    step_up.as_deref(),
-                    retry_after.filter(|_| reason == Reason::RateLimited),
-                )
+                let retry_after = retry_after.filter(|_| reason == Reason::RateLimited);
+                let action = Action::deny_full(&settings.headers, reason, audit_id, step_up.as_deref(), retry_after);
+                audit.status = Some(reason.spec().status);
+                action
             }
             _ => {
-                let mut remove = forged_headers(request.headers);
-                let mut set = audit_headers(reason, rule.as_deref(), token.as_deref(), audit_id, dry_run);
+                let mut remove = forged_headers(&settings.headers, request.headers);
+                let mut set = audit.upstream_headers(&settings.headers);
                 if !self.policy.forward_token {
                     // Credentials stay at the gate: the upstream learns who called from the audit headers.
-                    let (headers, rewrites) = strip_tokens(&self.policy.token_sources, request.headers, request.path);
-                    remove.extend(headers);
-                    set.extend(rewrites);
+                    remove.extend(token_headers);
+                    set.extend(token_rewrites.into_iter().map(|(n, v)| (n.to_string(), v)));
                 }
                 Action::Continue { remove, set }
             }
         };
-        let audit = AuditRecord {
-            time: request.now,
-            audit_id: audit_id.map(str::to_string),
-            decision: if reason.is_none() { "allow" } else { "deny" },
-            reason: reason.map(Reason::code),
-            rule: rule.clone(),
-            agent: token.as_ref().and_then(|t| t.agent().map(str::to_string)),
-            on_behalf_of: token.as_ref().and_then(|t| t.on_behalf_of().map(str::to_string)),
-            actors: token.as_ref().map(|t| t.actors.clone()).unwrap_or_default(),
-            task_identifier: authorization.task_identifier.clone(),
-            issuer: token.as_ref().map(|t| t.issuer.clone()),
-            jti: token.as_ref().and_then(|t| t.jti.clone()),
-            token_fingerprint: fingerprint,
-            method: request.method.to_string(),
-            path: strip_query(request.path).to_string(),
+        Decision {
+            allowed: reason.is_none(),
+            reason,
+            rule,
+            rule_index: authorization.rule,
             dry_run,
-            status: match &action {
-                Action::Respond { status, .. } => Some(*status),
-                Action::Continue { .. } => None,
-            },
-        };
-        Decision { allowed: reason.is_none(), reason, rule, dry_run, cache_hit, action, audit }
+            cache_hit,
+            action,
+            audit,
+        }
     }
 }
 
@@ -385,44 +399,9 @@ fn authority(headers: &[(String, String)]) -> String {
 }
 
 /// Client-sent headers in agentgate's namespace: removed so nobody can forge them.
-fn forged_headers(headers: &[(String, String)]) -> Vec<String> {
-    let mut names: Vec<String> = headers
-        .iter()
-        .filter(|(name, _)| {
-            name.len() >= audit::HEADER_PREFIX.len()
-                && name.get(..audit::HEADER_PREFIX.len()).is_some_and(|p| p.eq_ignore_ascii_case(audit::HEADER_PREFIX))
-        })
-        .map(|(name, _)| name.clone())
-        .collect();
+fn forged_headers(ours: &HeaderNames, headers: &[(String, String)]) -> Vec<String> {
+    let mut names: Vec<String> =
+        headers.iter().filter(|(name, _)| ours.owns(name)).map(|(name, _)| name.clone()).collect();
     names.dedup();
     names
-}
-
-fn audit_headers(
-    reason: Option<Reason>,
-    rule: Option<&str>,
-    token: Option<&VerifiedToken>,
-    audit_id: Option<&str>,
-    dry_run: bool,
-) -> Vec<(&'static str, String)> {
-    let mut set = vec![(audit::DECISION, if reason.is_none() { "allow" } else { "deny" }.to_string())];
-    if let Some(agent) = token.and_then(VerifiedToken::agent) {
-        set.push((audit::AGENT_ID, audit::header_value(agent)));
-    }
-    if let Some(user) = token.and_then(VerifiedToken::on_behalf_of) {
-        set.push((audit::ON_BEHALF_OF, audit::header_value(user)));
-    }
-    if let Some(rule) = rule {
-        set.push((audit::RULE, audit::header_value(rule)));
-    }
-    if let Some(id) = audit_id {
-        set.push((audit::AUDIT_ID, audit::header_value(id)));
-    }
-    if dry_run {
-        set.push((audit::DRY_RUN, "true".to_string()));
-        if let Some(reason) = reason {
-            set.push((audit::REASON, reason.code().to_string()));
-        }
-    }
-    set
 }

@@ -1,6 +1,7 @@
 //! The compiled policy: parsed and checked once at configure time (keys decoded, templates
 //! in a router), so the request path only reads it. Every error names its JSON path.
 
+use crate::audit::{self, AuditSettings, HeaderNames, Pseudonymizer, MIN_PSEUDONYM_KEY_BYTES};
 use crate::config::{self, ConfigError, Mode, PolicyConfig, ProviderConfig, RuleConfig};
 use crate::context::{parse_cidr, Condition, TimeWindow};
 use crate::extract::TokenSource;
@@ -33,6 +34,7 @@ pub struct Policy {
     /// Some rule binds the agent to the mTLS peer: hosts fetch the peer's URI SAN only then.
     pub needs_peer: bool,
     pub forward_token: bool,
+    pub audit: AuditSettings,
 }
 
 fn rate_limit(at: &str, raw: Option<&config::RateLimitConfig>) -> Result<Option<RateLimit>, ConfigError> {
@@ -222,6 +224,7 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
         actors: patterns("revoked.actors", &config.revoked.actors)?,
         jtis: config.revoked.jtis.into_iter().collect(),
     };
+    let audit = compile_audit(&config.audit, &token_sources, config.forward_token)?;
     let needs_source = rules.iter().any(|r: &Rule| r.source_cidrs.is_some());
     let needs_claims = rules.iter().any(|r: &Rule| !r.claims.is_empty());
     let needs_peer = rules.iter().any(|r: &Rule| r.bind_mtls_peer);
@@ -240,7 +243,46 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
         rate_limit: rate_limit("rate_limit", config.rate_limit.as_ref())?,
         needs_peer,
         forward_token: config.forward_token,
+        audit,
     })
+}
+
+fn compile_audit(
+    raw: &config::AuditConfig,
+    token_sources: &[TokenSource],
+    forward_token: bool,
+) -> Result<AuditSettings, ConfigError> {
+    let prefix = &raw.header_prefix;
+    let valid = prefix.len() >= 3 && prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !valid {
+        return Err(ConfigError::at(
+            "audit.header_prefix",
+            format!("{prefix:?} must be at least 3 characters of a-z, 0-9 and '-', like \"x-agent-\""),
+        ));
+    }
+    let headers = HeaderNames::with_prefix(prefix);
+    // Client headers with the prefix are removed (after the token is read): the prefix must
+    // not swallow ones the upstream is meant to get.
+    let token_headers = token_sources.iter().filter(|_| forward_token).filter_map(|s| match s {
+        TokenSource::Header { name, .. } => Some(name.as_str()),
+        _ => None,
+    });
+    if let Some(taken) = [audit::REQUEST_ID, "cookie"].into_iter().chain(token_headers).find(|h| headers.owns(h)) {
+        return Err(ConfigError::at(
+            "audit.header_prefix",
+            format!("{prefix:?} would remove the client's {taken:?} header"),
+        ));
+    }
+    let pseudonymizer = match &raw.pseudonymize_key {
+        None => None,
+        Some(key) => Some(Pseudonymizer::new(key.as_bytes()).ok_or_else(|| {
+            ConfigError::at(
+                "audit.pseudonymize_key",
+                format!("must be at least {MIN_PSEUDONYM_KEY_BYTES} bytes (e.g. `openssl rand -hex 32`)"),
+            )
+        })?),
+    };
+    Ok(AuditSettings { headers, pseudonymizer, log_query: raw.log_query, filter_state: raw.filter_state })
 }
 
 fn compile_provider(at: &str, raw: ProviderConfig, load: FileLoader<'_>) -> Result<Provider, ConfigError> {

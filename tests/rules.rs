@@ -154,8 +154,8 @@ fn agents_match_the_acting_party() {
     assert_eq!(d.audit.on_behalf_of.as_deref(), Some("alice"));
     match &d.action {
         Action::Continue { set, .. } => {
-            assert!(set.contains(&("x-agent-id", "spiffe://corp.example/agent/billing".to_string())));
-            assert!(set.contains(&("x-agent-on-behalf-of", "alice".to_string())));
+            assert!(set.contains(&("x-agent-id".to_string(), "spiffe://corp.example/agent/billing".to_string())));
+            assert!(set.contains(&("x-agent-on-behalf-of".to_string(), "alice".to_string())));
         }
         other => panic!("{other:?}"),
     }
@@ -354,7 +354,7 @@ fn rate_limits_per_agent_per_rule_and_for_the_policy() {
     match &limited.action {
         Action::Respond { status, headers, .. } => {
             assert_eq!(*status, 429);
-            assert!(headers.contains(&("retry-after", "30".to_string())), "{headers:?}");
+            assert!(headers.contains(&("retry-after".to_string(), "30".to_string())), "{headers:?}");
         }
         other => panic!("{other:?}"),
     }

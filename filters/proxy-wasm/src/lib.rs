@@ -27,17 +27,29 @@ struct Metrics {
     cache_hits: Option<u32>,
     cache_misses: Option<u32>,
     denied: Vec<(Reason, u32)>,
+    /// Per rule, in policy order: (allowed, denied).
+    rules: Vec<(Option<u32>, Option<u32>)>,
 }
 
 impl Metrics {
-    fn define() -> Metrics {
+    /// The counters for `gate`'s policy (per-rule ones included). Envoy hands back the same
+    /// counter for a name defined again, so a reconfiguration keeps counting.
+    fn define(gate: Option<&Gate>) -> Metrics {
         let counter = |name: &str| hostcalls::define_metric(MetricType::Counter, name).ok();
+        let rules = gate.map_or(&[][..], |g| &g.policy().rules[..]);
         Metrics {
             allowed: counter("agentgate.allowed"),
             dry_run_denied: counter("agentgate.dry_run.denied"),
             cache_hits: counter("agentgate.token_cache.hit"),
             cache_misses: counter("agentgate.token_cache.miss"),
             denied: Reason::ALL.iter().filter_map(|&r| counter(&r.metric()).map(|id| (r, id))).collect(),
+            rules: rules
+                .iter()
+                .map(|rule| {
+                    let name = rule_metric(&rule.name);
+                    (counter(&format!("{name}.allowed")), counter(&format!("{name}.denied")))
+                })
+                .collect(),
         }
     }
 
@@ -49,6 +61,12 @@ impl Metrics {
 
     fn count_cache(&self, hit: bool) {
         Metrics::bump(if hit { self.cache_hits } else { self.cache_misses });
+    }
+
+    fn count_rule(&self, index: Option<usize>, allowed: bool) {
+        if let Some(&(allow, deny)) = index.and_then(|i| self.rules.get(i)) {
+            Metrics::bump(if allowed { allow } else { deny });
+        }
     }
 
     fn count(&self, reason: Option<Reason>, dry_run: bool) {
@@ -75,7 +93,7 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
-        self.metrics = Rc::new(Metrics::define());
+        self.metrics = Rc::new(Metrics::define(None));
         true
     }
 
@@ -102,6 +120,7 @@ impl RootContext for Root {
                     ),
                 );
                 prepare_replay_buckets(&gate);
+                self.metrics = Rc::new(Metrics::define(Some(&gate)));
                 self.gate = Some(Rc::new(gate));
                 true
             }
@@ -116,6 +135,12 @@ impl RootContext for Root {
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
     }
+}
+
+/// A rule's counter prefix: Envoy stat names keep `[A-Za-z0-9_-]`; anything else becomes `_`.
+fn rule_metric(rule: &str) -> String {
+    let name: String = rule.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+    format!("agentgate.rule.{name}")
 }
 
 fn refuse(message: &str) -> bool {
@@ -147,7 +172,8 @@ impl HttpContext for Filter {
         let pseudo = |name: &str| headers.iter().find(|(n, _)| n == name).map_or("", |(_, v)| v.as_str());
         // Extra host calls only for policies that use them.
         let policy = gate.policy();
-        let source = property(policy.needs_source, vec!["source", "address"]);
+        // The client address goes into every audit record.
+        let source = property(true, vec!["source", "address"]);
         let peer = property(policy.needs_peer, vec!["connection", "uri_san_peer_certificate"]);
         let request = Request {
             source: source.as_deref(),
@@ -160,6 +186,12 @@ impl HttpContext for Filter {
         let decision = gate.evaluate_with(&request, &SharedDataGuard);
         log(LogLevel::Info, &format!("agentgate audit {}", decision.audit.to_json()));
         self.metrics.count(decision.reason, decision.dry_run);
+        self.metrics.count_rule(decision.rule_index, decision.allowed);
+        if policy.audit.filter_state {
+            for (field, value) in decision.audit.log_fields() {
+                let _ = hostcalls::set_property(vec![&format!("agentgate.{field}")], Some(value.as_bytes()));
+            }
+        }
         if decision.audit.issuer.is_some() {
             self.metrics.count_cache(decision.cache_hit);
         }
@@ -190,12 +222,12 @@ fn apply(action: &Action) -> HostAction {
                 let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
             }
             for (name, value) in set {
-                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
+                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value.as_str()));
             }
             HostAction::Continue
         }
         Action::Respond { status, headers, body } => {
-            let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
             if hostcalls::send_http_response(u32::from(*status), headers, Some(body.as_bytes())).is_err() {
                 // The host could not answer for us: stop the stream rather than let it through.
                 let _ = hostcalls::reset_http_request();
