@@ -117,6 +117,7 @@ impl Envoy {
         std::fs::write(&config, render_config(policy, upstream_port)).map_err(|e| e.to_string())?;
         let admin_file = dir.join("admin-address");
         let log = std::fs::File::create(dir.join("envoy.log")).map_err(|e| e.to_string())?;
+        let access_log = std::fs::File::create(dir.join("access.log")).map_err(|e| e.to_string())?;
         let child = Command::new(envoy_binary())
             .arg("-c")
             .arg(&config)
@@ -128,11 +129,15 @@ impl Envoy {
                 "warning",
                 "--component-log-level",
                 "wasm:info",
+                // Access log files are flushed every 10 s by default.
+                "--file-flush-interval-msec",
+                "100",
             ])
             .arg("--admin-address-path")
             .arg(&admin_file)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            // The access log (envoy-config/demo.yaml logs to stdout).
+            .stdout(access_log)
             // Envoy's log on stderr is written at once (a --log-path file is flushed lazily).
             .stderr(log)
             .spawn()
@@ -210,6 +215,20 @@ impl Envoy {
             .filter_map(|line| line.split_once("agentgate audit ").map(|(_, json)| json))
             .filter_map(|json| serde_json::from_str(json).ok())
             .collect()
+    }
+
+    /// The access log lines written so far, parsed (one JSON object per request). Envoy
+    /// flushes its access logs every 100 ms here: this waits up to 5 s for `count` lines.
+    pub fn access_log(&self, count: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default();
+            let lines: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+            if lines.len() >= count || Instant::now() > deadline {
+                return lines;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Whether the Envoy process is still running.

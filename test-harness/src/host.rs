@@ -125,6 +125,9 @@ struct State {
     request_headers: Vec<(String, String)>,
     local_response: Option<(u32, Headers, Vec<u8>)>,
     properties: HashMap<String, Vec<u8>>,
+    /// What the filter set with `proxy_set_property` during the last request (Envoy's
+    /// filter state), by dotted path.
+    filter_state: HashMap<String, Vec<u8>>,
     tick_period_ms: u32,
     calls: Vec<HttpCall>,
     next_call: u32,
@@ -176,6 +179,7 @@ impl Host {
             request_headers: Vec::new(),
             local_response: None,
             properties: HashMap::new(),
+            filter_state: HashMap::new(),
             tick_period_ms: 0,
             calls: Vec::new(),
             next_call: 1,
@@ -233,6 +237,7 @@ impl Host {
             let state = self.store.data_mut();
             state.request_headers = headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.to_string())).collect();
             state.local_response = None;
+            state.filter_state.clear();
         }
         self.call::<(i32, i32), ()>("proxy_on_context_create", (context, ROOT_CONTEXT))?;
         let count = i32::try_from(headers.len()).unwrap_or(i32::MAX);
@@ -303,6 +308,11 @@ impl Host {
     /// Sets a host property such as `source.address` (path segments joined with '.').
     pub fn set_property(&mut self, path: &str, value: &[u8]) {
         self.store.data_mut().properties.insert(path.replace('.', "\0"), value.to_vec());
+    }
+
+    /// A value the filter set as filter state during the last request (`agentgate.decision`).
+    pub fn filter_state(&self, path: &str) -> Option<String> {
+        self.store.data().filter_state.get(path).map(|v| String::from_utf8_lossy(v).into_owned())
     }
 
     /// Every line the filter logged (WASI stdout/stderr included), oldest first.
@@ -563,6 +573,16 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                 Some(value) => return_bytes(&mut c, &value, ptr_out, size_out),
                 None => Ok(NOT_FOUND),
             }
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_set_property",
+        |mut c: Caller<'_, State>, pptr: i32, plen: i32, vptr: i32, vlen: i32| -> wasmtime::Result<i32> {
+            let path = read_string(&mut c, pptr, plen)?.replace('\0', ".");
+            let value = read(&mut c, vptr, vlen)?;
+            c.data_mut().filter_state.insert(path, value);
+            Ok(OK)
         },
     )?;
     linker.func_wrap(

@@ -260,6 +260,9 @@ fn task_scoped_rules_delegation_approval_and_revocation() {
     assert_eq!(ok.status, 200, "{}", ok.body);
     assert_eq!(ok.upstream_header("x-agent-id").as_deref(), Some("orchestrator-1"));
     assert_eq!(ok.upstream_header("x-agent-on-behalf-of").as_deref(), Some("alice"));
+    assert_eq!(ok.upstream_header("x-agent-delegation-chain").as_deref(), Some("orchestrator-1"));
+    assert_eq!(ok.upstream_header("x-agent-task-type").as_deref(), Some("invoice_processing"));
+    assert_eq!(ok.upstream_header("x-agent-task-id").as_deref(), Some("42"));
 
     let other_invoice = get("/invoices/43/pay", &token(&|_| {}));
     assert_eq!(other_invoice.status, 403);
@@ -344,5 +347,70 @@ fn tokens_in_cookies_and_query_strings_stay_at_the_gate() {
     let by_query = envoy.get(&format!("/invoices/1?page=2&access_token={token}"), &[]);
     assert_eq!(by_query.status, 200, "{}", by_query.body);
     assert_eq!(by_query.json()["path"], "/invoices/1?page=2");
-    assert!(!envoy.logs().contains(&token), "the token is never logged");
+    let denied_by_query = envoy.get(&format!("/other?access_token={token}"), &[]);
+    assert_eq!(denied_by_query.status, 403);
+    // Neither the token nor its signature is in Envoy's log, the audit records or the access log.
+    let access_log: Vec<String> = envoy.access_log(3).iter().map(Value::to_string).collect();
+    assert_eq!(access_log.len(), 3);
+    let signature = token.rsplit('.').next().unwrap_or_default();
+    for text in [envoy.logs(), access_log.join("\n")] {
+        assert!(!text.contains(signature), "a signature is logged:\n{text}");
+    }
+    assert_eq!(envoy.audit_records().len(), 3);
+    assert!(envoy.audit_records().iter().all(|r| r["token_fingerprint"].as_str().is_some_and(|f| f.len() == 16)));
+}
+
+#[test]
+fn access_log_shows_decision_rule_and_agent() {
+    let s = start();
+    let token = s.signer.sign(&agent_claims("agent-7", "invoices:read", now()));
+    let allowed = s.envoy.get("/invoices/42?page=1", &[("authorization", &bearer(&token))]);
+    assert_eq!(allowed.status, 200, "{}", allowed.body);
+    let narrow = s.signer.sign(&agent_claims("agent-8", "profile", now()));
+    let denied = s.envoy.get("/invoices/42", &[("authorization", &bearer(&narrow))]);
+    assert_eq!(denied.status, 403, "{}", denied.body);
+
+    let lines = s.envoy.access_log(2);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let (first, second) = (&lines[0], &lines[1]);
+    assert_eq!(first["agentgate_decision"], "allow", "{first}");
+    assert_eq!(first["agentgate_rule"], "read-invoice");
+    assert_eq!(first["agentgate_agent"], "agent-7");
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["path"], "/invoices/42", "no query string in the access log");
+    assert_eq!(second["agentgate_decision"], "deny", "{second}");
+    assert_eq!(second["agentgate_reason"], "insufficient_scope");
+    assert_eq!(second["agentgate_rule"], "read-invoice");
+    assert_eq!(second["agentgate_agent"], "agent-8");
+    assert_eq!(second["status"], 403);
+    // The access log and the audit record name the same request.
+    assert_eq!(Some(&second["request_id"]), s.envoy.audit_records().last().map(|r| &r["audit_id"]));
+}
+
+#[test]
+fn prometheus_shows_the_counters_moving() {
+    let s = start();
+    let metric = |text: &str, name: &str| -> Option<u64> {
+        text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            (key.strip_suffix("{}") == Some(name)).then(|| value.parse().ok()).flatten()
+        })
+    };
+    let token = s.signer.sign(&agent_claims("agent-7", "invoices:read", now()));
+    s.envoy.get("/invoices/1", &[("authorization", &bearer(&token))]);
+    s.envoy.get("/invoices/1", &[]);
+    let before = s.envoy.admin("/stats/prometheus").body;
+    s.envoy.get("/invoices/2", &[("authorization", &bearer(&token))]);
+    s.envoy.get("/invoices/2", &[]);
+    let after = s.envoy.admin("/stats/prometheus").body;
+    for (name, moved_by) in [
+        ("agentgate_allowed", 1),
+        ("agentgate_denied_missing_token", 1),
+        ("agentgate_rule_read_invoice_allowed", 1),
+        ("agentgate_token_cache_hit", 1),
+    ] {
+        let (b, a) = (metric(&before, name), metric(&after, name));
+        assert!(b.is_some() && a == b.map(|b| b + moved_by), "{name}: {b:?} -> {a:?}\n{after}");
+    }
+    assert_eq!(metric(&after, "agentgate_token_cache_miss"), Some(1));
 }

@@ -50,6 +50,21 @@ fn allowed_request_continues_with_audit_headers() {
     assert_eq!(outcome.header("x-agent-rule"), Some("read-invoice"));
     assert_eq!(outcome.header("x-agent-audit-id"), Some("r-9"));
     assert_eq!(host.metric("agentgate.allowed"), Some(1));
+    assert_eq!(host.metric("agentgate.rule.read-invoice.allowed"), Some(1));
+    assert_eq!(host.filter_state("agentgate.decision").as_deref(), Some("allow"));
+    assert_eq!(host.filter_state("agentgate.rule").as_deref(), Some("read-invoice"));
+    assert_eq!(host.filter_state("agentgate.agent").as_deref(), Some("agent-7"));
+}
+
+#[test]
+fn filter_state_can_be_turned_off() {
+    let mut p: Value = serde_json::from_str(&policy(&signer().jwks(), &read_invoice_rule(), "enforce")).unwrap();
+    p["audit"] = json!({"filter_state": false});
+    let mut host = Host::new(&p.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    let token = token_at(&host, |_| {});
+    assert_eq!(get(&mut host, &token).status(), 200);
+    assert_eq!(host.filter_state("agentgate.decision"), None);
+    assert!(last_audit(&host)["decision"] == "allow", "the audit record is still written");
 }
 
 #[test]
