@@ -105,6 +105,24 @@ fn run() -> Result<bool, String> {
     for record in envoy.audit_records() {
         println!("  {record}");
     }
+    println!("\nEnvoy access log (agentgate's fields from filter state):");
+    for line in envoy.access_log(steps.len()) {
+        let field = |name: &str| match &line[name] {
+            serde_json::Value::Null => "-".to_string(),
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        println!(
+            "  {} {} -> {}  decision={} reason={} rule={} agent={}",
+            field("method"),
+            field("path"),
+            field("status"),
+            field("agentgate_decision"),
+            field("agentgate_reason"),
+            field("agentgate_rule"),
+            field("agentgate_agent")
+        );
+    }
     let stats = envoy.admin("/stats?filter=agentgate").body;
     println!("\ncounters (Envoy /stats):");
     for line in stats.lines().filter(|l| !l.ends_with(": 0")) {
