@@ -164,6 +164,18 @@ pub struct ProviderConfig {
     pub jwks: Option<JwksConfig>,
     /// A JWKS file, for hosts that can read files (the CLI); inside a gateway, inline `jwks`.
     pub jwks_file: Option<String>,
+    /// The identity provider's JWKS URL: keys fetched, refreshed and shared by the gateway.
+    pub jwks_uri: Option<String>,
+    /// Find the JWKS URL from `{issuer}/.well-known/openid-configuration` (or RFC 8414's
+    /// `oauth-authorization-server`).
+    #[serde(default)]
+    pub discovery: bool,
+    /// The upstream that reaches the identity provider: an Envoy cluster name (host:port on
+    /// hosts that take one). Needed with `jwks_uri` or `discovery`.
+    pub cluster: Option<String>,
+    /// How remote keys are fetched and kept.
+    #[serde(default)]
+    pub jwks_fetch: JwksFetchConfig,
     #[serde(default = "default_clock_skew")]
     pub clock_skew_seconds: u64,
     /// Longest accepted token lifetime (`exp - iat`, and `exp - now`).
@@ -177,6 +189,25 @@ pub struct ProviderConfig {
     pub single_use: bool,
     /// The claim holding RFC 9396 task entries, for issuers that do not use `authorization_details`.
     pub task_claim: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct JwksFetchConfig {
+    /// Refetch period (default 300).
+    pub refresh_seconds: Option<u64>,
+    /// While the identity provider fails, the last good keys are used this long after they
+    /// were fetched, then tokens of this provider get 401 (default 86400).
+    pub max_stale_seconds: Option<u64>,
+    /// A token with an unknown `kid` triggers a refetch at most this often (default 30).
+    pub min_refetch_seconds: Option<u64>,
+    /// Per request to the identity provider (default 3000).
+    pub timeout_ms: Option<u64>,
+    /// Larger responses are refused (default 262144).
+    pub max_bytes: Option<usize>,
+    /// How long a request waits for keys being fetched, at start or after a rotation (default 2000).
+    pub wait_ms: Option<u64>,
 }
 
 pub const DEFAULT_CLOCK_SKEW_SECONDS: u64 = 30;

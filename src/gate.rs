@@ -4,7 +4,9 @@ use crate::audit::{self, AuditRecord, HeaderNames};
 use crate::authorize::{authorize, check_revoked, explain, strip_query, Authorization, Target};
 use crate::config::{ConfigError, Mode};
 use crate::extract::{find_token, strip_tokens};
-use crate::policy::Policy;
+use crate::jwks::{KeyRecord, RemoteJwks};
+use crate::keys::Installed;
+use crate::policy::{Policy, Provider};
 use crate::ratelimit::{MemoryLimiter, RateLimit, RateLimiter};
 use crate::reason::Reason;
 use crate::replay::{token_id, GuardError, MemoryGuard, ReplayGuard, ReplayScope};
@@ -104,6 +106,10 @@ pub struct Decision {
     pub rule: Option<String>,
     /// Index into `policy().rules` of the matched rule.
     pub rule_index: Option<usize>,
+    /// The token's provider fetches its keys and has none for it (yet): the index of that
+    /// provider. A host that can fetch may hold the request until new keys arrive and decide
+    /// again; the decision as it stands is the answer without waiting.
+    pub awaiting_keys: Option<usize>,
     pub dry_run: bool,
     /// The token was verified earlier and came from the cache: no signature was checked.
     pub cache_hit: bool,
@@ -208,6 +214,35 @@ impl Gate {
         &self.policy
     }
 
+    /// The providers whose keys are fetched, with their index.
+    pub fn remote_providers(&self) -> impl Iterator<Item = (usize, &Provider, &RemoteJwks)> {
+        self.policy.providers.iter().enumerate().filter_map(|(i, p)| p.remote.as_ref().map(|r| (i, p, r)))
+    }
+
+    /// Installs the keys of `record` for provider `index` when they are newer than the ones
+    /// in use; returns how many. Verified tokens are forgotten: a key dropped from the set
+    /// must stop verifying at once.
+    pub fn install_keys(&self, index: usize, record: &KeyRecord) -> Option<usize> {
+        let provider = self.policy.providers.get(index)?;
+        let remote = provider.remote.as_ref()?;
+        if record.version == provider.keys.current().version {
+            return None;
+        }
+        let (keys, usable_until) = record.keys(remote)?;
+        let count = keys.len();
+        provider.keys.install(Installed { keys, usable_until: Some(usable_until), version: record.version });
+        if let Some(cache) = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).as_mut() {
+            cache.clear();
+        }
+        Some(count)
+    }
+
+    /// The index of the remote provider named by the (unverified) issuer of `token`.
+    fn remote_provider_of(&self, token: &str) -> Option<usize> {
+        let iss = crate::jws::parse(token, &self.policy.limits).ok()?.claims.iss?;
+        self.policy.providers.iter().position(|p| p.issuer == iss && p.remote.is_some())
+    }
+
     /// Decides `request`, remembering single-use tokens in this process.
     pub fn evaluate(&self, request: &Request<'_>) -> Decision {
         self.evaluate_with(request, &self.memory)
@@ -293,13 +328,17 @@ impl Gate {
         let audit_id = header(request.headers, audit::REQUEST_ID);
         let mut cache_hit = false;
         let mut fingerprint = None;
-        let verified =
-            find_token(&self.policy.token_sources, request.headers, request.path, self.policy.limits.max_token_bytes)
-                .and_then(|t| {
-                    let digest: [u8; 32] = Sha256::digest(t.as_bytes()).into();
-                    fingerprint = Some(audit::fingerprint(&digest));
-                    self.verified(t, digest, request.now, &mut cache_hit)
-                });
+        let found =
+            find_token(&self.policy.token_sources, request.headers, request.path, self.policy.limits.max_token_bytes);
+        let verified = found.and_then(|t| {
+            let digest: [u8; 32] = Sha256::digest(t.as_bytes()).into();
+            fingerprint = Some(audit::fingerprint(&digest));
+            self.verified(t, digest, request.now, &mut cache_hit)
+        });
+        let awaiting_keys = match (&verified, found) {
+            (Err(Reason::UnknownKid | Reason::KeysUnavailable), Ok(t)) => self.remote_provider_of(t),
+            _ => None,
+        };
         let (token, authorization, retry_after) = match verified {
             Err(reason) => (None, Authorization::denied(reason), None),
             Ok(token) => {
@@ -375,6 +414,7 @@ impl Gate {
             reason,
             rule,
             rule_index: authorization.rule,
+            awaiting_keys,
             dry_run,
             cache_hit,
             action,

@@ -11,6 +11,7 @@ pub mod config;
 pub mod context;
 pub mod extract;
 pub mod gate;
+pub mod jwks;
 pub mod jws;
 pub mod keys;
 pub mod pattern;

@@ -5,8 +5,9 @@ use crate::audit::{self, AuditSettings, HeaderNames, Pseudonymizer, MIN_PSEUDONY
 use crate::config::{self, ConfigError, Mode, PolicyConfig, ProviderConfig, RuleConfig};
 use crate::context::{parse_cidr, Condition, TimeWindow};
 use crate::extract::TokenSource;
+use crate::jwks::{self, RemoteJwks};
 use crate::jws::Limits;
-use crate::keys::{parse_jwk, Alg, Key};
+use crate::keys::{parse_jwk, Alg, Key, KeySet};
 use crate::pattern::Pattern;
 use crate::ratelimit::RateLimit;
 use crate::routes::{param_names, RouteTable};
@@ -73,7 +74,9 @@ pub struct Provider {
     pub issuer: String,
     pub audiences: Vec<String>,
     pub algorithms: Vec<Alg>,
-    pub keys: Vec<Key>,
+    pub keys: KeySet,
+    /// Where the keys are fetched from; `None` for keys given in the policy.
+    pub remote: Option<RemoteJwks>,
     pub clock_skew_seconds: u64,
     pub max_lifetime_seconds: Option<u64>,
     /// Normalized (lower case, no `application/`) allowed `typ` values.
@@ -317,21 +320,7 @@ fn compile_provider(at: &str, raw: ProviderConfig, load: FileLoader<'_>) -> Resu
             format!("must be at most {}", config::MAX_CLOCK_SKEW_SECONDS),
         ));
     }
-    let (jwks_at, jwks) = match (raw.jwks, &raw.jwks_file) {
-        (Some(jwks), None) => (format!("{at}.jwks"), jwks.keys),
-        (None, Some(file)) => {
-            let file_at = format!("{at}.jwks_file");
-            let text = load(file).map_err(|e| ConfigError::at(&file_at, e))?;
-            let set: config::JwksConfig =
-                serde_json::from_str(&text).map_err(|e| ConfigError::at(&file_at, format!("{file}: {e}")))?;
-            (format!("{file_at}({file})"), set.keys)
-        }
-        (Some(_), Some(_)) => {
-            return Err(ConfigError::at(format!("{at}.jwks_file"), "give either jwks or jwks_file, not both"))
-        }
-        (None, None) => return Err(ConfigError::at(at, "needs the provider's keys: jwks (inline) or jwks_file")),
-    };
-    let keys = compile_keys(&jwks_at, &jwks, &algorithms)?;
+    let (keys, remote) = compile_key_source(at, &raw, &algorithms, load)?;
     if raw.max_lifetime_seconds == Some(0) {
         return Err(ConfigError::at(format!("{at}.max_lifetime_seconds"), "must be at least 1"));
     }
@@ -371,12 +360,110 @@ fn compile_provider(at: &str, raw: ProviderConfig, load: FileLoader<'_>) -> Resu
         audiences: raw.audiences,
         algorithms,
         keys,
+        remote,
         clock_skew_seconds: raw.clock_skew_seconds,
         max_lifetime_seconds: raw.max_lifetime_seconds,
         token_types,
         subjects,
         single_use_ring,
         task_claim: raw.task_claim.filter(|name| name != "authorization_details"),
+    })
+}
+
+/// Exactly one of `jwks`, `jwks_file`, `jwks_uri`, `discovery`: keys now, or where to fetch them.
+fn compile_key_source(
+    at: &str,
+    raw: &ProviderConfig,
+    algorithms: &[Alg],
+    load: FileLoader<'_>,
+) -> Result<(KeySet, Option<RemoteJwks>), ConfigError> {
+    let given: Vec<&str> = [
+        ("jwks", raw.jwks.is_some()),
+        ("jwks_file", raw.jwks_file.is_some()),
+        ("jwks_uri", raw.jwks_uri.is_some()),
+        ("discovery", raw.discovery),
+    ]
+    .into_iter()
+    .filter_map(|(name, set)| set.then_some(name))
+    .collect();
+    let remote = matches!(given.as_slice(), ["jwks_uri"] | ["discovery"]);
+    if !remote && raw.cluster.is_some() {
+        return Err(ConfigError::at(format!("{at}.cluster"), "is only used with jwks_uri or discovery"));
+    }
+    match given.as_slice() {
+        ["jwks"] => {
+            let jwks = raw.jwks.as_ref().map_or(&[][..], |j| &j.keys[..]);
+            Ok((KeySet::fixed(compile_keys(&format!("{at}.jwks"), jwks, algorithms)?), None))
+        }
+        ["jwks_file"] => {
+            let file = raw.jwks_file.as_deref().unwrap_or("");
+            let file_at = format!("{at}.jwks_file");
+            let text = load(file).map_err(|e| ConfigError::at(&file_at, e))?;
+            let set: config::JwksConfig =
+                serde_json::from_str(&text).map_err(|e| ConfigError::at(&file_at, format!("{file}: {e}")))?;
+            Ok((KeySet::fixed(compile_keys(&format!("{file_at}({file})"), &set.keys, algorithms)?), None))
+        }
+        ["jwks_uri"] | ["discovery"] => Ok((KeySet::default(), Some(compile_remote(at, raw, algorithms)?))),
+        [] => Err(ConfigError::at(at, "needs the provider's keys: jwks (inline), jwks_file, jwks_uri or discovery")),
+        several => Err(ConfigError::at(
+            format!("{at}.{}", several.get(1).unwrap_or(&"jwks")),
+            format!("give one of jwks, jwks_file, jwks_uri or discovery, not {}", several.join(" and ")),
+        )),
+    }
+}
+
+fn compile_remote(at: &str, raw: &ProviderConfig, algorithms: &[Alg]) -> Result<RemoteJwks, ConfigError> {
+    if let Some(uri) = &raw.jwks_uri {
+        jwks::split_url(uri).map_err(|e| ConfigError::at(format!("{at}.jwks_uri"), e))?;
+    } else {
+        jwks::split_url(&raw.issuer)
+            .map_err(|e| ConfigError::at(format!("{at}.discovery"), format!("needs an http(s) issuer: {e}")))?;
+    }
+    let cluster = match raw.cluster.as_deref() {
+        Some(c) if !c.trim().is_empty() => c.to_string(),
+        _ => return Err(ConfigError::at(
+            format!("{at}.cluster"),
+            "is required with jwks_uri or discovery: the upstream (Envoy cluster) that reaches the identity provider",
+        )),
+    };
+    let f = &raw.jwks_fetch;
+    let fetch_at = format!("{at}.jwks_fetch");
+    let at_least = |name: &str, value: Option<u64>, default: u64, min: u64| match value {
+        Some(v) if v < min => Err(ConfigError::at(format!("{fetch_at}.{name}"), format!("must be at least {min}"))),
+        Some(v) => Ok(v),
+        None => Ok(default),
+    };
+    let seconds = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let refresh = at_least("refresh_seconds", f.refresh_seconds, jwks::DEFAULT_REFRESH_SECONDS, 1)?;
+    let max_stale = at_least("max_stale_seconds", f.max_stale_seconds, jwks::DEFAULT_MAX_STALE_SECONDS, 1)?;
+    if max_stale <= refresh {
+        return Err(ConfigError::at(
+            format!("{fetch_at}.max_stale_seconds"),
+            format!("must be longer than refresh_seconds ({refresh}), or keys would expire before they are refreshed"),
+        ));
+    }
+    let max_bytes = match f.max_bytes {
+        Some(v) if v < 1024 => return Err(ConfigError::at(format!("{fetch_at}.max_bytes"), "must be at least 1024")),
+        Some(v) => v,
+        None => jwks::DEFAULT_MAX_BYTES,
+    };
+    Ok(RemoteJwks {
+        issuer: raw.issuer.clone(),
+        algorithms: algorithms.to_vec(),
+        jwks_uri: raw.jwks_uri.clone(),
+        store_key: jwks::store_key(&raw.name, &raw.issuer, raw.jwks_uri.as_deref(), &cluster),
+        cluster,
+        refresh_seconds: seconds(refresh),
+        max_stale_seconds: seconds(max_stale),
+        min_refetch_seconds: seconds(at_least(
+            "min_refetch_seconds",
+            f.min_refetch_seconds,
+            jwks::DEFAULT_MIN_REFETCH_SECONDS,
+            1,
+        )?),
+        timeout_ms: at_least("timeout_ms", f.timeout_ms, jwks::DEFAULT_TIMEOUT_MS, 100)?,
+        max_bytes,
+        wait_ms: at_least("wait_ms", f.wait_ms, jwks::DEFAULT_WAIT_MS, 0)?,
     })
 }
 

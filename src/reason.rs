@@ -12,6 +12,7 @@ pub enum Reason {
     Malformed,
     UnknownIssuer,
     UnknownKid,
+    KeysUnavailable,
     AlgNotAllowed,
     BadSignature,
     MissingExp,
@@ -63,13 +64,14 @@ const NOT_PERMITTED: &str = "the access token does not permit this request";
 
 impl Reason {
     /// Every reason, for defining metrics up front.
-    pub const ALL: [Reason; 34] = [
+    pub const ALL: [Reason; 35] = [
         Reason::MissingToken,
         Reason::MultipleTokens,
         Reason::TokenTooLarge,
         Reason::Malformed,
         Reason::UnknownIssuer,
         Reason::UnknownKid,
+        Reason::KeysUnavailable,
         Reason::AlgNotAllowed,
         Reason::BadSignature,
         Reason::MissingExp,
@@ -117,6 +119,8 @@ impl Reason {
             Malformed => row("malformed", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
             UnknownIssuer => row("unknown_issuer", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
             UnknownKid => row("unknown_kid", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
+            // Fail closed: the provider's keys could not be fetched, or are older than max_stale_seconds.
+            KeysUnavailable => row("keys_unavailable", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
             AlgNotAllowed => row("alg_not_allowed", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
             BadSignature => row("bad_signature", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
             MissingExp => row("missing_exp", 401, Some(INVALID_TOKEN), TOKEN_INVALID),

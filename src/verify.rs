@@ -150,6 +150,10 @@ pub fn verify_untimed(policy: &Policy, token: &str) -> Result<VerifiedToken, Rea
 /// [`check_time`] with the token's own provider.
 pub fn check_time_in(policy: &Policy, token: &VerifiedToken, now: i64) -> Result<(), Reason> {
     let provider = policy.providers.get(token.provider_index).ok_or(Reason::UnknownIssuer)?;
+    // Fetched keys past their limit verify nothing, not even tokens checked while they were fresh.
+    if provider.keys.current().usable_until.is_some_and(|until| now >= until) {
+        return Err(Reason::KeysUnavailable);
+    }
     check_time(provider, token, now)
 }
 
@@ -163,9 +167,14 @@ fn check_signature(provider: &Provider, parsed: &Parsed<'_>) -> Result<(), Reaso
         .filter(|alg| provider.algorithms.contains(alg))
         .ok_or(Reason::AlgNotAllowed)?;
     let kid = parsed.header.kid.as_deref();
+    let installed = provider.keys.current();
+    if installed.keys.is_empty() {
+        // Only fetched keys can be missing: none fetched yet (or the last fetch is too old).
+        return Err(Reason::KeysUnavailable);
+    }
     // A token with a `kid` is checked with that key only; one without is tried against every
     // key that accepts its algorithm.
-    let mut candidates = provider.keys.iter().filter(|key| kid.is_none() || key.kid.as_deref() == kid).peekable();
+    let mut candidates = installed.keys.iter().filter(|key| kid.is_none() || key.kid.as_deref() == kid).peekable();
     if candidates.peek().is_none() {
         return Err(Reason::UnknownKid);
     }

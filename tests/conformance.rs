@@ -6,7 +6,7 @@
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use agentgate::jws::Limits;
-use agentgate::keys::{parse_jwk, Alg};
+use agentgate::keys::{parse_jwk, Alg, KeySet};
 use agentgate::policy::Provider;
 use agentgate::Reason;
 use base64ct::{Base64UrlUnpadded, Encoding};
@@ -33,12 +33,14 @@ fn provider(jwks: &Value) -> Provider {
         .flatten()
         .filter_map(|jwk| parse_jwk(jwk, &Alg::ALL).ok().flatten())
         .collect();
+    let keys = KeySet::fixed(keys);
     Provider {
         name: "vectors".into(),
         issuer: "https://example.com".into(),
         audiences: vec![],
         algorithms: Alg::ALL.to_vec(),
         keys,
+        remote: None,
         clock_skew_seconds: 30,
         max_lifetime_seconds: None,
         token_types: None,

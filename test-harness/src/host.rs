@@ -128,6 +128,12 @@ struct State {
     /// What the filter set with `proxy_set_property` during the last request (Envoy's
     /// filter state), by dotted path.
     filter_state: HashMap<String, Vec<u8>>,
+    /// The request whose headers `request_headers` holds now.
+    effective: i32,
+    /// Headers of requests the filter paused, by context id.
+    parked: HashMap<i32, Vec<(String, String)>>,
+    /// How paused requests ended, once the filter resumed or answered them.
+    finished: HashMap<i32, Outcome>,
     tick_period_ms: u32,
     calls: Vec<HttpCall>,
     next_call: u32,
@@ -180,6 +186,9 @@ impl Host {
             local_response: None,
             properties: HashMap::new(),
             filter_state: HashMap::new(),
+            effective: 0,
+            parked: HashMap::new(),
+            finished: HashMap::new(),
             tick_period_ms: 0,
             calls: Vec::new(),
             next_call: 1,
@@ -238,6 +247,7 @@ impl Host {
             state.request_headers = headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.to_string())).collect();
             state.local_response = None;
             state.filter_state.clear();
+            state.effective = context;
         }
         self.call::<(i32, i32), ()>("proxy_on_context_create", (context, ROOT_CONTEXT))?;
         let count = i32::try_from(headers.len()).unwrap_or(i32::MAX);
@@ -248,10 +258,24 @@ impl Host {
                 Outcome::Responded { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
             }
             (None, 0) => Outcome::Continued { upstream_headers: state.request_headers.clone() },
-            (None, _) => return Ok(Outcome::Paused { context }),
+            (None, _) => {
+                let headers = state.request_headers.clone();
+                state.parked.insert(context, headers);
+                return Ok(Outcome::Paused { context });
+            }
         };
         self.finish(context)?;
         Ok(outcome)
+    }
+
+    /// How a paused request ended, once the filter resumed or answered it.
+    pub fn outcome(&mut self, context: i32) -> Option<Outcome> {
+        self.store.data_mut().finished.remove(&context)
+    }
+
+    /// Requests the filter holds now.
+    pub fn paused(&self) -> usize {
+        self.store.data().parked.len()
     }
 
     fn finish(&mut self, context: i32) -> Result<(), HostError> {
@@ -292,14 +316,24 @@ impl Host {
 
     /// Answers the callout `token` with `status` and `body`.
     pub fn respond(&mut self, token: u32, status: u16, body: &[u8]) -> Result<(), HostError> {
+        self.answer(token, vec![(":status".to_string(), status.to_string())], body)
+    }
+
+    /// Ends the callout `token` without a response, as Envoy does on a timeout or a
+    /// connection failure.
+    pub fn fail_call(&mut self, token: u32) -> Result<(), HostError> {
+        self.answer(token, Vec::new(), b"")
+    }
+
+    fn answer(&mut self, token: u32, headers: Headers, body: &[u8]) -> Result<(), HostError> {
         let state = self.store.data_mut();
         state.calls.retain(|c| c.token != token);
-        let headers = vec![(":status".to_string(), status.to_string())];
+        let headers_count = headers.len();
         state.call_response = Some((headers, body.to_vec()));
         let body_size = i32::try_from(body.len()).unwrap_or(i32::MAX);
         let result = self.call::<(i32, i32, i32, i32, i32), ()>(
             "proxy_on_http_call_response",
-            (ROOT_CONTEXT, token as i32, 1, body_size, 0),
+            (ROOT_CONTEXT, token as i32, i32::try_from(headers_count).unwrap_or(0), body_size, 0),
         );
         self.store.data_mut().call_response = None;
         result
@@ -560,7 +594,13 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
          -> wasmtime::Result<i32> {
             let body = read(&mut c, bptr, blen)?;
             let headers = deserialize_map(&read(&mut c, hptr, hlen)?);
-            c.data_mut().local_response = Some((status as u32, headers, body));
+            let state = c.data_mut();
+            if state.parked.remove(&state.effective).is_some() {
+                let body = String::from_utf8_lossy(&body).into_owned();
+                state.finished.insert(state.effective, Outcome::Responded { status: status as u32, headers, body });
+            } else {
+                state.local_response = Some((status as u32, headers, body));
+            }
             Ok(OK)
         },
     )?;
@@ -702,8 +742,28 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             Ok(OK)
         },
     )?;
-    linker.func_wrap("env", "proxy_set_effective_context", |_: Caller<'_, State>, _context: i32| -> i32 { OK })?;
-    linker.func_wrap("env", "proxy_continue_stream", |_: Caller<'_, State>, _stream: i32| -> i32 { OK })?;
+    linker.func_wrap("env", "proxy_set_effective_context", |mut c: Caller<'_, State>, context: i32| -> i32 {
+        let state = c.data_mut();
+        if context == ROOT_CONTEXT || context == state.effective {
+            return OK;
+        }
+        let Some(headers) = state.parked.get(&context).cloned() else { return NOT_FOUND };
+        if let Some(saved) = state.parked.get_mut(&state.effective) {
+            *saved = state.request_headers.clone();
+        }
+        state.request_headers = headers;
+        state.local_response = None;
+        state.effective = context;
+        OK
+    })?;
+    linker.func_wrap("env", "proxy_continue_stream", |mut c: Caller<'_, State>, _stream: i32| -> i32 {
+        let state = c.data_mut();
+        if state.parked.remove(&state.effective).is_some() {
+            let upstream_headers = state.request_headers.clone();
+            state.finished.insert(state.effective, Outcome::Continued { upstream_headers });
+        }
+        OK
+    })?;
     linker.func_wrap("env", "proxy_done", |_: Caller<'_, State>| -> i32 { OK })?;
     Ok(())
 }

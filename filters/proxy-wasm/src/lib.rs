@@ -2,94 +2,54 @@
 //! Only `proxy_wasm::hostcalls` are used: the SDK's trait helpers unwrap host statuses and a
 //! panic would abort the VM (and every request on that worker).
 
-use agentgate::ratelimit::{admit_in_slot, slot_key, RateLimit, RateLimiter};
-use agentgate::replay::{
-    bucket_key, bucket_name, record_in_bucket, GuardError, ReplayGuard, ReplayScope, TokenId, SHARDS,
-};
+mod keys;
+mod metrics;
+mod shared;
+
 use agentgate::{Action, Gate, Reason, Request};
+use keys::{Fetcher, Waiter};
+use metrics::Metrics;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action as HostAction, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+use proxy_wasm::types::{Action as HostAction, BufferType, ContextType, LogLevel, MapType};
+use shared::{prepare_replay_buckets, SharedDataGuard};
+use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_| Box::new(Root::default()));
 }}
 
-/// Counters, defined once per VM. A failed definition leaves the counter out (metrics must
-/// never stop a request).
-#[derive(Default)]
-struct Metrics {
-    allowed: Option<u32>,
-    dry_run_denied: Option<u32>,
-    cache_hits: Option<u32>,
-    cache_misses: Option<u32>,
-    denied: Vec<(Reason, u32)>,
-    /// Per rule, in policy order: (allowed, denied).
-    rules: Vec<(Option<u32>, Option<u32>)>,
-}
-
-impl Metrics {
-    /// The counters for `gate`'s policy (per-rule ones included). Envoy hands back the same
-    /// counter for a name defined again, so a reconfiguration keeps counting.
-    fn define(gate: Option<&Gate>) -> Metrics {
-        let counter = |name: &str| hostcalls::define_metric(MetricType::Counter, name).ok();
-        let rules = gate.map_or(&[][..], |g| &g.policy().rules[..]);
-        Metrics {
-            allowed: counter("agentgate.allowed"),
-            dry_run_denied: counter("agentgate.dry_run.denied"),
-            cache_hits: counter("agentgate.token_cache.hit"),
-            cache_misses: counter("agentgate.token_cache.miss"),
-            denied: Reason::ALL.iter().filter_map(|&r| counter(&r.metric()).map(|id| (r, id))).collect(),
-            rules: rules
-                .iter()
-                .map(|rule| {
-                    let name = rule_metric(&rule.name);
-                    (counter(&format!("{name}.allowed")), counter(&format!("{name}.denied")))
-                })
-                .collect(),
-        }
-    }
-
-    fn bump(id: Option<u32>) {
-        if let Some(id) = id {
-            let _ = hostcalls::increment_metric(id, 1);
-        }
-    }
-
-    fn count_cache(&self, hit: bool) {
-        Metrics::bump(if hit { self.cache_hits } else { self.cache_misses });
-    }
-
-    fn count_rule(&self, index: Option<usize>, allowed: bool) {
-        if let Some(&(allow, deny)) = index.and_then(|i| self.rules.get(i)) {
-            Metrics::bump(if allowed { allow } else { deny });
-        }
-    }
-
-    fn count(&self, reason: Option<Reason>, dry_run: bool) {
-        let bump = Metrics::bump;
-        match reason {
-            None => bump(self.allowed),
-            Some(reason) => {
-                bump(self.denied.iter().find(|(r, _)| *r == reason).map(|&(_, id)| id));
-                if dry_run {
-                    bump(self.dry_run_denied);
-                }
-            }
-        }
-    }
+/// What the root context and its requests share: the policy in force, its counters and
+/// the key fetching state. A reconfiguration replaces it whole; requests in flight keep theirs.
+struct Shared {
+    gate: Gate,
+    metrics: Metrics,
+    fetcher: RefCell<Fetcher>,
 }
 
 #[derive(Default)]
 struct Root {
-    gate: Option<Rc<Gate>>,
+    shared: Option<Rc<Shared>>,
+    /// Counters before any policy (requests refused as `not_configured`).
     metrics: Rc<Metrics>,
 }
 
-impl Context for Root {}
+/// Fetched keys are checked this often (and due fetches started).
+const TICK: Duration = Duration::from_millis(100);
+
+impl Context for Root {
+    fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
+        let Some(shared) = self.shared.clone() else { return };
+        let now = now_ms().map_or(0, seconds);
+        let settled = shared.fetcher.borrow_mut().on_response(&shared.gate, &shared.metrics, token_id, body_size, now);
+        if let Some(provider) = settled {
+            resume(&shared, |w| w.provider == provider);
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
@@ -120,16 +80,37 @@ impl RootContext for Root {
                     ),
                 );
                 prepare_replay_buckets(&gate);
-                self.metrics = Rc::new(Metrics::define(Some(&gate)));
-                self.gate = Some(Rc::new(gate));
+                let remote: Vec<usize> = gate.remote_providers().map(|(i, _, _)| i).collect();
+                for &index in &remote {
+                    // Keys another worker (or the previous configuration) already fetched.
+                    keys::sync(&gate, index);
+                }
+                if !remote.is_empty() && hostcalls::set_tick_period(TICK).is_err() {
+                    return refuse(
+                        "remote keys (jwks_uri, discovery) need timer ticks, which this host does not offer",
+                    );
+                }
+                let metrics = Metrics::define(Some(&gate));
+                // Requests waiting under the old policy are decided by it now.
+                if let Some(old) = self.shared.take() {
+                    resume(&old, |_| true);
+                }
+                self.shared = Some(Rc::new(Shared { gate, metrics, fetcher: RefCell::default() }));
                 true
             }
             Err(error) => refuse(&format!("invalid policy: {error}")),
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Filter { gate: self.gate.clone(), metrics: Rc::clone(&self.metrics) }))
+    fn on_tick(&mut self) {
+        let Some(shared) = self.shared.clone() else { return };
+        let Some(now_ms) = now_ms() else { return };
+        let settled = shared.fetcher.borrow_mut().tick(&shared.gate, &shared.metrics, seconds(now_ms));
+        resume(&shared, |w| settled.contains(&w.provider) || w.deadline_ms <= now_ms);
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Filter { shared: self.shared.clone(), metrics: Rc::clone(&self.metrics), context_id }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -137,10 +118,33 @@ impl RootContext for Root {
     }
 }
 
-/// A rule's counter prefix: Envoy stat names keep `[A-Za-z0-9_-]`; anything else becomes `_`.
-fn rule_metric(rule: &str) -> String {
-    let name: String = rule.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
-    format!("agentgate.rule.{name}")
+/// Decides the waiting requests `which` selects, without further waiting, and lets each go on
+/// or answers it.
+fn resume(shared: &Shared, which: impl Fn(&Waiter) -> bool) {
+    let ready: Vec<Waiter> = {
+        let mut fetcher = shared.fetcher.borrow_mut();
+        let (ready, still) = std::mem::take(&mut fetcher.waiting).into_iter().partition(|w| which(w));
+        fetcher.waiting = still;
+        ready
+    };
+    for waiter in ready {
+        // The request may be gone (the client left): nothing to do then.
+        if hostcalls::set_effective_context(waiter.context_id).is_err() {
+            continue;
+        }
+        if let HostAction::Continue = decide(shared, None) {
+            let _ = hostcalls::resume_http_request();
+        }
+    }
+}
+
+fn now_ms() -> Option<u64> {
+    let now = hostcalls::get_current_time().ok()?.duration_since(UNIX_EPOCH).ok()?;
+    u64::try_from(now.as_millis()).ok()
+}
+
+fn seconds(ms: u64) -> i64 {
+    i64::try_from(ms / 1000).unwrap_or(i64::MAX)
 }
 
 fn refuse(message: &str) -> bool {
@@ -153,58 +157,72 @@ fn log(level: LogLevel, message: &str) {
 }
 
 struct Filter {
-    gate: Option<Rc<Gate>>,
+    shared: Option<Rc<Shared>>,
     metrics: Rc<Metrics>,
+    context_id: u32,
 }
 
 impl Context for Filter {}
 
 impl HttpContext for Filter {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> HostAction {
-        let headers = hostcalls::get_map(MapType::HttpRequestHeaders);
-        let now = hostcalls::get_current_time().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok());
-        // Fail closed: without a policy, headers or a clock nothing can be verified.
-        let (gate, headers, now) = match (&self.gate, headers, now) {
-            (Some(gate), Ok(headers), Some(now)) => (gate, headers, now),
-            (None, _, _) => return self.refuse_request(Reason::NotConfigured),
-            _ => return self.refuse_request(Reason::HostError),
-        };
-        let pseudo = |name: &str| headers.iter().find(|(n, _)| n == name).map_or("", |(_, v)| v.as_str());
-        // Extra host calls only for policies that use them.
-        let policy = gate.policy();
-        // The client address goes into every audit record.
-        let source = property(true, vec!["source", "address"]);
-        let peer = property(policy.needs_peer, vec!["connection", "uri_san_peer_certificate"]);
-        let request = Request {
-            source: source.as_deref(),
-            peer_uri_san: peer.as_deref(),
-            method: pseudo(":method"),
-            path: pseudo(":path"),
-            headers: &headers,
-            now: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
-        };
-        let decision = gate.evaluate_with(&request, &SharedDataGuard);
-        log(LogLevel::Info, &format!("agentgate audit {}", decision.audit.to_json()));
-        self.metrics.count(decision.reason, decision.dry_run);
-        self.metrics.count_rule(decision.rule_index, decision.allowed);
-        if policy.audit.filter_state {
-            for (field, value) in decision.audit.log_fields() {
-                let _ = hostcalls::set_property(vec![&format!("agentgate.{field}")], Some(value.as_bytes()));
-            }
+        match &self.shared {
+            Some(shared) => decide(shared, Some(self.context_id)),
+            // Fail closed: without a policy nothing can be verified.
+            None => refuse_request(&self.metrics, Reason::NotConfigured),
         }
-        if decision.audit.issuer.is_some() {
-            self.metrics.count_cache(decision.cache_hit);
-        }
-        apply(&decision.action)
     }
 }
 
-impl Filter {
-    fn refuse_request(&self, reason: Reason) -> HostAction {
-        log(LogLevel::Error, &format!("agentgate: request denied: {reason}"));
-        self.metrics.count(Some(reason), false);
-        apply(&Action::deny(reason, None))
+/// Decides the current request and applies the decision. With `wait_as` (the request's
+/// context id), a request whose token needs keys being fetched is held instead.
+fn decide(shared: &Shared, wait_as: Option<u32>) -> HostAction {
+    let headers = hostcalls::get_map(MapType::HttpRequestHeaders);
+    let (Ok(headers), Some(now_ms)) = (headers, now_ms()) else {
+        // Fail closed: without headers or a clock nothing can be verified.
+        return refuse_request(&shared.metrics, Reason::HostError);
+    };
+    let (gate, metrics) = (&shared.gate, &shared.metrics);
+    let pseudo = |name: &str| headers.iter().find(|(n, _)| n == name).map_or("", |(_, v)| v.as_str());
+    let policy = gate.policy();
+    // The client address goes into every audit record; the peer certificate only when a rule reads it.
+    let source = property(true, vec!["source", "address"]);
+    let peer = property(policy.needs_peer, vec!["connection", "uri_san_peer_certificate"]);
+    let request = Request {
+        source: source.as_deref(),
+        peer_uri_san: peer.as_deref(),
+        method: pseudo(":method"),
+        path: pseudo(":path"),
+        headers: &headers,
+        now: seconds(now_ms),
+    };
+    let decision = gate.evaluate_with(&request, &SharedDataGuard);
+    if let (Some(provider), Some(context_id)) = (decision.awaiting_keys, wait_as) {
+        let mut fetcher = shared.fetcher.borrow_mut();
+        if fetcher.should_wait(gate, provider, request.now) {
+            let wait_ms = policy.providers.get(provider).and_then(|p| p.remote.as_ref()).map_or(0, |r| r.wait_ms);
+            fetcher.waiting.push(Waiter { context_id, provider, deadline_ms: now_ms.saturating_add(wait_ms) });
+            return HostAction::Pause;
+        }
     }
+    log(LogLevel::Info, &format!("agentgate audit {}", decision.audit.to_json()));
+    metrics.count(decision.reason, decision.dry_run);
+    metrics.count_rule(decision.rule_index, decision.allowed);
+    if policy.audit.filter_state {
+        for (field, value) in decision.audit.log_fields() {
+            let _ = hostcalls::set_property(vec![&format!("agentgate.{field}")], Some(value.as_bytes()));
+        }
+    }
+    if decision.audit.issuer.is_some() {
+        metrics.count_cache(decision.cache_hit);
+    }
+    apply(&decision.action)
+}
+
+fn refuse_request(metrics: &Metrics, reason: Reason) -> HostAction {
+    log(LogLevel::Error, &format!("agentgate: request denied: {reason}"));
+    metrics.count(Some(reason), false);
+    apply(&Action::deny(reason, None))
 }
 
 /// A host property as text, fetched only when `wanted`.
@@ -233,70 +251,6 @@ fn apply(action: &Action) -> HostAction {
                 let _ = hostcalls::reset_http_request();
             }
             HostAction::Pause
-        }
-    }
-}
-
-/// Single-use `jti`s and rate-limit buckets in the host's shared data, so every worker VM
-/// of the proxy agrees.
-struct SharedDataGuard;
-
-const CAS_RETRIES: usize = 16;
-
-/// Reads `key`, lets `update` compute the new value (`None`: nothing to write) and an
-/// answer, and writes with the host's compare-and-swap, retrying when another worker won.
-fn update_shared<T>(
-    key: &str,
-    update: impl Fn(Option<&[u8]>) -> Result<(Option<Vec<u8>>, T), GuardError>,
-) -> Result<T, GuardError> {
-    for _ in 0..CAS_RETRIES {
-        let (current, cas) = hostcalls::get_shared_data(key).map_err(|_| GuardError::Unavailable)?;
-        let (updated, answer) = update(current.as_deref())?;
-        let Some(updated) = updated else { return Ok(answer) };
-        match hostcalls::set_shared_data(key, Some(&updated), cas) {
-            Ok(()) => return Ok(answer),
-            Err(Status::CasMismatch) => continue,
-            Err(_) => return Err(GuardError::Unavailable),
-        }
-    }
-    Err(GuardError::Unavailable)
-}
-
-impl ReplayGuard for SharedDataGuard {
-    fn first_use(&self, scope: ReplayScope<'_>, id: &TokenId, expires_at: i64, _now: i64) -> Result<bool, GuardError> {
-        let (key, window) = bucket_key(scope.provider, id, expires_at, scope.ring);
-        update_shared(&key, |bucket| {
-            Ok(match record_in_bucket(bucket, window, id)? {
-                Some(updated) => (Some(updated), true),
-                None => (None, false),
-            })
-        })
-    }
-}
-
-impl RateLimiter for SharedDataGuard {
-    fn admit(&self, scope: &str, agent: &str, limit: &RateLimit, now: i64) -> Result<Result<(), u64>, GuardError> {
-        let (key, id) = slot_key(scope, agent);
-        update_shared(&key, |slot| {
-            let (updated, verdict) = admit_in_slot(slot, &id, limit, now);
-            Ok((Some(updated), verdict))
-        })
-    }
-}
-
-/// Creates every bucket a single-use provider may use, empty, unless another VM already
-/// did: later updates then always carry a CAS, so two workers can never both record the
-/// same `jti` as new.
-fn prepare_replay_buckets(gate: &Gate) {
-    for provider in &gate.policy().providers {
-        let Some(ring) = provider.single_use_ring else { continue };
-        for slot in 0..ring {
-            for shard in 0..SHARDS {
-                let key = bucket_name(&provider.name, slot, shard);
-                if let Ok((None, _)) = hostcalls::get_shared_data(&key) {
-                    let _ = hostcalls::set_shared_data(&key, Some(&[0xff; 8]), None);
-                }
-            }
         }
     }
 }

@@ -1,0 +1,94 @@
+//! The filter's counters, through the proxy-wasm metrics ABI (Envoy stats).
+
+use agentgate::{Gate, Reason};
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::MetricType;
+
+/// Counters, defined once per VM. A failed definition leaves the counter out (metrics must
+/// never stop a request).
+#[derive(Default)]
+pub struct Metrics {
+    allowed: Option<u32>,
+    dry_run_denied: Option<u32>,
+    cache_hits: Option<u32>,
+    cache_misses: Option<u32>,
+    denied: Vec<(Reason, u32)>,
+    /// Per rule, in policy order: (allowed, denied).
+    rules: Vec<(Option<u32>, Option<u32>)>,
+    /// Per provider, in policy order: JWKS fetches (succeeded, failed); unused for inline keys.
+    fetches: Vec<(Option<u32>, Option<u32>)>,
+}
+
+impl Metrics {
+    /// The counters for `gate`'s policy (per-rule ones included). Envoy hands back the same
+    /// counter for a name defined again, so a reconfiguration keeps counting.
+    pub fn define(gate: Option<&Gate>) -> Metrics {
+        let counter = |name: &str| hostcalls::define_metric(MetricType::Counter, name).ok();
+        let rules = gate.map_or(&[][..], |g| &g.policy().rules[..]);
+        Metrics {
+            allowed: counter("agentgate.allowed"),
+            dry_run_denied: counter("agentgate.dry_run.denied"),
+            cache_hits: counter("agentgate.token_cache.hit"),
+            cache_misses: counter("agentgate.token_cache.miss"),
+            denied: Reason::ALL.iter().filter_map(|&r| counter(&r.metric()).map(|id| (r, id))).collect(),
+            rules: rules
+                .iter()
+                .map(|rule| {
+                    let name = format!("agentgate.rule.{}", metric_name(&rule.name));
+                    (counter(&format!("{name}.allowed")), counter(&format!("{name}.denied")))
+                })
+                .collect(),
+            fetches: gate
+                .map_or(&[][..], |g| &g.policy().providers[..])
+                .iter()
+                .map(|provider| match provider.remote {
+                    None => (None, None),
+                    Some(_) => {
+                        let name = format!("agentgate.jwks.{}", metric_name(&provider.name));
+                        (counter(&format!("{name}.fetch_success")), counter(&format!("{name}.fetch_failure")))
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    pub fn count_fetch(&self, provider: usize, succeeded: bool) {
+        if let Some(&(success, failure)) = self.fetches.get(provider) {
+            Metrics::bump(if succeeded { success } else { failure });
+        }
+    }
+
+    fn bump(id: Option<u32>) {
+        if let Some(id) = id {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+
+    pub fn count_cache(&self, hit: bool) {
+        Metrics::bump(if hit { self.cache_hits } else { self.cache_misses });
+    }
+
+    pub fn count_rule(&self, index: Option<usize>, allowed: bool) {
+        if let Some(&(allow, deny)) = index.and_then(|i| self.rules.get(i)) {
+            Metrics::bump(if allowed { allow } else { deny });
+        }
+    }
+
+    pub fn count(&self, reason: Option<Reason>, dry_run: bool) {
+        let bump = Metrics::bump;
+        match reason {
+            None => bump(self.allowed),
+            Some(reason) => {
+                bump(self.denied.iter().find(|(r, _)| *r == reason).map(|&(_, id)| id));
+                if dry_run {
+                    bump(self.dry_run_denied);
+                }
+            }
+        }
+    }
+}
+
+/// A rule or provider name in a stat name: Envoy keeps `[A-Za-z0-9_-]`; anything else becomes `_`.
+fn metric_name(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect()
+}
