@@ -77,7 +77,35 @@ fn each_mistake_names_its_path() {
         ),
         (
             Box::new(|p| p["providers"][0]["jwks_uri"] = json!("https://x")),
-            "providers[0].jwks_uri: unknown field `jwks_uri`",
+            "providers[0].jwks_uri: give one of jwks, jwks_file, jwks_uri or discovery, not jwks and jwks_uri",
+        ),
+        (
+            Box::new(|p| {
+                p["providers"][0].as_object_mut().map(|o| o.remove("jwks"));
+                p["providers"][0]["jwks_uri"] = json!("https://idp.example.com/keys");
+            }),
+            "providers[0].cluster: is required with jwks_uri or discovery: the upstream (Envoy cluster) that reaches the identity provider",
+        ),
+        (
+            Box::new(|p| {
+                p["providers"][0].as_object_mut().map(|o| o.remove("jwks"));
+                p["providers"][0]["jwks_uri"] = json!("idp.example.com/keys");
+                p["providers"][0]["cluster"] = json!("idp");
+            }),
+            "providers[0].jwks_uri: \"idp.example.com/keys\" is not an http(s) URL",
+        ),
+        (
+            Box::new(|p| {
+                p["providers"][0].as_object_mut().map(|o| o.remove("jwks"));
+                p["providers"][0]["discovery"] = json!(true);
+                p["providers"][0]["cluster"] = json!("idp");
+                p["providers"][0]["jwks_fetch"] = json!({"refresh_seconds": 600, "max_stale_seconds": 300});
+            }),
+            "providers[0].jwks_fetch.max_stale_seconds: must be longer than refresh_seconds (600), or keys would expire before they are refreshed",
+        ),
+        (
+            Box::new(|p| p["providers"][0]["cluster"] = json!("idp")),
+            "providers[0].cluster: is only used with jwks_uri or discovery",
         ),
         (
             Box::new(|p| p["rules"][0]["match"]["methods"] = json!(["GE T"])),
