@@ -85,7 +85,10 @@ fn with_test_keys(policy_json: &str) -> Result<(Policy, Value), String> {
     }
     if let Some(providers) = policy.get_mut("providers").and_then(Value::as_array_mut) {
         for provider in providers.iter_mut().filter_map(Value::as_object_mut) {
-            provider.remove("jwks_file");
+            // Wherever the real keys come from (file, URL, discovery), the cases use the test key.
+            for source in ["jwks_file", "jwks_uri", "discovery", "cluster", "jwks_fetch"] {
+                provider.remove(source);
+            }
             provider.insert("jwks".into(), json!({"keys": [jwk.clone()]}));
             provider.insert("algorithms".into(), json!(["ES256"]));
         }

@@ -214,3 +214,27 @@ fn eval_explains_each_requirement_of_the_matched_rule() {
         ])
     );
 }
+
+#[test]
+fn policies_with_remote_keys_are_tested_with_the_test_key_and_evaluated_fail_closed() {
+    let mut remote: Value =
+        serde_json::from_str(&policy(&json!({"keys": []}), &read_invoice_rule(), "enforce")).unwrap();
+    let provider = remote["providers"][0].as_object_mut().unwrap();
+    provider.remove("jwks");
+    provider.insert("discovery".into(), json!(true));
+    provider.insert("cluster".into(), json!("idp"));
+    let file = write_policy("remote.json", &remote.to_string());
+    let tests = write_policy(
+        "remote_tests.json",
+        &json!({"now": NOW, "cases": [
+            {"name": "reads", "request": {"path": "/invoices/1"}, "token": {"sub": "a", "scope": "invoices:read"}, "expect": {"decision": "allow"}}
+        ]})
+        .to_string(),
+    );
+    let (code, stdout, stderr) = agentgate(&["test", "--config", &file.to_string_lossy(), &tests.to_string_lossy()]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    // The CLI fetches nothing: a real token of a remote provider cannot be verified here.
+    let token = Signer::es256("k", 1).sign(&agent_claims("a", "invoices:read", NOW));
+    let (code, out) = eval(&file, "/invoices/1", Some(&token));
+    assert_eq!((code, out["reason"].clone()), (1, json!("keys_unavailable")), "{out}");
+}

@@ -27,8 +27,9 @@ pub fn filter_wasm() -> PathBuf {
     path_from_env("AGENTGATE_WASM", "dist/agentgate.wasm")
 }
 
-/// `envoy-config/demo.yaml` with its `${...}` placeholders filled in.
-pub fn render_config(policy: &str, upstream_port: u16) -> String {
+/// `envoy-config/demo.yaml` with its `${...}` placeholders filled in. Without an identity
+/// provider, its cluster points at the discard port.
+pub fn render_config(policy: &str, upstream_port: u16, idp_port: Option<u16>) -> String {
     let template =
         std::fs::read_to_string(workspace_root().join("envoy-config/demo.yaml")).expect("read envoy-config/demo.yaml");
     template
@@ -38,6 +39,7 @@ pub fn render_config(policy: &str, upstream_port: u16) -> String {
         .replace("${LISTEN_PORT}", "0")
         .replace("${ADMIN_PORT}", "0")
         .replace("${UPSTREAM_PORT}", &upstream_port.to_string())
+        .replace("${IDP_PORT}", &idp_port.unwrap_or(9).to_string())
 }
 
 fn scratch_dir() -> PathBuf {
@@ -62,7 +64,7 @@ pub fn validate(policy: &str) -> (bool, String) {
     check_prerequisites();
     let dir = scratch_dir();
     let config = dir.join("envoy.yaml");
-    std::fs::write(&config, render_config(policy, 9)).expect("write config");
+    std::fs::write(&config, render_config(policy, 9, None)).expect("write config");
     let out = Command::new(envoy_binary())
         .args(["--mode", "validate", "--disable-hot-restart", "-l", "warning", "-c"])
         .arg(&config)
@@ -111,10 +113,15 @@ impl Response {
 impl Envoy {
     /// Starts Envoy with `policy` in front of `upstream_port` and waits until it serves.
     pub fn start(policy: &str, upstream_port: u16) -> Result<Envoy, String> {
+        Envoy::start_with_idp(policy, upstream_port, None)
+    }
+
+    /// Starts Envoy whose `idp` cluster reaches a test identity provider on `idp_port`.
+    pub fn start_with_idp(policy: &str, upstream_port: u16, idp_port: Option<u16>) -> Result<Envoy, String> {
         check_prerequisites();
         let dir = scratch_dir();
         let config = dir.join("envoy.yaml");
-        std::fs::write(&config, render_config(policy, upstream_port)).map_err(|e| e.to_string())?;
+        std::fs::write(&config, render_config(policy, upstream_port, idp_port)).map_err(|e| e.to_string())?;
         let admin_file = dir.join("admin-address");
         let log = std::fs::File::create(dir.join("envoy.log")).map_err(|e| e.to_string())?;
         let access_log = std::fs::File::create(dir.join("access.log")).map_err(|e| e.to_string())?;

@@ -5,5 +5,6 @@
 pub mod envoy;
 #[cfg(feature = "host")]
 pub mod host;
+pub mod idp;
 pub mod tokens;
 pub mod upstream;

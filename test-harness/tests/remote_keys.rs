@@ -180,7 +180,8 @@ fn an_outage_keeps_the_last_keys_until_max_stale_then_fails_closed() {
 fn garbage_oversized_and_keyless_answers_are_survived() {
     let mut host = started(&[&key_a()]);
     let big = vec![b'x'; 5000];
-    let answers: [&[u8]; 4] = [b"<html>oops</html>", &big, br#"{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}"#, b"{\"keys\": 7}"];
+    let answers: [&[u8]; 4] =
+        [b"<html>oops</html>", &big, br#"{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}"#, b"{\"keys\": 7}"];
     for (i, body) in answers.iter().enumerate() {
         host.advance_clock(Duration::from_secs(REFRESH));
         tick(&mut host);

@@ -63,10 +63,12 @@ impl Fetcher {
         let mut settled = Vec::new();
         let remote: Vec<usize> = gate.remote_providers().map(|(i, _, _)| i).collect();
         for index in remote {
-            if sync(gate, index) {
+            // New keys (another worker's fetch) settle the waiting requests: no forced fetch.
+            let adopted = sync(gate, index);
+            let forced = self.wanted.remove(&index) && !adopted;
+            if adopted {
                 settled.push(index);
             }
-            let forced = self.wanted.remove(&index);
             let in_flight = self.start(gate, metrics, index, forced, now);
             if forced && !in_flight {
                 settled.push(index);
