@@ -56,7 +56,7 @@ demo: build venv
 # libFuzzer through cargo-fuzz (nightly): token parse+verify, and policy parsing.
 fuzz:
 	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz
-	cd fuzz && for target in token policy; do \
+	cd fuzz && for target in token policy jwks; do \
 	  mkdir -p corpus/$$target && \
 	  cargo +nightly fuzz run $$target corpus/$$target seeds/$$target -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
 	done

@@ -238,3 +238,35 @@ fn discovery_finds_the_jwks_through_openid_configuration() {
     host.respond(call.token, 200, &jwks(&[&key_a()])).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(get(&mut host, &key_a()).status(), 200);
 }
+
+#[test]
+fn a_provider_without_keys_fails_alone() {
+    let inline = Signer::es256("inline-1", 7);
+    let mut policy: Value = serde_json::from_str(&policy()).unwrap_or_default();
+    let other = json!({
+        "name": "partner", "issuer": "https://partner.example.com", "audiences": [AUDIENCE],
+        "algorithms": ["ES256"], "jwks": inline.jwks()
+    });
+    if let Some(providers) = policy["providers"].as_array_mut() {
+        providers.push(other);
+    }
+    let mut host = Host::new(&policy.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    tick(&mut host);
+    let call = only_call(&host);
+    host.respond(call.token, 500, b"").unwrap_or_else(|e| panic!("{e}"));
+    // The identity provider never answered: its tokens are refused (after one more try the
+    // request waits for), the partner's are not.
+    let Outcome::Paused { context } = get(&mut host, &key_a()) else { panic!("not held") };
+    tick(&mut host);
+    let call = only_call(&host);
+    host.respond(call.token, 500, b"").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(host.outcome(context).map(|o| o.status()), Some(401));
+    assert_eq!(last_reason(&host), "keys_unavailable");
+    let mut claims = agent_claims("partner-agent", "invoices:read", host.now());
+    claims["iss"] = json!("https://partner.example.com");
+    let auth = format!("Bearer {}", inline.sign(&claims));
+    let outcome = host
+        .request(&[(":method", "GET"), (":path", "/invoices/7"), (":authority", "api"), ("authorization", &auth)])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(outcome.status(), 200);
+}
