@@ -312,6 +312,9 @@ fn compile_provider(at: &str, raw: ProviderConfig, load: FileLoader<'_>) -> Resu
                 format!("unsupported algorithm {name:?} (supported: {})", supported.join(", ")),
             )
         })?;
+        if alg == Alg::Es384 && !cfg!(feature = "es384") {
+            return Err(ConfigError::at(format!("{at}.algorithms[{j}]"), crate::keys::ES384_MISSING));
+        }
         algorithms.push(alg);
     }
     if raw.clock_skew_seconds > config::MAX_CLOCK_SKEW_SECONDS {

@@ -1,0 +1,416 @@
+//! `make bench`: the same Envoy 1.40 (one worker, pinned to core 0) in turn with no filter,
+//! a no-op wasm filter, Envoy's native jwt_authn + RBAC, and agentgate, each driven by wrk
+//! (pinned to core 1) with ES256, RS256 and EdDSA tokens, hot (one token reused) and cold
+//! (every token new). Configurations alternate over rounds; the table shows medians.
+//!
+//! Environment: BENCH_ROUNDS (default 3), BENCH_SECONDS per run (default 5),
+//! BENCH_OUT (a markdown copy of the table, default target/bench/results.md).
+
+use agentgate_test_harness::envoy::{envoy_binary, filter_wasm, workspace_root};
+use agentgate_test_harness::tokens::{Signer, AUDIENCE, ISSUER};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Config {
+    Passthrough,
+    NoopWasm,
+    Native,
+    Agentgate,
+}
+
+impl Config {
+    fn label(self) -> &'static str {
+        match self {
+            Config::Passthrough => "no filter",
+            Config::NoopWasm => "no-op wasm",
+            Config::Native => "jwt_authn+RBAC",
+            Config::Agentgate => "agentgate",
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Pattern {
+    Hot,
+    Cold,
+}
+
+struct Sample {
+    rps: f64,
+    p99_ms: f64,
+    requests: u64,
+}
+
+/// Above any cold rate seen here (native ES256 ≈ 5.5k/s, RS256 ≈ 8k/s); a run that goes faster
+/// reuses tokens, and says so.
+const COLD_TOKENS_PER_SECOND: u64 = 12_000;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("bench failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), String> {
+    let rounds = env_u64("BENCH_ROUNDS", 3);
+    let seconds = env_u64("BENCH_SECONDS", 5);
+    let dir = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let signers = [Signer::es256("bench-es", 1), Signer::rs256("bench-rs", 2), Signer::eddsa("bench-ed", 3)];
+    let jwks = json!({"keys": signers.iter().map(Signer::jwk).collect::<Vec<_>>()});
+    let now = i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).map_err(|e| e.to_string())?.as_secs())
+        .unwrap_or(i64::MAX);
+
+    // Cold runs need a token never seen before for every request: enough for the fastest
+    // configuration at this length, minted up front on every core.
+    let cold_count = usize::try_from(seconds.saturating_mul(COLD_TOKENS_PER_SECOND)).unwrap_or(100_000);
+    let started = Instant::now();
+    let mut scripts = BTreeMap::new();
+    for signer in &signers {
+        let hot = signer.sign(&claims("agent-hot", now));
+        let hot_script = dir.join(format!("hot-{}.lua", signer.alg));
+        std::fs::write(&hot_script, format!("wrk.headers[\"Authorization\"] = \"Bearer {hot}\"\n"))
+            .map_err(|e| e.to_string())?;
+        let tokens = dir.join(format!("cold-{}.txt", signer.alg));
+        mint(signer, now, cold_count, &tokens)?;
+        scripts.insert((signer.alg, Pattern::Hot), hot_script);
+        scripts.insert((signer.alg, Pattern::Cold), cold_script(&dir, signer.alg, &tokens)?);
+    }
+    println!("minted {cold_count} cold tokens per algorithm in {:.0?}", started.elapsed());
+
+    let noop = workspace_root().join("dist/noop.wasm");
+    let mut results: BTreeMap<(Config, &str, Pattern), Vec<Sample>> = BTreeMap::new();
+    for round in 1..=rounds {
+        println!("round {round}/{rounds}");
+        // The filterless and no-op runs do not depend on the token; they use the hot ES256 script.
+        let es_hot = scripts.get(&("ES256", Pattern::Hot)).cloned().unwrap_or_default();
+        for config in [Config::Passthrough, Config::NoopWasm] {
+            let sample = measure(&dir, &envoy_config(config, &jwks, &noop), &es_hot, seconds)?;
+            report(config, "-", Pattern::Hot, &sample);
+            results.entry((config, "-", Pattern::Hot)).or_default().push(sample);
+        }
+        for signer in &signers {
+            for pattern in [Pattern::Hot, Pattern::Cold] {
+                let script = scripts.get(&(signer.alg, pattern)).cloned().unwrap_or_default();
+                // Alternate which of the two goes first, so neither always runs on a warmer machine.
+                let order = if round % 2 == 0 {
+                    [Config::Agentgate, Config::Native]
+                } else {
+                    [Config::Native, Config::Agentgate]
+                };
+                for config in order {
+                    let sample = measure(&dir, &envoy_config(config, &jwks, &noop), &script, seconds)?;
+                    report(config, signer.alg, pattern, &sample);
+                    if pattern == Pattern::Cold && sample.requests > cold_count as u64 {
+                        println!("    (more requests than cold tokens: some were reused)");
+                    }
+                    results.entry((config, signer.alg, pattern)).or_default().push(sample);
+                }
+            }
+        }
+    }
+    let table = table(&results, rounds, seconds);
+    println!("\n{table}");
+    let out = std::env::var_os("BENCH_OUT").map(PathBuf::from).unwrap_or_else(|| dir.join("results.md"));
+    std::fs::write(&out, &table).map_err(|e| e.to_string())?;
+    println!("table written to {}", out.display());
+    Ok(())
+}
+
+fn claims(sub: &str, now: i64) -> Value {
+    json!({
+        "iss": ISSUER, "aud": AUDIENCE, "sub": sub, "scope": "invoices:read",
+        "iat": now, "exp": now + 3600, "jti": sub,
+        "authorization_details": [{"type": "invoice_processing", "actions": ["read"], "identifier": "42"}],
+    })
+}
+
+/// `count` distinct tokens (distinct `sub` and `jti`), one per line, minted on every core.
+fn mint(signer: &Signer, now: i64, count: usize, file: &Path) -> Result<(), String> {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let per = count.div_ceil(cores);
+    let lines: Vec<String> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..cores)
+            .map(|core| {
+                scope.spawn(move || {
+                    (core * per..((core + 1) * per).min(count))
+                        .map(|i| signer.sign(&claims(&format!("agent-{}-{i}", signer.alg), now)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().unwrap_or_default()).collect()
+    });
+    std::fs::write(file, lines.join("\n") + "\n").map_err(|e| e.to_string())
+}
+
+/// A wrk script that gives every request the next token of `tokens`.
+fn cold_script(dir: &Path, alg: &str, tokens: &Path) -> Result<PathBuf, String> {
+    let script = dir.join(format!("cold-{alg}.lua"));
+    let lua = format!(
+        r#"local tokens = {{}}
+for line in io.lines("{}") do tokens[#tokens + 1] = line end
+local i = 0
+request = function()
+  i = i + 1
+  if i > #tokens then i = 1 end
+  return wrk.format("GET", "/invoices/42", {{["Authorization"] = "Bearer " .. tokens[i]}})
+end
+"#,
+        tokens.display()
+    );
+    std::fs::write(&script, lua).map_err(|e| e.to_string())?;
+    Ok(script)
+}
+
+/// The Envoy configuration for one measurement: one listener, the filters of `config`, and a
+/// direct response (no upstream), so only the gateway's own work is measured.
+fn envoy_config(config: Config, jwks: &Value, noop: &Path) -> String {
+    let wasm = |name: &str, file: &Path, configuration: &str| {
+        json!({
+            "name": name,
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                "config": {
+                    "name": name, "root_id": name,
+                    "vm_config": {"vm_id": name, "runtime": "envoy.wasm.runtime.v8",
+                                  "code": {"local": {"filename": file.display().to_string()}}},
+                    "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": configuration}
+                }
+            }
+        })
+    };
+    let mut filters = match config {
+        Config::Passthrough => vec![],
+        Config::NoopWasm => vec![wasm("noop", noop, "")],
+        Config::Agentgate => vec![wasm("agentgate", &filter_wasm(), &agentgate_policy(jwks).to_string())],
+        Config::Native => native_filters(jwks),
+    };
+    filters.push(json!({"name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}));
+    json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {"listeners": [{
+            "name": "bench",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "bench",
+                    "route_config": {"virtual_hosts": [{"name": "api", "domains": ["*"], "routes": [{
+                        "match": {"prefix": "/"},
+                        "direct_response": {"status": 200, "body": {"inline_string": "ok"}}
+                    }]}]},
+                    "http_filters": filters
+                }
+            }]}]
+        }]}
+    })
+    .to_string()
+}
+
+/// The policy both filters enforce: issuer, audience, GET /invoices/*, scope invoices:read;
+/// agentgate also checks the RFC 9396 task for the invoice in the path.
+fn agentgate_policy(jwks: &Value) -> Value {
+    json!({
+        "providers": [{"name": "idp", "issuer": ISSUER, "audiences": [AUDIENCE],
+                       "algorithms": ["ES256", "RS256", "EdDSA"], "jwks": jwks}],
+        "rules": [{
+            "name": "read-invoice",
+            "match": {"methods": ["GET"], "path": "/invoices/{id}"},
+            "require": {"scopes": ["invoices:read"],
+                        "task": {"type": "invoice_processing", "actions": ["read"], "identifier": "{id}"}}
+        }]
+    })
+}
+
+fn native_filters(jwks: &Value) -> Vec<Value> {
+    vec![
+        json!({
+            "name": "envoy.filters.http.jwt_authn",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+                "providers": {"idp": {
+                    "issuer": ISSUER,
+                    "audiences": [AUDIENCE],
+                    "local_jwks": {"inline_string": jwks.to_string()},
+                    "payload_in_metadata": "jwt_payload",
+                    "jwt_cache_config": {"jwt_cache_size": 1000}
+                }},
+                "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "idp"}}]
+            }
+        }),
+        json!({
+            "name": "envoy.filters.http.rbac",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+                "rules": {"action": "ALLOW", "policies": {"read-invoice": {
+                    "permissions": [{"and_rules": {"rules": [
+                        {"header": {"name": ":method", "string_match": {"exact": "GET"}}},
+                        {"url_path": {"path": {"prefix": "/invoices/"}}}
+                    ]}}],
+                    "principals": [{"metadata": {
+                        "filter": "envoy.filters.http.jwt_authn",
+                        "path": [{"key": "jwt_payload"}, {"key": "scope"}],
+                        "value": {"string_match": {"safe_regex": {"regex": "(.* )?invoices:read( .*)?"}}}
+                    }}]
+                }}}
+            }
+        }),
+    ]
+}
+
+/// Starts Envoy with `config` on core 0, checks that a request with the script's first token
+/// is allowed, runs wrk on core 1, and stops Envoy.
+fn measure(dir: &Path, config: &str, script: &Path, seconds: u64) -> Result<Sample, String> {
+    let config_file = dir.join("envoy.json");
+    std::fs::write(&config_file, config).map_err(|e| e.to_string())?;
+    let admin_file = dir.join("admin-address");
+    let _ = std::fs::remove_file(&admin_file);
+    let log = std::fs::File::create(dir.join("envoy.log")).map_err(|e| e.to_string())?;
+    let child = Command::new("taskset")
+        .args(["-c", "0"])
+        .arg(envoy_binary())
+        .arg("-c")
+        .arg(&config_file)
+        .args(["--concurrency", "1", "--disable-hot-restart", "-l", "error", "--admin-address-path"])
+        .arg(&admin_file)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("cannot start envoy: {e}"))?;
+    let envoy = Running(child);
+    let port = listener_port(&admin_file)?;
+    let url = format!("http://127.0.0.1:{port}/invoices/42");
+    let output = Command::new("taskset")
+        .args(["-c", "1", "wrk", "-t1", "-c16", &format!("-d{seconds}s"), "--latency", "-s"])
+        .arg(script)
+        .arg(&url)
+        .output()
+        .map_err(|e| format!("cannot run wrk (make bench installs it): {e}"))?;
+    drop(envoy);
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    parse_wrk(&text).ok_or_else(|| format!("unexpected wrk output:\n{text}"))
+}
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn listener_port(admin_file: &Path) -> Result<u16, String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Some(admin) = std::fs::read_to_string(admin_file).ok().filter(|a| !a.trim().is_empty()) {
+            let listeners = ureq_get(&format!("http://{}/listeners?format=json", admin.trim()));
+            let port = listeners
+                .and_then(|l| serde_json::from_str::<Value>(&l).ok())
+                .and_then(|l| l["listener_statuses"][0]["local_address"]["socket_address"]["port_value"].as_u64())
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|&p| p != 0);
+            if let Some(port) = port {
+                return Ok(port);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err("envoy did not start (see target/bench/envoy.log)".into())
+}
+
+fn ureq_get(url: &str) -> Option<String> {
+    ureq::get(url).call().ok()?.body_mut().read_to_string().ok()
+}
+
+/// Requests/s, and the 99th percentile latency in ms, from `wrk --latency`; `None` when any
+/// request failed (a non-2xx answer means the configuration does not allow the traffic).
+fn parse_wrk(text: &str) -> Option<Sample> {
+    if text.contains("Non-2xx or 3xx responses") || text.contains("Socket errors") {
+        return None;
+    }
+    let rps = text.lines().find_map(|l| l.trim().strip_prefix("Requests/sec:"))?.trim().parse().ok()?;
+    let requests = text.lines().find_map(|l| l.trim().split_once(" requests in ")?.0.parse().ok())?;
+    let p99 = text.lines().find_map(|l| l.trim().strip_prefix("99%"))?.trim();
+    let p99_ms = if let Some(us) = p99.strip_suffix("us") {
+        us.parse::<f64>().ok()? / 1000.0
+    } else if let Some(ms) = p99.strip_suffix("ms") {
+        ms.parse().ok()?
+    } else {
+        p99.strip_suffix('s')?.parse::<f64>().ok()? * 1000.0
+    };
+    Some(Sample { rps, p99_ms, requests })
+}
+
+fn report(config: Config, alg: &str, pattern: Pattern, sample: &Sample) {
+    println!(
+        "  {:<15} {:<6} {:<5} {:>9.0} req/s  p99 {:>7.2} ms",
+        config.label(),
+        alg,
+        format!("{pattern:?}").to_lowercase(),
+        sample.rps,
+        sample.p99_ms
+    );
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values.get(mid).copied().unwrap_or(0.0),
+        _ => (values.get(mid - 1).copied().unwrap_or(0.0) + values.get(mid).copied().unwrap_or(0.0)) / 2.0,
+    }
+}
+
+fn table(results: &BTreeMap<(Config, &str, Pattern), Vec<Sample>>, rounds: u64, seconds: u64) -> String {
+    let med = |key: &(Config, &str, Pattern)| {
+        results
+            .get(key)
+            .map(|s| (median(s.iter().map(|x| x.rps).collect()), median(s.iter().map(|x| x.p99_ms).collect())))
+    };
+    let noop = med(&(Config::NoopWasm, "-", Pattern::Hot)).map_or(0.0, |m| m.0);
+    let mut out = format!(
+        "Medians of {rounds} rounds of {seconds} s; Envoy 1.40 with one worker on core 0, wrk -t1 -c16 on core 1; \
+         direct response, no upstream. dist/agentgate.wasm: {} bytes.\n\n\
+         | configuration | token | pattern | req/s | p99 ms | agentgate / native | agentgate / no-op |\n\
+         |---|---|---|---:|---:|---:|---:|\n",
+        std::fs::metadata(filter_wasm()).map_or(0, |m| m.len())
+    );
+    for config in [Config::Passthrough, Config::NoopWasm] {
+        if let Some((rps, p99)) = med(&(config, "-", Pattern::Hot)) {
+            out.push_str(&format!("| {} | - | - | {rps:.0} | {p99:.2} | | |\n", config.label()));
+        }
+    }
+    for alg in ["ES256", "RS256", "EdDSA"] {
+        for pattern in [Pattern::Hot, Pattern::Cold] {
+            let native = med(&(Config::Native, alg, pattern));
+            let ours = med(&(Config::Agentgate, alg, pattern));
+            let name = format!("{pattern:?}").to_lowercase();
+            if let Some((rps, p99)) = native {
+                out.push_str(&format!("| {} | {alg} | {name} | {rps:.0} | {p99:.2} | | |\n", Config::Native.label()));
+            }
+            if let Some((rps, p99)) = ours {
+                let vs_native = native.map_or(String::new(), |n| format!("{:.2}×", rps / n.0));
+                let vs_noop = if noop > 0.0 { format!("{:.2}×", rps / noop) } else { String::new() };
+                out.push_str(&format!(
+                    "| **{}** | {alg} | {name} | {rps:.0} | {p99:.2} | {vs_native} | {vs_noop} |\n",
+                    Config::Agentgate.label()
+                ));
+            }
+        }
+    }
+    out
+}
