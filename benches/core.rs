@@ -1,5 +1,6 @@
-//! Native micro-benchmarks of the core: rule lookup and evaluation with 10, 100 and 1,000
-//! rules (the router keeps it flat), and a whole decision on a cached token.
+//! Native micro-benchmarks of the core: signature verification per algorithm (a cache miss),
+//! rule lookup and evaluation with 10, 100 and 1,000 rules (the router keeps it flat), and a
+//! whole decision on a cached token.
 //! `cargo bench -p agentgate --bench core`.
 
 // Benchmark set-up: a panic is how it reports a broken fixture.
@@ -79,5 +80,16 @@ fn bench_decision(c: &mut Criterion) {
     c.bench_function("decision/cached-token", |b| b.iter(|| gate.evaluate(black_box(&request))));
 }
 
-criterion_group!(benches, bench_rules, bench_decision);
+fn bench_verify(c: &mut Criterion) {
+    let mut group = c.benchmark_group("verify");
+    for signer in [Signer::es256("es-1", 1), Signer::rs256("rs-1", 2), Signer::eddsa("ed-1", 3)] {
+        let gate = Gate::from_json(&policy(&signer.jwks(), &rules(10), "enforce")).expect("policy");
+        let token = signer.sign(&agent_claims("agent-7", "service-1:read", NOW));
+        assert!(verify(gate.policy(), &token, NOW).is_ok());
+        group.bench_function(signer.alg, |b| b.iter(|| verify(black_box(gate.policy()), black_box(&token), NOW)));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_verify, bench_rules, bench_decision);
 criterion_main!(benches);
