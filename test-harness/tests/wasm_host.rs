@@ -252,3 +252,18 @@ fn a_revocation_pushed_as_new_configuration_applies_at_once() {
     assert!(matches!(host.reconfigure("{\"rules\": []}"), Err(HostError::Refused { .. })));
     assert_eq!(get(&mut host, &token).status(), 403);
 }
+
+#[test]
+fn the_default_build_refuses_es384_and_says_how_to_get_it() {
+    let mut p: Value = serde_json::from_str(&policy(&signer().jwks(), &read_invoice_rule(), "enforce")).unwrap();
+    p["providers"][0]["algorithms"] = json!(["EdDSA", "ES384"]);
+    match Host::new(&p.to_string()) {
+        Err(HostError::Refused { logs }) => assert!(
+            logs.iter().any(|l| l.starts_with(
+                "agentgate: invalid policy: providers[0].algorithms[1]: ES384 (P-384) is not in this build"
+            ) && l.contains("make build FEATURES=es384")),
+            "{logs:?}"
+        ),
+        other => panic!("expected refusal, got {:?}", other.map(|_| "a running filter")),
+    }
+}
