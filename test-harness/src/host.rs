@@ -273,6 +273,12 @@ impl Host {
         self.store.data_mut().finished.remove(&context)
     }
 
+    /// The client of a paused request goes away: the host deletes its context.
+    pub fn cancel(&mut self, context: i32) -> Result<(), HostError> {
+        self.store.data_mut().parked.remove(&context);
+        self.finish(context)
+    }
+
     /// Requests the filter holds now.
     pub fn paused(&self) -> usize {
         self.store.data().parked.len()
@@ -747,7 +753,8 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         if context == ROOT_CONTEXT || context == state.effective {
             return OK;
         }
-        let Some(headers) = state.parked.get(&context).cloned() else { return NOT_FOUND };
+        // Envoy answers BadArgument for a context that is gone (the client left).
+        let Some(headers) = state.parked.get(&context).cloned() else { return BAD_ARGUMENT };
         if let Some(saved) = state.parked.get_mut(&state.effective) {
             *saved = state.request_headers.clone();
         }

@@ -270,3 +270,15 @@ fn a_provider_without_keys_fails_alone() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(outcome.status(), 200);
 }
+
+#[test]
+fn a_waiting_client_that_leaves_does_not_disturb_the_filter() {
+    let mut host = Host::new(&policy()).unwrap_or_else(|e| panic!("{e}"));
+    let Outcome::Paused { context } = get(&mut host, &key_a()) else { panic!("not held") };
+    tick(&mut host);
+    host.cancel(context).unwrap_or_else(|e| panic!("{e}"));
+    let call = only_call(&host);
+    host.respond(call.token, 200, &jwks(&[&key_a()])).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(host.outcome(context), None);
+    assert_eq!(get(&mut host, &key_a()).status(), 200);
+}
