@@ -20,6 +20,7 @@ const OK: i32 = 0;
 const NOT_FOUND: i32 = 1;
 const BAD_ARGUMENT: i32 = 2;
 const CAS_MISMATCH: i32 = 8;
+const UNIMPLEMENTED: i32 = 12;
 const MAP_REQUEST_HEADERS: i32 = 0;
 const MAP_HTTP_CALL_RESPONSE_HEADERS: i32 = 6;
 const BUFFER_HTTP_CALL_RESPONSE_BODY: i32 = 4;
@@ -130,6 +131,8 @@ struct State {
     filter_state: HashMap<String, Vec<u8>>,
     /// The request whose headers `request_headers` holds now.
     effective: i32,
+    /// Host calls this host answers with Unimplemented, as weaker hosts do.
+    lacking: Vec<&'static str>,
     /// Headers of requests the filter paused, by context id.
     parked: HashMap<i32, Vec<(String, String)>>,
     /// How paused requests ended, once the filter resumed or answered them.
@@ -187,6 +190,7 @@ impl Host {
             properties: HashMap::new(),
             filter_state: HashMap::new(),
             effective: 0,
+            lacking: Vec::new(),
             parked: HashMap::new(),
             finished: HashMap::new(),
             tick_period_ms: 0,
@@ -271,6 +275,12 @@ impl Host {
     /// How a paused request ended, once the filter resumed or answered it.
     pub fn outcome(&mut self, context: i32) -> Option<Outcome> {
         self.store.data_mut().finished.remove(&context)
+    }
+
+    /// From now on, answers the host call `import` (`proxy_set_property`,
+    /// `proxy_get_current_time_nanoseconds`) with Unimplemented.
+    pub fn lack(&mut self, import: &'static str) {
+        self.store.data_mut().lacking.push(import);
     }
 
     /// The client of a paused request goes away: the host deletes its context.
@@ -476,6 +486,9 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_current_time_nanoseconds",
         |mut c: Caller<'_, State>, out: i32| -> wasmtime::Result<i32> {
+            if c.data().lacking.contains(&"proxy_get_current_time_nanoseconds") {
+                return Ok(UNIMPLEMENTED);
+            }
             let now = c.data().now_nanos;
             write(&mut c, out, &now.to_le_bytes())?;
             Ok(OK)
@@ -625,6 +638,9 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_property",
         |mut c: Caller<'_, State>, pptr: i32, plen: i32, vptr: i32, vlen: i32| -> wasmtime::Result<i32> {
+            if c.data().lacking.contains(&"proxy_set_property") {
+                return Ok(UNIMPLEMENTED);
+            }
             let path = read_string(&mut c, pptr, plen)?.replace('\0', ".");
             let value = read(&mut c, vptr, vlen)?;
             c.data_mut().filter_state.insert(path, value);

@@ -161,10 +161,7 @@ impl Fetcher {
     ) -> Option<usize> {
         let provider = gate.policy().providers.get(index)?;
         let remote = provider.remote.as_ref()?;
-        let jitter = hostcalls::get_current_time()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0.5, |d| f64::from(d.subsec_nanos() % 1000) / 1000.0);
+        let jitter = f64::from(crate::host::subsec_nanos() % 1000) / 1000.0;
         let next = update_shared(&remote.store_key, |bytes| {
             let record = KeyRecord::from_bytes(bytes);
             let (updated, next) = record.record_response(remote, stage, response.clone(), now, jitter);

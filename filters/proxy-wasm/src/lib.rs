@@ -2,6 +2,7 @@
 //! Only `proxy_wasm::hostcalls` are used: the SDK's trait helpers unwrap host statuses and a
 //! panic would abort the VM (and every request on that worker).
 
+mod host;
 mod keys;
 mod metrics;
 mod shared;
@@ -15,7 +16,7 @@ use proxy_wasm::types::{Action as HostAction, BufferType, ContextType, LogLevel,
 use shared::{prepare_replay_buckets, SharedDataGuard};
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -139,8 +140,7 @@ fn resume(shared: &Shared, which: impl Fn(&Waiter) -> bool) {
 }
 
 fn now_ms() -> Option<u64> {
-    let now = hostcalls::get_current_time().ok()?.duration_since(UNIX_EPOCH).ok()?;
-    u64::try_from(now.as_millis()).ok()
+    host::now_ms()
 }
 
 fn seconds(ms: u64) -> i64 {
@@ -210,7 +210,7 @@ fn decide(shared: &Shared, wait_as: Option<u32>) -> HostAction {
     metrics.count_rule(decision.rule_index, decision.allowed);
     if policy.audit.filter_state {
         for (field, value) in decision.audit.log_fields() {
-            let _ = hostcalls::set_property(vec![&format!("agentgate.{field}")], Some(value.as_bytes()));
+            host::set_property(&format!("agentgate.{field}"), value.as_bytes());
         }
     }
     if decision.audit.issuer.is_some() {
