@@ -278,7 +278,8 @@ impl Host {
     }
 
     /// From now on, answers the host call `import` (`proxy_set_property`,
-    /// `proxy_get_current_time_nanoseconds`) with Unimplemented.
+    /// `proxy_get_current_time_nanoseconds`, `proxy_set_tick_period_milliseconds`) with
+    /// Unimplemented.
     pub fn lack(&mut self, import: &'static str) {
         self.store.data_mut().lacking.push(import);
     }
@@ -495,6 +496,9 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         },
     )?;
     linker.func_wrap("env", "proxy_set_tick_period_milliseconds", |mut c: Caller<'_, State>, period: i32| -> i32 {
+        if c.data().lacking.contains(&"proxy_set_tick_period_milliseconds") {
+            return UNIMPLEMENTED;
+        }
         c.data_mut().tick_period_ms = period as u32;
         OK
     })?;

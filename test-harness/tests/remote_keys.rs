@@ -2,7 +2,7 @@
 //! a clock the test moves and callouts the test answers: first fetch, waiting requests,
 //! rotation, outages and stale keys, garbage, and one fetch for all workers.
 
-use agentgate_test_harness::host::{Host, HttpCall, Outcome, Process};
+use agentgate_test_harness::host::{Host, HostError, HttpCall, Outcome, Process};
 use agentgate_test_harness::tokens::{agent_claims, read_invoice_rule, Signer, AUDIENCE, ISSUER};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -280,5 +280,20 @@ fn a_waiting_client_that_leaves_does_not_disturb_the_filter() {
     let call = only_call(&host);
     host.respond(call.token, 200, &jwks(&[&key_a()])).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(host.outcome(context), None);
+    assert_eq!(get(&mut host, &key_a()).status(), 200);
+}
+
+#[test]
+fn a_host_without_timers_refuses_remote_keys_at_configure_time() {
+    let inline = agentgate_test_harness::tokens::policy(&key_a().jwks(), &read_invoice_rule(), "enforce");
+    let mut host = Host::new(&inline).unwrap_or_else(|e| panic!("{e}"));
+    host.lack("proxy_set_tick_period_milliseconds");
+    match host.reconfigure(&policy()) {
+        Err(HostError::Refused { logs }) => {
+            assert!(logs.iter().any(|l| l.contains("remote keys (jwks_uri, discovery) need timer ticks")), "{logs:?}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // The policy in force keeps working.
     assert_eq!(get(&mut host, &key_a()).status(), 200);
 }

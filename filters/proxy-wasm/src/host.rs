@@ -1,12 +1,13 @@
-//! Host calls whose SDK wrappers panic on an unexpected status (`hostcalls::set_property`,
-//! `hostcalls::get_current_time`): a host that lacks them, or refuses a value, must cost a
-//! feature, never the VM. Same imports, status read as a plain integer.
+//! Host calls whose SDK wrappers panic on an unexpected status (`set_property`,
+//! `get_current_time`, `set_tick_period`): a host that lacks them, or refuses a value, must
+//! cost a feature, never the VM. Same imports, status read as a plain integer.
 
 #[allow(clashing_extern_declarations)]
 #[link(wasm_import_module = "env")]
 extern "C" {
     fn proxy_set_property(path_data: *const u8, path_size: usize, value_data: *const u8, value_size: usize) -> u32;
     fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
 }
 
 const OK: u32 = 0;
@@ -37,4 +38,11 @@ pub fn subsec_nanos() -> u32 {
     } else {
         0
     }
+}
+
+/// Asks for `on_tick` every `period_ms`; false when the host has no timers.
+pub fn set_tick_period(period_ms: u32) -> bool {
+    // SAFETY: a plain integer argument.
+    let status = unsafe { proxy_set_tick_period_milliseconds(period_ms) };
+    status == OK
 }

@@ -16,7 +16,6 @@ use proxy_wasm::types::{Action as HostAction, BufferType, ContextType, LogLevel,
 use shared::{prepare_replay_buckets, SharedDataGuard};
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::Duration;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -38,8 +37,8 @@ struct Root {
     metrics: Rc<Metrics>,
 }
 
-/// Fetched keys are checked this often (and due fetches started).
-const TICK: Duration = Duration::from_millis(100);
+/// Fetched keys are checked this often, in milliseconds (and due fetches started).
+const TICK_MS: u32 = 100;
 
 impl Context for Root {
     fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
@@ -86,7 +85,7 @@ impl RootContext for Root {
                     // Keys another worker (or the previous configuration) already fetched.
                     keys::sync(&gate, index);
                 }
-                if !remote.is_empty() && hostcalls::set_tick_period(TICK).is_err() {
+                if !remote.is_empty() && !host::set_tick_period(TICK_MS) {
                     return refuse(
                         "remote keys (jwks_uri, discovery) need timer ticks, which this host does not offer",
                     );
