@@ -191,20 +191,17 @@ impl Gate {
         let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let verified = match cache.as_mut() {
             None => Arc::new(verify_untimed(&self.policy, token)?),
-            Some(cache) => {
-                let key = digest;
-                match cache.get(&key) {
-                    Some(hit) => {
-                        *cache_hit = true;
-                        Arc::clone(hit)
-                    }
-                    None => {
-                        let verified = Arc::new(verify_untimed(&self.policy, token)?);
-                        cache.put(key, Arc::clone(&verified));
-                        verified
-                    }
+            Some(cache) => match cache.get(&digest) {
+                Some(hit) => {
+                    *cache_hit = true;
+                    Arc::clone(hit)
                 }
-            }
+                None => {
+                    let verified = Arc::new(verify_untimed(&self.policy, token)?);
+                    cache.put(digest, Arc::clone(&verified));
+                    verified
+                }
+            },
         };
         check_time_in(&self.policy, &verified, now)?;
         Ok(verified)
@@ -355,11 +352,15 @@ impl Gate {
         let settings = &self.policy.audit;
         let subject = |s: &str| settings.subject(s);
         // Token parameters leave the path before anything sees it: the log, and (unless
-        // forwarded) the upstream.
-        let (token_headers, token_rewrites) = strip_tokens(&self.policy.token_sources, request.headers, request.path);
-        let logged_path = match settings.log_query {
-            false => strip_query(request.path),
-            true => token_rewrites.iter().find(|(n, _)| *n == ":path").map_or(request.path, |(_, p)| p.as_str()),
+        // forwarded) the upstream. Worked out only when one of them needs it.
+        let forwarded = reason.is_none() || dry_run;
+        let stripped = (settings.log_query || (forwarded && !self.policy.forward_token))
+            .then(|| strip_tokens(&self.policy.token_sources, request.headers, request.path));
+        let logged_path = match &stripped {
+            Some((_, rewrites)) if settings.log_query => {
+                rewrites.iter().find(|(n, _)| *n == ":path").map_or(request.path, |(_, p)| p.as_str())
+            }
+            _ => strip_query(request.path),
         };
         let mut audit = AuditRecord {
             time: request.now,
@@ -401,7 +402,7 @@ impl Gate {
             _ => {
                 let mut remove = forged_headers(&settings.headers, request.headers);
                 let mut set = audit.upstream_headers(&settings.headers);
-                if !self.policy.forward_token {
+                if let Some((token_headers, token_rewrites)) = stripped.filter(|_| !self.policy.forward_token) {
                     // Credentials stay at the gate: the upstream learns who called from the audit headers.
                     remove.extend(token_headers);
                     set.extend(token_rewrites.into_iter().map(|(n, v)| (n.to_string(), v)));

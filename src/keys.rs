@@ -12,6 +12,7 @@ use serde_json::Value;
 use std::borrow::Cow;
 #[cfg(feature = "es384")]
 use std::num::NonZeroUsize;
+use std::sync::{Arc, RwLock};
 
 /// A JWS algorithm agentgate verifies. The algorithm used for a token is always one of the
 /// provider's allowed algorithms and must fit the selected key: never taken from the token
@@ -314,6 +315,39 @@ fn decode_material(jwk: &Value, kty: Option<&str>, crv: Option<&str>) -> Result<
     }
 }
 
+/// A provider's keys: fixed at configure time, or replaced whenever its JWKS is refetched.
+/// Readers take a snapshot; an install swaps it whole.
+#[derive(Debug, Default)]
+pub struct KeySet {
+    current: RwLock<Arc<Installed>>,
+}
+
+/// One key set as installed.
+#[derive(Debug, Default)]
+pub struct Installed {
+    pub keys: Vec<Key>,
+    /// Fetched keys are not used past this (Unix seconds); fixed keys have no limit.
+    pub usable_until: Option<i64>,
+    /// The shared record's version the keys came from (0: none yet, or fixed).
+    pub version: u64,
+}
+
+impl KeySet {
+    pub fn fixed(keys: Vec<Key>) -> KeySet {
+        KeySet { current: RwLock::new(Arc::new(Installed { keys, usable_until: None, version: 0 })) }
+    }
+
+    pub fn current(&self) -> Arc<Installed> {
+        let guard = self.current.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        Arc::clone(&guard)
+    }
+
+    pub fn install(&self, installed: Installed) {
+        let mut guard = self.current.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *guard = Arc::new(installed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -410,40 +444,5 @@ mod symmetric_tests {
             assert!(!secret.fits(alg));
             assert!(!secret.verify(alg, b"x", &[0; 64]));
         }
-    }
-}
-
-/// A provider's keys: fixed at configure time, or replaced whenever its JWKS is refetched.
-/// Readers take a snapshot; an install swaps it whole.
-#[derive(Debug, Default)]
-pub struct KeySet {
-    current: std::sync::RwLock<std::sync::Arc<Installed>>,
-}
-
-/// One key set as installed.
-#[derive(Debug, Default)]
-pub struct Installed {
-    pub keys: Vec<Key>,
-    /// Fetched keys are not used past this (Unix seconds); fixed keys have no limit.
-    pub usable_until: Option<i64>,
-    /// The shared record's version the keys came from (0: none yet, or fixed).
-    pub version: u64,
-}
-
-impl KeySet {
-    pub fn fixed(keys: Vec<Key>) -> KeySet {
-        KeySet {
-            current: std::sync::RwLock::new(std::sync::Arc::new(Installed { keys, usable_until: None, version: 0 })),
-        }
-    }
-
-    pub fn current(&self) -> std::sync::Arc<Installed> {
-        let guard = self.current.read().unwrap_or_else(|poisoned| poisoned.into_inner());
-        std::sync::Arc::clone(&guard)
-    }
-
-    pub fn install(&self, installed: Installed) {
-        let mut guard = self.current.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-        *guard = std::sync::Arc::new(installed);
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::metrics::Metrics;
 use crate::shared::update_shared;
-use agentgate::jwks::{Fetch, KeyRecord, Next, Response, Stage};
+use agentgate::jwks::{Fetch, KeyRecord, Next, RemoteJwks, Response, Stage};
 use agentgate::Gate;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::LogLevel;
@@ -34,26 +34,26 @@ fn record_of(key: &str) -> KeyRecord {
     KeyRecord::from_bytes(bytes.as_deref())
 }
 
+/// The fetch settings of provider `index`, when its keys are fetched.
+fn remote_of(gate: &Gate, index: usize) -> Option<&RemoteJwks> {
+    gate.policy().providers.get(index).and_then(|p| p.remote.as_ref())
+}
+
 fn log(level: LogLevel, message: &str) {
     let _ = hostcalls::log(level, message);
 }
 
 impl Fetcher {
-    /// Whether a request for `provider`'s keys should wait: a fetch is in flight somewhere, or
-    /// one may start now. Marks the provider for a fetch on the next tick.
-    pub fn should_wait(&mut self, gate: &Gate, provider: usize, now: i64) -> bool {
-        let Some(remote) = gate.policy().providers.get(provider).and_then(|p| p.remote.as_ref()) else {
-            return false;
-        };
-        if remote.wait_ms == 0 {
-            return false;
-        }
+    /// How long a request for `provider`'s keys should wait (`wait_ms`), when a fetch is in
+    /// flight somewhere or one may start now; marks the provider for a fetch on the next tick.
+    pub fn should_wait(&mut self, gate: &Gate, provider: usize, now: i64) -> Option<u64> {
+        let remote = remote_of(gate, provider).filter(|r| r.wait_ms > 0)?;
         let record = record_of(&remote.store_key);
         let fetch_possible = record.fetching(now) || record.claim(remote, now, true).is_some();
-        if fetch_possible {
+        fetch_possible.then(|| {
             self.wanted.insert(provider);
-        }
-        fetch_possible
+            remote.wait_ms
+        })
     }
 
     /// Adopts key sets other workers fetched; starts the fetches that are due (or wanted).
@@ -80,24 +80,24 @@ impl Fetcher {
     /// Claims and dispatches a fetch for `index` if one is due; true when one is in flight
     /// afterwards (this worker's or another's).
     fn start(&mut self, gate: &Gate, metrics: &Metrics, index: usize, forced: bool, now: i64) -> bool {
-        let Some(remote) = gate.policy().providers.get(index).and_then(|p| p.remote.as_ref()) else {
-            return false;
-        };
+        let Some(remote) = remote_of(gate, index) else { return false };
+        // Either this worker takes the lease, or the record read says whether another has it.
         let claimed = update_shared(&remote.store_key, |bytes| {
             let record = KeyRecord::from_bytes(bytes);
             Ok(match record.claim(remote, now, forced) {
-                Some((leased, fetch)) => (Some(leased.to_bytes()), Some(fetch)),
-                None => (None, None),
+                Some((leased, fetch)) => (Some(leased.to_bytes()), Ok(fetch)),
+                None => (None, Err(record.fetching(now))),
             })
         });
         match claimed {
-            Ok(Some(fetch)) => self.dispatch(gate, metrics, index, fetch, now),
-            _ => record_of(&remote.store_key).fetching(now),
+            Ok(Ok(fetch)) => self.dispatch(gate, metrics, index, fetch, now),
+            Ok(Err(fetching_elsewhere)) => fetching_elsewhere,
+            Err(_) => false,
         }
     }
 
     fn dispatch(&mut self, gate: &Gate, metrics: &Metrics, index: usize, fetch: Fetch, now: i64) -> bool {
-        let Some(remote) = gate.policy().providers.get(index).and_then(|p| p.remote.as_ref()) else { return false };
+        let Some(remote) = remote_of(gate, index) else { return false };
         let headers = vec![
             (":method", "GET"),
             (":path", fetch.path.as_str()),
@@ -130,7 +130,7 @@ impl Fetcher {
         now: i64,
     ) -> Option<usize> {
         let (index, stage) = self.calls.remove(&token)?;
-        let max_bytes = gate.policy().providers.get(index)?.remote.as_ref()?.max_bytes;
+        let max_bytes = remote_of(gate, index)?.max_bytes;
         let status = hostcalls::get_map(proxy_wasm::types::MapType::HttpCallResponseHeaders)
             .ok()
             .and_then(|headers| headers.into_iter().find(|(n, _)| n == ":status"))
@@ -165,23 +165,22 @@ impl Fetcher {
         let next = update_shared(&remote.store_key, |bytes| {
             let record = KeyRecord::from_bytes(bytes);
             let (updated, next) = record.record_response(remote, stage, response.clone(), now, jitter);
-            Ok((Some(updated.to_bytes()), next))
+            Ok((Some(updated.to_bytes()), (next, updated)))
         });
         let name = &provider.name;
         match next {
-            Ok(Next::Fetch(fetch)) => {
+            Ok((Next::Fetch(fetch), _)) => {
                 self.dispatch(gate, metrics, index, fetch, now);
                 None
             }
-            Ok(Next::Updated(count)) => {
+            Ok((Next::Updated(count), record)) => {
                 metrics.count_fetch(index, true);
                 log(LogLevel::Info, &format!("agentgate: provider {name}: fetched {count} signing keys"));
-                sync(gate, index);
+                gate.install_keys(index, &record);
                 Some(index)
             }
-            Ok(Next::Failed(error)) => {
+            Ok((Next::Failed(error), record)) => {
                 metrics.count_fetch(index, false);
-                let record = record_of(&remote.store_key);
                 let kept = match record.fetched_at {
                     Some(at) => format!(
                         "keeping the keys fetched at {at} until {} (max_stale_seconds)",
@@ -208,6 +207,6 @@ impl Fetcher {
 
 /// Installs the shared record's keys for `index` when newer; true if it did.
 pub fn sync(gate: &Gate, index: usize) -> bool {
-    let Some(remote) = gate.policy().providers.get(index).and_then(|p| p.remote.as_ref()) else { return false };
+    let Some(remote) = remote_of(gate, index) else { return false };
     gate.install_keys(index, &record_of(&remote.store_key)).is_some()
 }

@@ -43,7 +43,7 @@ const TICK_MS: u32 = 100;
 impl Context for Root {
     fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
         let Some(shared) = self.shared.clone() else { return };
-        let now = now_ms().map_or(0, seconds);
+        let now = host::now_ms().map_or(0, seconds);
         let settled = shared.fetcher.borrow_mut().on_response(&shared.gate, &shared.metrics, token_id, body_size, now);
         if let Some(provider) = settled {
             resume(&shared, |w| w.provider == provider);
@@ -104,7 +104,7 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         let Some(shared) = self.shared.clone() else { return };
-        let Some(now_ms) = now_ms() else { return };
+        let Some(now_ms) = host::now_ms() else { return };
         let settled = shared.fetcher.borrow_mut().tick(&shared.gate, &shared.metrics, seconds(now_ms));
         resume(&shared, |w| settled.contains(&w.provider) || w.deadline_ms <= now_ms);
     }
@@ -136,10 +136,6 @@ fn resume(shared: &Shared, which: impl Fn(&Waiter) -> bool) {
             let _ = hostcalls::resume_http_request();
         }
     }
-}
-
-fn now_ms() -> Option<u64> {
-    host::now_ms()
 }
 
 fn seconds(ms: u64) -> i64 {
@@ -177,7 +173,7 @@ impl HttpContext for Filter {
 /// context id), a request whose token needs keys being fetched is held instead.
 fn decide(shared: &Shared, wait_as: Option<u32>) -> HostAction {
     let headers = hostcalls::get_map(MapType::HttpRequestHeaders);
-    let (Ok(headers), Some(now_ms)) = (headers, now_ms()) else {
+    let (Ok(headers), Some(now_ms)) = (headers, host::now_ms()) else {
         // Fail closed: without headers or a clock nothing can be verified.
         return refuse_request(&shared.metrics, Reason::HostError);
     };
@@ -198,8 +194,7 @@ fn decide(shared: &Shared, wait_as: Option<u32>) -> HostAction {
     let decision = gate.evaluate_with(&request, &SharedDataGuard);
     if let (Some(provider), Some(context_id)) = (decision.awaiting_keys, wait_as) {
         let mut fetcher = shared.fetcher.borrow_mut();
-        if fetcher.should_wait(gate, provider, request.now) {
-            let wait_ms = policy.providers.get(provider).and_then(|p| p.remote.as_ref()).map_or(0, |r| r.wait_ms);
+        if let Some(wait_ms) = fetcher.should_wait(gate, provider, request.now) {
             fetcher.waiting.push(Waiter { context_id, provider, deadline_ms: now_ms.saturating_add(wait_ms) });
             return HostAction::Pause;
         }
