@@ -156,23 +156,23 @@ impl KeyRecord {
         let result = match stage {
             Stage::OpenIdDiscovery | Stage::OAuthDiscovery => {
                 let found = discovered_jwks_uri(response, remote.max_bytes)
-                    .and_then(|uri| fetch_of(Stage::Jwks, &uri).map(|fetch| (uri, fetch)));
-                let fallback =
-                    || fetch_of(Stage::OAuthDiscovery, &discovery_url(&remote.issuer, Stage::OAuthDiscovery));
-                match (found, stage) {
-                    (Ok((uri, fetch)), _) => {
-                        next.discovered_uri = Some(uri);
+                    .and_then(|uri| fetch_of(Stage::Jwks, &uri).map(|fetch| (Some(uri), fetch)));
+                // OpenID discovery failed: RFC 8414's document is tried before giving up.
+                let follow = match (found, stage) {
+                    (Err(error), Stage::OpenIdDiscovery) => {
+                        fetch_of(Stage::OAuthDiscovery, &discovery_url(&remote.issuer, Stage::OAuthDiscovery))
+                            .map(|fetch| (None, fetch))
+                            .map_err(|_| error)
+                    }
+                    (found, _) => found,
+                };
+                match follow {
+                    Ok((uri, fetch)) => {
+                        next.discovered_uri = uri.or(next.discovered_uri);
                         next.lease_until = now.saturating_add(lease_seconds(remote));
                         return (next, Next::Fetch(fetch));
                     }
-                    (Err(error), Stage::OpenIdDiscovery) => match fallback() {
-                        Ok(fetch) => {
-                            next.lease_until = now.saturating_add(lease_seconds(remote));
-                            return (next, Next::Fetch(fetch));
-                        }
-                        Err(_) => Err(format!("discovery: {error}")),
-                    },
-                    (Err(error), _) => Err(format!("discovery: {error}")),
+                    Err(error) => Err(format!("discovery: {error}")),
                 }
             }
             Stage::Jwks => checked_body(response, remote.max_bytes).and_then(|body| {
