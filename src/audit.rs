@@ -4,6 +4,7 @@
 use hmac::{Hmac, Mac};
 use serde::Serialize;
 use sha2::Sha256;
+use std::fmt::Write as _;
 
 /// The default prefix of every header agentgate sets upstream (`audit.header_prefix`).
 pub const DEFAULT_HEADER_PREFIX: &str = "x-agent-";
@@ -84,7 +85,7 @@ impl Pseudonymizer {
     pub fn pseudonym(&self, subject: &str) -> String {
         let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&self.key) else { return String::new() };
         mac.update(subject.as_bytes());
-        mac.finalize().into_bytes().iter().take(16).map(|b| format!("{b:02x}")).collect()
+        hex(mac.finalize().into_bytes().get(..16).unwrap_or_default())
     }
 }
 
@@ -194,7 +195,15 @@ impl AuditRecord {
 
 /// The short, one-way token fingerprint kept in audit records.
 pub fn fingerprint(digest: &[u8; 32]) -> String {
-    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    hex(digest.get(..8).unwrap_or_default())
+}
+
+/// Lower-case hex of `bytes`.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut hex, b| {
+        let _ = write!(hex, "{b:02x}");
+        hex
+    })
 }
 
 /// Makes a claim value safe as an HTTP header value: visible ASCII and spaces pass, anything

@@ -117,10 +117,24 @@ pub struct Decision {
     pub audit: AuditRecord,
 }
 
-/// Verified tokens by SHA-256 of the token text: a reused token costs a hash and a lookup,
-/// not a signature check. Bounded (least recently used entries go first); the time checks
-/// run on every hit, so an entry is never used past `exp`.
-type TokenCache = Mutex<Option<LruCache<[u8; 32], Arc<VerifiedToken>>>>;
+/// Verified tokens by their text: a reused token costs a lookup, not a signature check nor
+/// a hash of the token. Bounded (least recently used entries go first); the time checks run
+/// on every hit, so an entry is never used past `exp`.
+type TokenCache = Mutex<Option<LruCache<Box<str>, Seen>>>;
+
+/// A verified token with its fingerprint for the audit record.
+#[derive(Debug, Clone)]
+struct Seen {
+    token: Arc<VerifiedToken>,
+    fingerprint: Arc<str>,
+}
+
+/// A token looked up or verified: the result and the token's fingerprint.
+struct Lookup {
+    verified: Result<Arc<VerifiedToken>, Reason>,
+    fingerprint: Arc<str>,
+    cache_hit: bool,
+}
 
 /// A compiled policy, ready to decide requests.
 #[derive(Debug)]
@@ -178,33 +192,33 @@ impl Gate {
         Gate { policy, cache: Mutex::new(cache), memory }
     }
 
-    /// A verified token for `token` at `now`, from the cache when it was seen before (then
-    /// `cache_hit` is set).
-    /// `digest` is the token's SHA-256, the cache key.
-    fn verified(
-        &self,
-        token: &str,
-        digest: [u8; 32],
-        now: i64,
-        cache_hit: &mut bool,
-    ) -> Result<Arc<VerifiedToken>, Reason> {
+    /// A verified token for `token` at `now`, from the cache when it was seen before.
+    fn verified(&self, token: &str, now: i64) -> Lookup {
         let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let verified = match cache.as_mut() {
-            None => Arc::new(verify_untimed(&self.policy, token)?),
-            Some(cache) => match cache.get(&digest) {
-                Some(hit) => {
-                    *cache_hit = true;
-                    Arc::clone(hit)
+        let hit = cache.as_mut().and_then(|cache| cache.get(token).cloned());
+        let (seen, cache_hit) = match hit {
+            Some(seen) => (Ok(seen), true),
+            None => {
+                let fingerprint: Arc<str> = audit::fingerprint(&Sha256::digest(token.as_bytes()).into()).into();
+                match verify_untimed(&self.policy, token) {
+                    Ok(verified) => {
+                        let seen = Seen { token: Arc::new(verified), fingerprint };
+                        if let Some(cache) = cache.as_mut() {
+                            cache.put(token.into(), seen.clone());
+                        }
+                        (Ok(seen), false)
+                    }
+                    Err(reason) => (Err((reason, fingerprint)), false),
                 }
-                None => {
-                    let verified = Arc::new(verify_untimed(&self.policy, token)?);
-                    cache.put(digest, Arc::clone(&verified));
-                    verified
-                }
-            },
+            }
         };
-        check_time_in(&self.policy, &verified, now)?;
-        Ok(verified)
+        drop(cache);
+        match seen {
+            Ok(Seen { token, fingerprint }) => {
+                Lookup { verified: check_time_in(&self.policy, &token, now).map(|()| token), fingerprint, cache_hit }
+            }
+            Err((reason, fingerprint)) => Lookup { verified: Err(reason), fingerprint, cache_hit },
+        }
     }
 
     pub fn policy(&self) -> &Policy {
@@ -314,7 +328,7 @@ impl Gate {
     pub fn explain(&self, request: &Request<'_>) -> Option<Vec<(&'static str, Result<(), Reason>)>> {
         let token =
             find_token(&self.policy.token_sources, request.headers, request.path, self.policy.limits.max_token_bytes)
-                .and_then(|t| self.verified(t, Sha256::digest(t.as_bytes()).into(), request.now, &mut false))
+                .and_then(|t| self.verified(t, request.now).verified)
                 .ok()?;
         let host = authority(request.headers);
         explain(&self.policy, &request.target(&host), &token)
@@ -323,15 +337,15 @@ impl Gate {
     /// Decides `request` with a host's shared state (single-use tokens, rate limits).
     pub fn evaluate_with(&self, request: &Request<'_>, guard: &dyn SharedState) -> Decision {
         let audit_id = header(request.headers, audit::REQUEST_ID);
-        let mut cache_hit = false;
-        let mut fingerprint = None;
         let found =
             find_token(&self.policy.token_sources, request.headers, request.path, self.policy.limits.max_token_bytes);
-        let verified = found.and_then(|t| {
-            let digest: [u8; 32] = Sha256::digest(t.as_bytes()).into();
-            fingerprint = Some(audit::fingerprint(&digest));
-            self.verified(t, digest, request.now, &mut cache_hit)
-        });
+        let (verified, fingerprint, cache_hit) = match found {
+            Err(reason) => (Err(reason), None, false),
+            Ok(token) => {
+                let lookup = self.verified(token, request.now);
+                (lookup.verified, Some(lookup.fingerprint.to_string()), lookup.cache_hit)
+            }
+        };
         let awaiting_keys = match (&verified, found) {
             (Err(Reason::UnknownKid | Reason::KeysUnavailable), Ok(t)) => self.remote_provider_of(t),
             _ => None,

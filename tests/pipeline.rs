@@ -477,10 +477,13 @@ fn forward_token_keeps_the_credential_for_the_upstream() {
 #[test]
 fn audit_record_carries_a_token_fingerprint_not_the_token() {
     let token = es().sign(&claims("invoices:read"));
-    let first = get(&gate(), "/invoices/1", &token);
-    let again = get(&gate(), "/invoices/2", &token);
+    let gate = gate();
+    let first = get(&gate, "/invoices/1", &token);
+    let again = get(&gate, "/invoices/2", &token);
+    assert!(again.cache_hit);
     let fingerprint = first.audit.token_fingerprint.clone().unwrap_or_default();
     assert_eq!(fingerprint.len(), 16);
-    assert_eq!(again.audit.token_fingerprint, Some(fingerprint.clone()), "one token, one fingerprint");
+    assert!(fingerprint.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(again.audit.token_fingerprint, Some(fingerprint.clone()), "one token, one fingerprint, cached or not");
     assert_ne!(get(&gate(), "/invoices/1", &es().sign(&claims("x"))).audit.token_fingerprint, Some(fingerprint));
 }
