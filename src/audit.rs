@@ -1,7 +1,7 @@
 //! Stage 4: what the decision leaves behind: the audit headers sent upstream, the JSON audit
 //! record logged for every request, allowed or denied, and the fields an access log prints.
 
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use serde::Serialize;
 use sha2::Sha256;
 use std::fmt::Write as _;

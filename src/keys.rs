@@ -1,17 +1,12 @@
 //! Signing algorithms and verification keys: JWKs decoded once at configure time, and the
-//! signature check itself (jwt-compact's algorithms on RustCrypto keys).
+//! signature check itself (the RustCrypto crates: p256, p384, rsa, ed25519-dalek, hmac).
 
 use base64ct::{Base64UrlUnpadded, Encoding};
-use jwt_compact::alg::{Ed25519, Es256, Hs256, Hs256Key, Hs384, Hs384Key, Hs512, Hs512Key, Rsa, StrongAlg, StrongKey};
-use jwt_compact::jwk::JsonWebKey;
-use jwt_compact::{Algorithm, AlgorithmSignature};
-use rsa::RsaPublicKey;
+use hmac::{EagerHash, Hmac, KeyInit, Mac};
+use rsa::{BoxedUint, Pkcs1v15Sign, PublicKey as RsaPublicKey, Pss};
 use serde::Deserialize;
 use serde_json::Value;
-#[cfg(feature = "es384")]
-use std::borrow::Cow;
-#[cfg(feature = "es384")]
-use std::num::NonZeroUsize;
+use sha2::{Digest, Sha256, Sha384, Sha512};
 use std::sync::{Arc, RwLock};
 
 /// A JWS algorithm agentgate verifies. The algorithm used for a token is always one of the
@@ -76,16 +71,8 @@ impl Alg {
         matches!(self, Alg::Hs256 | Alg::Hs384 | Alg::Hs512)
     }
 
-    fn rsa(self) -> Option<Rsa> {
-        match self {
-            Alg::Rs256 => Some(Rsa::rs256()),
-            Alg::Rs384 => Some(Rsa::rs384()),
-            Alg::Rs512 => Some(Rsa::rs512()),
-            Alg::Ps256 => Some(Rsa::ps256()),
-            Alg::Ps384 => Some(Rsa::ps384()),
-            Alg::Ps512 => Some(Rsa::ps512()),
-            _ => None,
-        }
+    const fn is_rsa(self) -> bool {
+        matches!(self, Alg::Rs256 | Alg::Rs384 | Alg::Rs512 | Alg::Ps256 | Alg::Ps384 | Alg::Ps512)
     }
 
     /// RFC 7518 section 3.2: an HMAC key must be at least as long as the hash output.
@@ -106,8 +93,8 @@ pub const ES384_MISSING: &str = "ES384 (P-384) is not in this build of agentgate
 /// Decoded key material.
 #[derive(Debug)]
 pub enum KeyMaterial {
-    /// At least 2048 bits, checked at configure time.
-    Rsa(StrongKey<RsaPublicKey>),
+    /// 2048 to 8192 bits, checked at configure time.
+    Rsa(RsaPublicKey),
     P256(p256::ecdsa::VerifyingKey),
     #[cfg(feature = "es384")]
     P384(p384::ecdsa::VerifyingKey),
@@ -120,7 +107,7 @@ impl KeyMaterial {
     /// Whether this key can verify `alg` at all (RFC 7518 key type per algorithm).
     pub fn fits(&self, alg: Alg) -> bool {
         match self {
-            KeyMaterial::Rsa(_) => alg.rsa().is_some(),
+            KeyMaterial::Rsa(_) => alg.is_rsa(),
             KeyMaterial::P256(_) => alg == Alg::Es256,
             #[cfg(feature = "es384")]
             KeyMaterial::P384(_) => alg == Alg::Es384,
@@ -135,74 +122,49 @@ impl KeyMaterial {
             return false;
         }
         match self {
-            KeyMaterial::Rsa(key) => alg.rsa().is_some_and(|rsa| check(&StrongAlg(rsa), key, signed, signature)),
-            KeyMaterial::P256(key) => check(&Es256, key, signed, signature),
+            KeyMaterial::Rsa(key) => verify_rsa(key, alg, signed, signature),
+            KeyMaterial::P256(key) => {
+                use p256::ecdsa::signature::Verifier;
+                // Parsing rejects out-of-range values such as r = s = 0.
+                p256::ecdsa::Signature::from_slice(signature).is_ok_and(|sig| key.verify(signed, &sig).is_ok())
+            }
             #[cfg(feature = "es384")]
-            KeyMaterial::P384(key) => check(&Es384, key, signed, signature),
-            KeyMaterial::Ed25519(key) => check(&Ed25519, key, signed, signature),
+            KeyMaterial::P384(key) => {
+                use p384::ecdsa::signature::Verifier;
+                p384::ecdsa::Signature::from_slice(signature).is_ok_and(|sig| key.verify(signed, &sig).is_ok())
+            }
+            // Strict: no small-order keys or non-canonical signatures (RFC 8032 section 5.1.7).
+            KeyMaterial::Ed25519(key) => ed25519_dalek::Signature::from_slice(signature)
+                .is_ok_and(|sig| key.verify_strict(signed, &sig).is_ok()),
             KeyMaterial::Secret(secret) => match alg {
-                Alg::Hs256 => check(&Hs256, &Hs256Key::new(secret), signed, signature),
-                Alg::Hs384 => check(&Hs384, &Hs384Key::new(secret), signed, signature),
-                _ => check(&Hs512, &Hs512Key::new(secret), signed, signature),
+                Alg::Hs256 => verify_hmac::<Sha256>(secret, signed, signature),
+                Alg::Hs384 => verify_hmac::<Sha384>(secret, signed, signature),
+                _ => verify_hmac::<Sha512>(secret, signed, signature),
             },
         }
     }
 }
 
-fn check<A: Algorithm>(alg: &A, key: &A::VerifyingKey, signed: &[u8], signature: &[u8]) -> bool {
-    if let Some(len) = A::Signature::LENGTH {
-        if signature.len() != len.get() {
-            return false;
-        }
-    }
-    // Parsing rejects out-of-range values such as an ECDSA signature with r = s = 0.
-    match A::Signature::try_from_slice(signature) {
-        Ok(signature) => alg.verify_signature(&signature, key, signed),
-        Err(_) => false,
-    }
+/// HMAC over `signed`, compared in constant time.
+fn verify_hmac<D: EagerHash>(secret: &[u8], signed: &[u8], signature: &[u8]) -> bool {
+    let Ok(mut mac) = <Hmac<D> as KeyInit>::new_from_slice(secret) else { return false };
+    mac.update(signed);
+    mac.verify_slice(signature).is_ok()
 }
 
-/// ES384 (ECDSA P-384 with SHA-384), which jwt-compact lacks, on RustCrypto's `p384`.
-#[cfg(feature = "es384")]
-#[derive(Debug, Clone, Copy)]
-pub struct Es384;
-
-#[cfg(feature = "es384")]
-#[derive(Debug)]
-pub struct Es384Signature(p384::ecdsa::Signature);
-
-#[cfg(feature = "es384")]
-impl AlgorithmSignature for Es384Signature {
-    const LENGTH: Option<NonZeroUsize> = NonZeroUsize::new(96);
-
-    fn try_from_slice(slice: &[u8]) -> anyhow::Result<Self> {
-        p384::ecdsa::Signature::from_slice(slice).map(Es384Signature).map_err(|e| anyhow::anyhow!("{e}"))
-    }
-
-    fn as_bytes(&self) -> Cow<'_, [u8]> {
-        Cow::Owned(self.0.to_bytes().to_vec())
-    }
-}
-
-#[cfg(feature = "es384")]
-impl Algorithm for Es384 {
-    type SigningKey = p384::ecdsa::SigningKey;
-    type VerifyingKey = p384::ecdsa::VerifyingKey;
-    type Signature = Es384Signature;
-
-    fn name(&self) -> Cow<'static, str> {
-        Cow::Borrowed("ES384")
-    }
-
-    fn sign(&self, key: &Self::SigningKey, message: &[u8]) -> Self::Signature {
-        use p384::ecdsa::signature::Signer;
-        Es384Signature(key.sign(message))
-    }
-
-    fn verify_signature(&self, signature: &Self::Signature, key: &Self::VerifyingKey, message: &[u8]) -> bool {
-        use p384::ecdsa::signature::Verifier;
-        key.verify(message, &signature.0).is_ok()
-    }
+/// RSASSA-PKCS1-v1_5 (RS*) or RSASSA-PSS (PS*, salt as long as the hash: RFC 7518 section
+/// 3.5) over the SHA-2 digest of `signed`.
+fn verify_rsa(key: &RsaPublicKey, alg: Alg, signed: &[u8], signature: &[u8]) -> bool {
+    let result = match alg {
+        Alg::Rs256 => key.verify(Pkcs1v15Sign::new::<Sha256>(), &Sha256::digest(signed), signature),
+        Alg::Rs384 => key.verify(Pkcs1v15Sign::new::<Sha384>(), &Sha384::digest(signed), signature),
+        Alg::Rs512 => key.verify(Pkcs1v15Sign::new::<Sha512>(), &Sha512::digest(signed), signature),
+        Alg::Ps256 => key.verify(Pss::<Sha256>::new(), &Sha256::digest(signed), signature),
+        Alg::Ps384 => key.verify(Pss::<Sha384>::new(), &Sha384::digest(signed), signature),
+        Alg::Ps512 => key.verify(Pss::<Sha512>::new(), &Sha512::digest(signed), signature),
+        _ => return false,
+    };
+    result.is_ok()
 }
 
 /// A verification key from a JWKS, with the metadata that selects it.
@@ -221,7 +183,7 @@ impl Key {
     }
 }
 
-/// The JWK members that select a key; the key material itself is read by jwt-compact.
+/// The JWK members that select a key; the key material itself is decoded per key type below.
 #[derive(Deserialize)]
 struct JwkMeta {
     kty: Option<String>,
@@ -280,39 +242,54 @@ fn base64_member(jwk: &Value, name: &str) -> Result<Vec<u8>, String> {
 
 fn decode_material(jwk: &Value, kty: Option<&str>, crv: Option<&str>) -> Result<KeyMaterial, String> {
     match (kty, crv) {
-        (Some("RSA"), _) | (Some("EC"), Some("P-256")) | (Some("OKP"), Some("Ed25519")) => {}
+        (Some("RSA"), _) => decode_rsa(jwk),
+        (Some("EC"), Some("P-256")) => {
+            let point = ec_point(jwk, 32, "P-256")?;
+            p256::ecdsa::VerifyingKey::from_sec1_bytes(&point)
+                .map(KeyMaterial::P256)
+                .map_err(|_| "invalid key: not a point on P-256".to_string())
+        }
         #[cfg(not(feature = "es384"))]
-        (Some("EC"), Some("P-384")) => return Err(ES384_MISSING.into()),
+        (Some("EC"), Some("P-384")) => Err(ES384_MISSING.into()),
         #[cfg(feature = "es384")]
         (Some("EC"), Some("P-384")) => {
-            let (x, y) = (base64_member(jwk, "x")?, base64_member(jwk, "y")?);
-            if x.len() != 48 || y.len() != 48 {
-                return Err("invalid key: P-384 coordinates must be 48 bytes".into());
-            }
-            let point = p384::EncodedPoint::from_affine_coordinates(x.as_slice().into(), y.as_slice().into(), false);
-            return p384::ecdsa::VerifyingKey::from_encoded_point(&point)
+            let point = ec_point(jwk, 48, "P-384")?;
+            p384::ecdsa::VerifyingKey::from_sec1_bytes(&point)
                 .map(KeyMaterial::P384)
-                .map_err(|_| "invalid key: not a point on P-384".to_string());
+                .map_err(|_| "invalid key: not a point on P-384".to_string())
         }
-        (Some("oct"), _) => return base64_member(jwk, "k").map(KeyMaterial::Secret),
-        (Some("EC" | "OKP"), crv) => {
-            return Err(format!("unsupported curve {crv:?} (supported: P-256, P-384, Ed25519)"))
+        (Some("OKP"), Some("Ed25519")) => {
+            let x = base64_member(jwk, "x")?;
+            let x: &[u8; 32] = x.as_slice().try_into().map_err(|_| "invalid key: Ed25519 x must be 32 bytes")?;
+            ed25519_dalek::VerifyingKey::from_bytes(x)
+                .map(KeyMaterial::Ed25519)
+                .map_err(|_| "invalid key: not an Ed25519 point".to_string())
         }
-        (None, _) => return Err("missing kty".into()),
-        (kty, _) => return Err(format!("unsupported kty {kty:?} (supported: RSA, EC, OKP, oct)")),
+        (Some("oct"), _) => base64_member(jwk, "k").map(KeyMaterial::Secret),
+        (Some("EC" | "OKP"), crv) => Err(format!("unsupported curve {crv:?} (supported: P-256, P-384, Ed25519)")),
+        (None, _) => Err("missing kty".into()),
+        (kty, _) => Err(format!("unsupported kty {kty:?} (supported: RSA, EC, OKP, oct)")),
     }
-    let parsed: JsonWebKey<'_> = serde_json::from_value(jwk.clone()).map_err(|e| format!("invalid key: {e}"))?;
-    let invalid = |e: jwt_compact::jwk::JwkError| format!("invalid key: {e}");
-    match &parsed {
-        JsonWebKey::Rsa { .. } => {
-            let key = RsaPublicKey::try_from(&parsed).map_err(invalid)?;
-            StrongKey::try_from(key).map(KeyMaterial::Rsa).map_err(|_| "RSA key is shorter than 2048 bits".to_string())
-        }
-        JsonWebKey::EllipticCurve { .. } => {
-            p256::ecdsa::VerifyingKey::try_from(&parsed).map(KeyMaterial::P256).map_err(invalid)
-        }
-        _ => ed25519_dalek::VerifyingKey::try_from(&parsed).map(KeyMaterial::Ed25519).map_err(invalid),
+}
+
+/// An RSA key from `n` and `e` (RFC 7518 section 6.3.1): 2048 to 8192 bits, odd modulus,
+/// exponent checked by `rsa`.
+fn decode_rsa(jwk: &Value) -> Result<KeyMaterial, String> {
+    let (n, e) = (base64_member(jwk, "n")?, base64_member(jwk, "e")?);
+    let (n, e) = (BoxedUint::from_be_slice_vartime(&n), BoxedUint::from_be_slice_vartime(&e));
+    RsaPublicKey::new_with_size_limits(n, e, 2048..=8192).map(KeyMaterial::Rsa).map_err(|e| match e {
+        rsa::Error::ModulusTooSmall => "RSA key is shorter than 2048 bits".to_string(),
+        e => format!("invalid key: {e}"),
+    })
+}
+
+/// The SEC1 uncompressed point `04 || x || y` of an EC JWK whose coordinates are `size` bytes.
+fn ec_point(jwk: &Value, size: usize, curve: &str) -> Result<Vec<u8>, String> {
+    let (x, y) = (base64_member(jwk, "x")?, base64_member(jwk, "y")?);
+    if x.len() != size || y.len() != size {
+        return Err(format!("invalid key: {curve} coordinates must be {size} bytes"));
     }
+    Ok([&[0x04][..], &x, &y].concat())
 }
 
 /// A provider's keys: fixed at configure time, or replaced whenever its JWKS is refetched.
@@ -411,6 +388,21 @@ mod tests {
         let jwk = json!({"kty": "RSA", "n": n, "e": "AQAB"});
         let e = parse_jwk(&jwk, &[Alg::Rs256]).err().unwrap_or_default();
         assert_eq!(e, "RSA key is shorter than 2048 bits");
+    }
+
+    #[test]
+    fn malformed_key_material_is_refused_with_the_reason() {
+        let b64 = |bytes: &[u8]| Base64UrlUnpadded::encode_string(bytes);
+        let off_curve = json!({"kty": "EC", "crv": "P-256", "x": b64(&[1; 32]), "y": b64(&[2; 32])});
+        assert_eq!(parse_jwk(&off_curve, &[Alg::Es256]).err().unwrap_or_default(), "invalid key: not a point on P-256");
+        let short = json!({"kty": "EC", "crv": "P-256", "x": b64(&[1; 31]), "y": b64(&[2; 32])});
+        assert!(parse_jwk(&short, &[Alg::Es256]).is_err_and(|e| e.contains("must be 32 bytes")));
+        let ed_short = json!({"kty": "OKP", "crv": "Ed25519", "x": b64(&[1; 31])});
+        assert!(parse_jwk(&ed_short, &[Alg::EdDsa]).is_err_and(|e| e.contains("must be 32 bytes")));
+        let even = json!({"kty": "RSA", "n": b64(&[0xaa; 256]), "e": "AQAB"});
+        assert!(parse_jwk(&even, &[Alg::Rs256]).is_err_and(|e| e.starts_with("invalid key")));
+        let no_e = json!({"kty": "RSA", "n": b64(&[0xab; 256])});
+        assert!(parse_jwk(&no_e, &[Alg::Rs256]).is_err_and(|e| e == "missing e"));
     }
 
     #[test]

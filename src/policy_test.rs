@@ -6,9 +6,8 @@
 use crate::gate::{Action, Gate, Request};
 use crate::policy::{FileLoader, Policy};
 use base64ct::{Base64UrlUnpadded, Encoding};
-use jwt_compact::alg::Es256;
-use jwt_compact::jwk::JsonWebKey;
-use jwt_compact::{Algorithm, AlgorithmSignature};
+use p256::ecdsa::signature::Signer;
+use p256::ecdsa::{Signature, SigningKey};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -71,18 +70,23 @@ pub struct CaseResult {
     pub failure: Option<String>,
 }
 
-fn test_key() -> Result<p256::ecdsa::SigningKey, String> {
-    p256::ecdsa::SigningKey::from_slice(&[0x42; 32]).map_err(|e| e.to_string())
+fn test_key() -> Result<SigningKey, String> {
+    SigningKey::from_slice(&[0x42; 32]).map_err(|e| e.to_string())
+}
+
+/// The test key's public JWK.
+fn test_jwk(key: &SigningKey) -> Result<Value, String> {
+    let point = key.verifying_key().to_sec1_point(false);
+    let (Some(x), Some(y)) = (point.x(), point.y()) else { return Err("test key has no coordinates".into()) };
+    let (x, y) = (Base64UrlUnpadded::encode_string(x), Base64UrlUnpadded::encode_string(y));
+    Ok(json!({"kty": "EC", "crv": "P-256", "kid": TEST_KID, "x": x, "y": y}))
 }
 
 /// The policy with every provider's keys replaced by the test key (ES256).
 fn with_test_keys(policy_json: &str) -> Result<(Policy, Value), String> {
     let mut policy: Value = serde_json::from_str(policy_json).map_err(|e| format!("policy: {e}"))?;
     let key = test_key()?;
-    let mut jwk = serde_json::to_value(JsonWebKey::from(key.verifying_key())).map_err(|e| e.to_string())?;
-    if let Some(members) = jwk.as_object_mut() {
-        members.insert("kid".into(), json!(TEST_KID));
-    }
+    let jwk = test_jwk(&key)?;
     if let Some(providers) = policy.get_mut("providers").and_then(Value::as_array_mut) {
         for provider in providers.iter_mut().filter_map(Value::as_object_mut) {
             // Wherever the real keys come from (file, URL, discovery), the cases use the test key.
@@ -105,8 +109,8 @@ fn sign(claims: &Value, extra_header: Option<&Map<String, Value>>) -> Result<Str
     }
     let b64 = |v: &Value| Base64UrlUnpadded::encode_string(v.to_string().as_bytes());
     let signed = format!("{}.{}", b64(&header), b64(claims));
-    let signature = Es256.sign(&test_key()?, signed.as_bytes());
-    Ok(format!("{signed}.{}", Base64UrlUnpadded::encode_string(&signature.as_bytes())))
+    let signature: Signature = test_key()?.sign(signed.as_bytes());
+    Ok(format!("{signed}.{}", Base64UrlUnpadded::encode_string(&signature.to_bytes())))
 }
 
 /// Runs every case of `tests` (JSON) against `policy_json`, in order, on one gate (so

@@ -59,7 +59,7 @@ fn valid_control_token_is_allowed() {
 #[test]
 fn hs256_signed_with_the_rsa_public_key_is_rejected() {
     // The classic key-confusion attack: HMAC keyed with the public key's bytes.
-    use hmac::{Hmac, Mac};
+    use hmac::{Hmac, KeyInit, Mac};
     let rs = Signer::rs256("rs-1", 1);
     let public = rs.jwk().to_string();
     let signed = format!(

@@ -477,9 +477,9 @@ fn forward_token_keeps_the_credential_for_the_upstream() {
 #[test]
 fn audit_record_carries_a_token_fingerprint_not_the_token() {
     let token = es().sign(&claims("invoices:read"));
-    let gate = gate();
-    let first = get(&gate, "/invoices/1", &token);
-    let again = get(&gate, "/invoices/2", &token);
+    let shared = gate();
+    let first = get(&shared, "/invoices/1", &token);
+    let again = get(&shared, "/invoices/2", &token);
     assert!(again.cache_hit);
     let fingerprint = first.audit.token_fingerprint.clone().unwrap_or_default();
     assert_eq!(fingerprint.len(), 16);
