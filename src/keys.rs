@@ -3,7 +3,7 @@
 
 use base64ct::{Base64UrlUnpadded, Encoding};
 use hmac::{EagerHash, Hmac, KeyInit, Mac};
-use rsa::{BoxedUint, Pkcs1v15Sign, PublicKey as RsaPublicKey, Pss};
+use rsa::{BoxedUint, Pkcs1v15Sign, Pss, PublicKey as RsaPublicKey};
 use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256, Sha384, Sha512};
@@ -134,8 +134,9 @@ impl KeyMaterial {
                 p384::ecdsa::Signature::from_slice(signature).is_ok_and(|sig| key.verify(signed, &sig).is_ok())
             }
             // Strict: no small-order keys or non-canonical signatures (RFC 8032 section 5.1.7).
-            KeyMaterial::Ed25519(key) => ed25519_dalek::Signature::from_slice(signature)
-                .is_ok_and(|sig| key.verify_strict(signed, &sig).is_ok()),
+            KeyMaterial::Ed25519(key) => {
+                ed25519_dalek::Signature::from_slice(signature).is_ok_and(|sig| key.verify_strict(signed, &sig).is_ok())
+            }
             KeyMaterial::Secret(secret) => match alg {
                 Alg::Hs256 => verify_hmac::<Sha256>(secret, signed, signature),
                 Alg::Hs384 => verify_hmac::<Sha384>(secret, signed, signature),

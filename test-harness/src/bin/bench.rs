@@ -4,7 +4,8 @@
 //! (every token new). Configurations alternate over rounds; the table shows medians.
 //!
 //! Environment: BENCH_ROUNDS (default 3), BENCH_SECONDS per run (default 4),
-//! BENCH_OUT (a markdown copy of the table, default target/bench/results.md).
+//! BENCH_OUT (a markdown copy of the table, default target/bench/results.md), and to rerun a
+//! part: BENCH_ALGS (default `ES256,RS256,EdDSA`), BENCH_PATTERNS (default `hot,cold`).
 
 use agentgate_test_harness::envoy::{envoy_binary, filter_wasm, workspace_root};
 use agentgate_test_harness::tokens::{Signer, AUDIENCE, ISSUER};
@@ -49,6 +50,11 @@ struct Sample {
 /// reuses tokens, and says so.
 const COLD_TOKENS_PER_SECOND: u64 = 10_000;
 
+/// Whether `item` is in the comma-separated list `name` (everything when unset).
+fn selected(name: &str, item: &str) -> bool {
+    std::env::var(name).map_or(true, |list| list.split(',').any(|i| i.trim().eq_ignore_ascii_case(item)))
+}
+
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -65,8 +71,14 @@ fn run() -> Result<(), String> {
     let seconds = env_u64("BENCH_SECONDS", 4);
     let dir = workspace_root().join("target/bench");
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let signers = [Signer::es256("bench-es", 1), Signer::rs256("bench-rs", 2), Signer::eddsa("bench-ed", 3)];
-    let jwks = json!({"keys": signers.iter().map(Signer::jwk).collect::<Vec<_>>()});
+    let all = [Signer::es256("bench-es", 1), Signer::rs256("bench-rs", 2), Signer::eddsa("bench-ed", 3)];
+    let jwks = json!({"keys": all.iter().map(Signer::jwk).collect::<Vec<_>>()});
+    let signers: Vec<&Signer> = all.iter().filter(|s| selected("BENCH_ALGS", s.alg)).collect();
+    let patterns: Vec<Pattern> = [(Pattern::Hot, "hot"), (Pattern::Cold, "cold")]
+        .into_iter()
+        .filter(|(_, n)| selected("BENCH_PATTERNS", n))
+        .map(|(p, _)| p)
+        .collect();
     let now = i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).map_err(|e| e.to_string())?.as_secs())
         .unwrap_or(i64::MAX);
 
@@ -75,15 +87,17 @@ fn run() -> Result<(), String> {
     let cold_count = usize::try_from(seconds.saturating_mul(COLD_TOKENS_PER_SECOND)).unwrap_or(100_000);
     let started = Instant::now();
     let mut scripts = BTreeMap::new();
-    for signer in &signers {
+    for &signer in &signers {
         let hot = signer.sign(&claims("agent-hot", now));
         let hot_script = dir.join(format!("hot-{}.lua", signer.alg));
         std::fs::write(&hot_script, format!("wrk.headers[\"Authorization\"] = \"Bearer {hot}\"\n"))
             .map_err(|e| e.to_string())?;
-        let tokens = dir.join(format!("cold-{}.txt", signer.alg));
-        mint(signer, now, cold_count, &tokens)?;
         scripts.insert((signer.alg, Pattern::Hot), hot_script);
-        scripts.insert((signer.alg, Pattern::Cold), cold_script(&dir, signer.alg, &tokens)?);
+        if patterns.contains(&Pattern::Cold) {
+            let tokens = dir.join(format!("cold-{}.txt", signer.alg));
+            mint(signer, now, cold_count, &tokens)?;
+            scripts.insert((signer.alg, Pattern::Cold), cold_script(&dir, signer.alg, &tokens)?);
+        }
     }
     println!("minted {cold_count} cold tokens per algorithm in {:.0?}", started.elapsed());
 
@@ -92,14 +106,14 @@ fn run() -> Result<(), String> {
     for round in 1..=rounds {
         println!("round {round}/{rounds}");
         // The filterless and no-op runs do not depend on the token; they use the hot ES256 script.
-        let es_hot = scripts.get(&("ES256", Pattern::Hot)).cloned().unwrap_or_default();
+        let es_hot = scripts.values().next().cloned().unwrap_or_default();
         for config in [Config::Passthrough, Config::NoopWasm] {
             let sample = measure(&dir, &envoy_config(config, &jwks, &noop), &es_hot, seconds)?;
             report(config, "-", Pattern::Hot, &sample);
             results.entry((config, "-", Pattern::Hot)).or_default().push(sample);
         }
         for signer in &signers {
-            for pattern in [Pattern::Hot, Pattern::Cold] {
+            for &pattern in &patterns {
                 let script = scripts.get(&(signer.alg, pattern)).cloned().unwrap_or_default();
                 // Alternate which of the two goes first, so neither always runs on a warmer machine.
                 let order = if round % 2 == 0 {
