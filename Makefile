@@ -22,15 +22,21 @@ WASM_OPT := .tools/node_modules/.bin/wasm-opt
 WASM_RAW := target/$(WASM_TARGET)/$(PROFILE)/agentgate_proxy_wasm.wasm
 # What the module in dist/ was built with: another profile or feature set rebuilds it.
 BUILD_FLAGS := dist/.build-flags
+# The JS edge build: wasm-bindgen's CLI must equal the crate's version (filters/edge-js).
+WASM_BINDGEN_VERSION := 0.2.130
+WASM_BINDGEN := $(HOME)/.cargo/bin/wasm-bindgen
+EDGE := filters/edge-js
+EDGE_RAW := target/wasm32-unknown-unknown/edge-js/agentgate_edge_js.wasm
 # The size budget of the filter (600 KiB).
 WASM_MAX_BYTES := 614400
 
-.PHONY: help build demo test lint unit e2e venv target fuzz clean bench wrk FORCE
+.PHONY: help build demo test lint unit e2e edge-js node-test venv target fuzz clean bench wrk FORCE
 
 help:
 	@echo "make demo   build the filter, run it in Envoy on the demo policy, show the decisions"
 	@echo "make test   lints, native tests of the core, the filter in real Envoy end to end"
 	@echo "make build  the release filter at $(WASM) (PROFILE=speed: faster, larger; FEATURES=es384)"
+	@echo "make edge-js  the npm package for JS edge runtimes in $(EDGE) (wasm-bindgen)"
 	@echo "make bench  agentgate vs Envoy's jwt_authn+RBAC, no-op wasm and no filter (wrk), criterion, per-request cost in wasm"
 	@echo "make fuzz   each fuzz target for FUZZ_SECONDS (default 60) on nightly"
 
@@ -74,7 +80,21 @@ unit:
 e2e: build venv
 	cargo test -p agentgate-test-harness
 
-test: lint unit e2e
+test: lint unit e2e node-test
+
+# wasm-bindgen-cli is installed once per machine into ~/.cargo/bin, at the crate's version.
+edge-js: $(WASM_OPT)
+	@rustup target add wasm32-unknown-unknown >/dev/null 2>&1 || rustup target add wasm32-unknown-unknown
+	@$(WASM_BINDGEN) --version 2>/dev/null | grep -q " $(WASM_BINDGEN_VERSION)" || \
+	  cargo install --force wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION)
+	cargo build --profile edge-js --target wasm32-unknown-unknown -p agentgate-edge-js
+	$(WASM_BINDGEN) --target web --out-dir $(EDGE)/pkg --out-name agentgate_edge $(EDGE_RAW)
+	$(WASM_OPT) -Oz --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int \
+	  --enable-mutable-globals $(EDGE)/pkg/agentgate_edge_bg.wasm -o $(EDGE)/pkg/agentgate_edge_bg.wasm
+
+# Node's built-in test runner on the package (Node 20).
+node-test: edge-js
+	node --test $(EDGE)/test/*.test.mjs
 
 demo: build venv
 	cargo run --quiet -p agentgate-test-harness --bin demo
@@ -100,4 +120,4 @@ bench: build venv wrk
 
 clean:
 	cargo clean
-	rm -rf dist
+	rm -rf dist $(EDGE)/pkg

@@ -175,8 +175,18 @@ impl Host {
         Host::in_process(policy, &Process::new())
     }
 
+    /// A VM on a host without the host calls (or property families) in `lacking` (see
+    /// [`Host::lack`]), configured with `policy`: the weaker hosts (APISIX, Kong).
+    pub fn lacking(policy: &str, lacking: &[&'static str]) -> Result<Host, HostError> {
+        Host::start(policy, &Process::new(), lacking)
+    }
+
     /// A VM configured with `policy` that shares `process` with other VMs.
     pub fn in_process(policy: &str, process: &Arc<Process>) -> Result<Host, HostError> {
+        Host::start(policy, process, &[])
+    }
+
+    fn start(policy: &str, process: &Arc<Process>, lacking: &[&'static str]) -> Result<Host, HostError> {
         let (engine, module) = engine_and_module()?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         let state = State {
@@ -190,7 +200,7 @@ impl Host {
             properties: HashMap::new(),
             filter_state: HashMap::new(),
             effective: 0,
-            lacking: Vec::new(),
+            lacking: lacking.to_vec(),
             parked: HashMap::new(),
             finished: HashMap::new(),
             tick_period_ms: 0,
@@ -277,9 +287,11 @@ impl Host {
         self.store.data_mut().finished.remove(&context)
     }
 
-    /// From now on, answers the host call `import` (`proxy_set_property`,
-    /// `proxy_get_current_time_nanoseconds`, `proxy_set_tick_period_milliseconds`) with
-    /// Unimplemented.
+    /// From now on, answers the host call `import` with Unimplemented (WASI's `clock_time_get`
+    /// with ENOSYS): `proxy_set_property`, `proxy_get_current_time_nanoseconds`,
+    /// `proxy_set_tick_period_milliseconds`, `proxy_get_shared_data` and
+    /// `proxy_set_shared_data`, `proxy_http_call`, `clock_time_get`; `peer_certificates`
+    /// takes away the `connection.*_peer_certificate` properties.
     pub fn lack(&mut self, import: &'static str) {
         self.store.data_mut().lacking.push(import);
     }
@@ -632,6 +644,9 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         "proxy_get_property",
         |mut c: Caller<'_, State>, pptr: i32, plen: i32, ptr_out: i32, size_out: i32| -> wasmtime::Result<i32> {
             let path = read_string(&mut c, pptr, plen)?;
+            if path.ends_with("_peer_certificate") && c.data().lacking.contains(&"peer_certificates") {
+                return Ok(UNIMPLEMENTED);
+            }
             match c.data().properties.get(&path).cloned() {
                 Some(value) => return_bytes(&mut c, &value, ptr_out, size_out),
                 None => Ok(NOT_FOUND),
@@ -661,6 +676,9 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
          size_out: i32,
          cas_out: i32|
          -> wasmtime::Result<i32> {
+            if c.data().lacking.contains(&"proxy_get_shared_data") {
+                return Ok(UNIMPLEMENTED);
+            }
             let key = read_string(&mut c, kptr, klen)?;
             let entry = lock(&c.data().process.shared_data).get(&key).cloned();
             match entry {
@@ -681,6 +699,9 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_shared_data",
         |mut c: Caller<'_, State>, kptr: i32, klen: i32, vptr: i32, vlen: i32, cas: i32| -> wasmtime::Result<i32> {
+            if c.data().lacking.contains(&"proxy_set_shared_data") {
+                return Ok(UNIMPLEMENTED);
+            }
             let key = read_string(&mut c, kptr, klen)?;
             let value = read(&mut c, vptr, vlen)?;
             let mut store = lock(&c.data().process.shared_data);
@@ -758,7 +779,14 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
          timeout: i32,
          token_out: i32|
          -> wasmtime::Result<i32> {
+            if c.data().lacking.contains(&"proxy_http_call") {
+                return Ok(UNIMPLEMENTED);
+            }
             let upstream = read_string(&mut c, uptr, ulen)?;
+            if upstream.is_empty() {
+                // Envoy: no such cluster.
+                return Ok(BAD_ARGUMENT);
+            }
             let headers = deserialize_map(&read(&mut c, hptr, hlen)?);
             let body = read(&mut c, bptr, blen)?;
             let token = c.data().next_call;
@@ -830,6 +858,9 @@ fn define_wasi(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         WASI,
         "clock_time_get",
         |mut c: Caller<'_, State>, _id: i32, _precision: i64, out: i32| -> wasmtime::Result<i32> {
+            if c.data().lacking.contains(&"clock_time_get") {
+                return Ok(52); // ENOSYS
+            }
             let now = c.data().now_nanos;
             write(&mut c, out, &now.to_le_bytes())?;
             Ok(0)

@@ -414,3 +414,24 @@ fn prometheus_shows_the_counters_moving() {
     }
     assert_eq!(metric(&after, "agentgate_token_cache_miss"), Some(1));
 }
+
+#[test]
+fn envoy_offers_everything_the_filter_probes_for() {
+    // A policy that needs peer certificates and single-use tokens loads in Envoy (the probes
+    // find shared data and the peer-certificate properties), and a plain-TCP client has no
+    // peer to bind to.
+    let signer = Signer::es256("es-1", 1);
+    let mut rule = read_invoice_rule();
+    rule[0]["require"]["bind_mtls_peer"] = json!(true);
+    let mut p: Value = serde_json::from_str(&policy(&signer.jwks(), &rule, "enforce")).unwrap_or_default();
+    p["providers"][0]["single_use"] = json!(true);
+    p["providers"][0]["max_lifetime_seconds"] = json!(3600);
+    let upstream = Upstream::start();
+    let envoy = Envoy::start(&p.to_string(), upstream.port).unwrap_or_else(|e| panic!("{e}"));
+    let logs = envoy.logs();
+    assert!(!logs.contains("cannot run on this host") && !logs.contains("per worker VM"), "{logs}");
+    let token = signer.sign(&agent_claims("spiffe://corp.example/agent/a", "invoices:read", now()));
+    let r = envoy.get("/invoices/42", &[("authorization", &bearer(&token))]);
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(envoy.audit_records().last().map(|r| r["reason"].clone()), Some(json!("peer_mismatch")));
+}

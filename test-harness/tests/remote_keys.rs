@@ -290,7 +290,10 @@ fn a_host_without_timers_refuses_remote_keys_at_configure_time() {
     host.lack("proxy_set_tick_period_milliseconds");
     match host.reconfigure(&policy()) {
         Err(HostError::Refused { logs }) => {
-            assert!(logs.iter().any(|l| l.contains("remote keys (jwks_uri, discovery) need timer ticks")), "{logs:?}")
+            assert!(
+                logs.iter().any(|l| l.contains("fetches its keys (jwks_uri or discovery), which needs timer ticks")),
+                "{logs:?}"
+            )
         }
         other => panic!("expected a refusal, got {other:?}"),
     }

@@ -2,12 +2,14 @@
 //! Only `proxy_wasm::hostcalls` are used: the SDK's trait helpers unwrap host statuses and a
 //! panic would abort the VM (and every request on that worker).
 
+mod capabilities;
 mod host;
 mod keys;
 mod metrics;
 mod shared;
 
 use agentgate::{Action, Gate, Reason, Request};
+use capabilities::Capabilities;
 use keys::{Fetcher, Waiter};
 use metrics::Metrics;
 use proxy_wasm::hostcalls;
@@ -28,6 +30,7 @@ struct Shared {
     gate: Gate,
     metrics: Metrics,
     fetcher: RefCell<Fetcher>,
+    caps: Capabilities,
 }
 
 #[derive(Default)]
@@ -69,6 +72,13 @@ impl RootContext for Root {
         };
         match Gate::from_json(json) {
             Ok(gate) => {
+                let caps = Capabilities::probe();
+                if let Some(why) = caps.refusal(&gate) {
+                    return refuse(&format!("policy cannot run on this host: {why}"));
+                }
+                for note in caps.degradations() {
+                    log(LogLevel::Warn, &format!("agentgate: {note}"));
+                }
                 let policy = gate.policy();
                 log(
                     LogLevel::Info,
@@ -79,23 +89,23 @@ impl RootContext for Root {
                         policy.mode
                     ),
                 );
-                prepare_replay_buckets(&gate);
+                if caps.shared_data {
+                    prepare_replay_buckets(&gate);
+                }
                 let remote: Vec<usize> = gate.remote_providers().map(|(i, _, _)| i).collect();
                 for &index in &remote {
                     // Keys another worker (or the previous configuration) already fetched.
                     keys::sync(&gate, index);
                 }
                 if !remote.is_empty() && !host::set_tick_period(TICK_MS) {
-                    return refuse(
-                        "remote keys (jwks_uri, discovery) need timer ticks, which this host does not offer",
-                    );
+                    return refuse("remote keys (jwks_uri, discovery) need timer ticks, which this host refused");
                 }
                 let metrics = Metrics::define(Some(&gate));
                 // Requests waiting under the old policy are decided by it now.
                 if let Some(old) = self.shared.take() {
                     resume(&old, |_| true);
                 }
-                self.shared = Some(Rc::new(Shared { gate, metrics, fetcher: RefCell::default() }));
+                self.shared = Some(Rc::new(Shared { gate, metrics, fetcher: RefCell::default(), caps }));
                 true
             }
             Err(error) => refuse(&format!("invalid policy: {error}")),
@@ -181,8 +191,8 @@ fn decide(shared: &Shared, wait_as: Option<u32>) -> HostAction {
     let pseudo = |name: &str| headers.iter().find(|(n, _)| n == name).map_or("", |(_, v)| v.as_str());
     let policy = gate.policy();
     // The client address goes into every audit record; the peer certificate only when a rule reads it.
-    let source = property(true, vec!["source", "address"]);
-    let peer = property(policy.needs_peer, vec!["connection", "uri_san_peer_certificate"]);
+    let source = property(true, &["source", "address"]);
+    let peer = property(policy.needs_peer, &["connection", "uri_san_peer_certificate"]);
     let request = Request {
         source: source.as_deref(),
         peer_uri_san: peer.as_deref(),
@@ -191,7 +201,9 @@ fn decide(shared: &Shared, wait_as: Option<u32>) -> HostAction {
         headers: &headers,
         now: seconds(now_ms),
     };
-    let decision = gate.evaluate_with(&request, &SharedDataGuard);
+    // Without shared data, single-use and rate-limit state lives in this VM (logged at configure).
+    let decision =
+        if shared.caps.shared_data { gate.evaluate_with(&request, &SharedDataGuard) } else { gate.evaluate(&request) };
     if let (Some(provider), Some(context_id)) = (decision.awaiting_keys, wait_as) {
         let mut fetcher = shared.fetcher.borrow_mut();
         if let Some(wait_ms) = fetcher.should_wait(gate, provider, request.now) {
@@ -220,11 +232,11 @@ fn refuse_request(metrics: &Metrics, reason: Reason) -> HostAction {
 }
 
 /// A host property as text, fetched only when `wanted`.
-fn property(wanted: bool, path: Vec<&str>) -> Option<String> {
+fn property(wanted: bool, path: &[&str]) -> Option<String> {
     if !wanted {
         return None;
     }
-    hostcalls::get_property(path).ok().flatten().and_then(|bytes| String::from_utf8(bytes).ok())
+    host::get_property(path).ok().flatten().and_then(|bytes| String::from_utf8(bytes).ok())
 }
 
 fn apply(action: &Action) -> HostAction {

@@ -1,0 +1,48 @@
+// agentgate for JS edge runtimes. Load the wasm once (`initialize`, or `initializeSync` with
+// the module's bytes or a compiled WebAssembly.Module), then `createGate(policy)` and
+// `gate.evaluate(request)` on every request. The Node entry (`node.js`) loads it for you.
+import init, { initSync, Gate } from './pkg/agentgate_edge.js';
+
+let ready = false;
+
+/** Loads the wasm (a URL, Response, bytes or WebAssembly.Module; default: next to this file). */
+export async function initialize(source) {
+  if (!ready) {
+    await init(source === undefined ? undefined : { module_or_path: source });
+    ready = true;
+  }
+}
+
+/** Loads the wasm from bytes or a compiled WebAssembly.Module (Workers import the module). */
+export function initializeSync(module) {
+  if (!ready) {
+    initSync({ module });
+    ready = true;
+  }
+}
+
+/** Compiles a policy (JSON text or object); throws with the JSON path of what is wrong. */
+export function createGate(policy) {
+  if (!ready) {
+    throw new Error('agentgate: call initialize() first (the Node entry does it on import)');
+  }
+  const gate = new Gate(typeof policy === 'string' ? policy : JSON.stringify(policy));
+  return {
+    evaluate(request) {
+      const headers = headerObject(request.headers);
+      const now = request.now ?? Date.now() / 1000;
+      return JSON.parse(gate.evaluateJson(JSON.stringify({ ...request, headers, now })));
+    },
+    free() {
+      gate.free();
+    },
+  };
+}
+
+// Fetch's Headers or a Map, an array of pairs, or a plain object.
+function headerObject(headers) {
+  if (!headers) return {};
+  if (Array.isArray(headers)) return Object.fromEntries(headers);
+  if (typeof headers.entries === 'function') return Object.fromEntries(headers.entries());
+  return headers;
+}

@@ -1,0 +1,119 @@
+//! agentgate for JS edge runtimes (Workers, Deno, Node): the same core as the proxy-wasm
+//! filter, compiled with wasm-bindgen. Request in as JSON, decision out as JSON; the JS
+//! wrapper (`index.js`) gives it its API. No policy logic here.
+
+use agentgate::{Action, Decision, Gate, Request};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+/// What `gate.evaluate()` takes (camelCase, as JS writes it).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct EdgeRequest {
+    method: String,
+    /// Path and query, as sent.
+    path: String,
+    /// Header name to value (a list of values is joined with ", ").
+    #[serde(default)]
+    headers: Map<String, Value>,
+    source_ip: Option<String>,
+    /// The mTLS client's URI SAN, when the runtime terminates mTLS and exposes it.
+    peer_uri_san: Option<String>,
+    /// Unix seconds (the wrapper fills in the runtime's clock).
+    now: f64,
+}
+
+/// Compiles `policy_json`, refusing what an edge runtime cannot do.
+pub fn create(policy_json: &str) -> Result<Gate, String> {
+    let gate = Gate::from_json(policy_json).map_err(|e| format!("invalid policy: {e}"))?;
+    if let Some((_, provider, _)) = gate.remote_providers().next() {
+        return Err(format!(
+            "invalid policy: provider {:?} fetches its keys (jwks_uri or discovery), which this build cannot: give them inline (jwks)",
+            provider.name
+        ));
+    }
+    // `bind_mtls_peer` stays allowed: the runtime passes `peerUriSan` when it terminates mTLS;
+    // without it such a rule denies.
+    Ok(gate)
+}
+
+/// Decides `request_json` (an [`EdgeRequest`]) and returns the decision as JSON.
+pub fn evaluate(gate: &Gate, request_json: &str) -> Result<String, String> {
+    let request: EdgeRequest = serde_json::from_str(request_json).map_err(|e| format!("invalid request: {e}"))?;
+    let headers: Vec<(String, String)> =
+        request.headers.iter().map(|(name, value)| (name.to_ascii_lowercase(), header_text(value))).collect();
+    let now = if request.now.is_finite() { request.now.floor() as i64 } else { 0 };
+    let decision = gate.evaluate(&Request {
+        source: request.source_ip.as_deref(),
+        peer_uri_san: request.peer_uri_san.as_deref(),
+        method: &request.method,
+        path: &request.path,
+        headers: &headers,
+        now,
+    });
+    Ok(outcome(&decision).to_string())
+}
+
+fn header_text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Array(values) => values.iter().map(header_text).collect::<Vec<_>>().join(", "),
+        other => other.to_string(),
+    }
+}
+
+/// `{decision, status, reason, dryRun, headers, removeHeaders, body, audit}`: on allow,
+/// `headers` go onto the upstream request and `removeHeaders` off it (`status` is null); on
+/// deny, answer with `status`, `headers` and `body`.
+fn outcome(decision: &Decision) -> Value {
+    let audit: Value = serde_json::from_str(&decision.audit.to_json()).unwrap_or(Value::Null);
+    let reason = decision.reason.map(|r| r.code());
+    match &decision.action {
+        Action::Continue { remove, set } => json!({
+            "decision": "allow",
+            "status": null,
+            "reason": reason,
+            "dryRun": decision.dry_run,
+            "headers": object(set),
+            "removeHeaders": remove,
+            "body": null,
+            "audit": audit,
+        }),
+        Action::Respond { status, headers, body } => json!({
+            "decision": "deny",
+            "status": status,
+            "reason": reason,
+            "dryRun": false,
+            "headers": object(headers),
+            "removeHeaders": [],
+            "body": body,
+            "audit": audit,
+        }),
+    }
+}
+
+fn object(pairs: &[(String, String)]) -> Map<String, Value> {
+    pairs.iter().map(|(name, value)| (name.clone(), Value::from(value.as_str()))).collect()
+}
+
+#[cfg(target_arch = "wasm32")]
+mod bindings {
+    use wasm_bindgen::prelude::*;
+
+    /// A compiled policy. JS: `new Gate(policyJson)`, `gate.evaluateJson(requestJson)`.
+    #[wasm_bindgen(js_name = Gate)]
+    pub struct EdgeGate(agentgate::Gate);
+
+    #[wasm_bindgen(js_class = Gate)]
+    impl EdgeGate {
+        #[wasm_bindgen(constructor)]
+        pub fn new(policy_json: &str) -> Result<EdgeGate, JsError> {
+            super::create(policy_json).map(EdgeGate).map_err(|e| JsError::new(&e))
+        }
+
+        #[wasm_bindgen(js_name = evaluateJson)]
+        pub fn evaluate_json(&self, request_json: &str) -> Result<String, JsError> {
+            super::evaluate(&self.0, request_json).map_err(|e| JsError::new(&e))
+        }
+    }
+}

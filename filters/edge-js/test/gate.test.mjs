@@ -1,0 +1,69 @@
+// The JS API: createGate / gate.evaluate, as an edge gateway uses them.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { createGate } from '../node.js';
+import { es256 } from './sign.mjs';
+
+const shared = JSON.parse(readFileSync(new URL('../../../tests/cases/decisions.json', import.meta.url)));
+const now = shared.now;
+const claims = (extra = {}) => ({
+  iss: 'https://idp.example.com', aud: 'https://api.example.com', sub: 'agent-7',
+  iat: now - 60, exp: now + 240, scope: 'invoices:read', ...extra,
+});
+const bearer = (c) => `Bearer ${es256(shared.signing_key, c)}`;
+
+test('a bad policy is refused with the JSON path of what is wrong', () => {
+  const policy = structuredClone(shared.policy);
+  policy.rules[0].match.methods = 'GET';
+  assert.throws(() => createGate(policy), /rules\[0\]\.match\.methods/);
+  assert.throws(() => createGate('{"providers": ['), /invalid policy/);
+});
+
+test('a policy that fetches keys is refused: this build cannot fetch', () => {
+  const policy = structuredClone(shared.policy);
+  delete policy.providers[0].jwks;
+  policy.providers[0].jwks_uri = 'https://idp.example.com/keys.json';
+  policy.providers[0].cluster = 'idp';
+  assert.throws(() => createGate(policy), /fetches its keys .*jwks/);
+});
+
+test('fetch Headers, the source address and the runtime clock are taken as they come', () => {
+  const gate = createGate(JSON.stringify(shared.policy));
+  const headers = new Headers({ Authorization: bearer(claims({ iat: Math.floor(Date.now() / 1000) - 5, exp: Math.floor(Date.now() / 1000) + 60 })), 'X-Request-Id': 'req-1' });
+  const result = gate.evaluate({ method: 'GET', path: '/invoices/42?page=2', headers, sourceIp: '203.0.113.9' });
+  assert.equal(result.decision, 'allow', JSON.stringify(result.audit));
+  assert.equal(result.headers['x-agent-audit-id'], 'req-1');
+  assert.equal(result.audit.source, '203.0.113.9');
+  assert.equal(result.audit.path, '/invoices/42', 'the query stays out of the audit record');
+  assert.ok(result.removeHeaders.includes('authorization'), 'the token stays at the edge');
+});
+
+test('a denial carries the answer: status, RFC 6750 challenge and body', () => {
+  const gate = createGate(shared.policy);
+  const expired = gate.evaluate({ method: 'GET', path: '/invoices/42', headers: { authorization: bearer(claims({ iat: now - 900, exp: now - 600 })) }, now });
+  assert.equal(expired.status, 401);
+  assert.match(expired.headers['www-authenticate'], /^Bearer error="invalid_token"/);
+  assert.ok(expired.body.length > 0);
+  assert.equal(expired.audit.reason, 'expired');
+  const missing = gate.evaluate({ method: 'GET', path: '/invoices/42', now });
+  assert.equal(missing.headers['www-authenticate'].startsWith('Bearer'), true);
+  assert.equal(JSON.stringify(missing).includes('eyJ'), false, 'no token anywhere');
+});
+
+test('dry run forwards a request it would deny, and says why', () => {
+  const gate = createGate({ ...shared.policy, mode: 'dry_run' });
+  const result = gate.evaluate({ method: 'DELETE', path: '/invoices/42', headers: { authorization: bearer(claims()) }, now });
+  assert.equal(result.decision, 'allow');
+  assert.equal(result.dryRun, true);
+  assert.equal(result.reason, 'no_matching_rule');
+  assert.equal(result.audit.decision, 'deny');
+});
+
+test('a bad request is an error the caller sees, not a crash', () => {
+  const gate = createGate(shared.policy);
+  assert.throws(() => gate.evaluate({ path: '/invoices/42' }), /invalid request: missing field `method`/);
+  const hostile = gate.evaluate({ method: 'GET', path: '/invoices/42', headers: { authorization: 'Bearer ' + 'a.'.repeat(5000) }, now });
+  assert.equal(hostile.status, 401);
+  gate.free();
+});
