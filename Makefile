@@ -71,8 +71,10 @@ $(WASM): $(WASM_RAW) $(BUILD_FLAGS)
 	  { echo "$(WASM) is over its 600 KiB budget"; exit 1; }
 
 lint: target
+	@rustup target add wasm32-unknown-unknown >/dev/null 2>&1 || rustup target add wasm32-unknown-unknown
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy --release --target $(WASM_TARGET) -p agentgate-proxy-wasm -- -D warnings
+	cargo clippy --profile edge-js --target wasm32-unknown-unknown -p agentgate-edge-js -- -D warnings
 
 unit:
 	cargo test -p agentgate
