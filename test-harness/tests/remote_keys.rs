@@ -300,3 +300,14 @@ fn a_host_without_timers_refuses_remote_keys_at_configure_time() {
     // The policy in force keeps working.
     assert_eq!(get(&mut host, &key_a()).status(), 200);
 }
+
+#[test]
+fn a_refused_reconfiguration_leaves_the_policy_in_force_ticking() {
+    let mut host = Host::new(&policy()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(host.tick_period_ms(), 100);
+    host.lack("peer_certificates");
+    let mut bound: Value = serde_json::from_str(&policy()).unwrap_or_default();
+    bound["rules"][0]["require"]["bind_mtls_peer"] = json!(true);
+    assert!(matches!(host.reconfigure(&bound.to_string()), Err(HostError::Refused { .. })));
+    assert_eq!(host.tick_period_ms(), 100, "the keys of the policy in force are still refreshed");
+}

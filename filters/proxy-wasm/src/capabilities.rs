@@ -23,12 +23,13 @@ fn lacking(status: u32) -> bool {
 }
 
 impl Capabilities {
-    pub fn probe() -> Capabilities {
+    /// `tick_ms` is the tick period in force: the probe sets it again, changing nothing (a
+    /// refused reconfiguration leaves the policy in force ticking).
+    pub fn probe(tick_ms: u32) -> Capabilities {
         Capabilities {
             host_clock: host::host_clock_ms().is_some(),
             wasi_clock: host::wasi_clock_ms().is_some(),
-            // Period 0 asks for no ticks: harmless where timers exist.
-            timers: host::set_tick_period(0),
+            timers: host::set_tick_period(tick_ms),
             shared_data: !lacking(host::shared_data_status("agentgate.probe")),
             http_calls: !lacking(host::http_call_status()),
             // No connection at configure time: a host with the property says NotFound.

@@ -72,7 +72,8 @@ impl RootContext for Root {
         };
         match Gate::from_json(json) {
             Ok(gate) => {
-                let caps = Capabilities::probe();
+                let ticking = self.shared.as_ref().is_some_and(|old| old.gate.remote_providers().next().is_some());
+                let caps = Capabilities::probe(if ticking { TICK_MS } else { 0 });
                 if let Some(why) = caps.refusal(&gate) {
                     return refuse(&format!("policy cannot run on this host: {why}"));
                 }
