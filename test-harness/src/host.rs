@@ -290,7 +290,8 @@ impl Host {
     /// From now on, answers the host call `import` with Unimplemented (WASI's `clock_time_get`
     /// with ENOSYS): `proxy_set_property`, `proxy_get_current_time_nanoseconds`,
     /// `proxy_set_tick_period_milliseconds`, `proxy_get_shared_data` and
-    /// `proxy_set_shared_data`, `proxy_http_call`, `clock_time_get`; `peer_certificates`
+    /// `proxy_set_shared_data`, `proxy_http_call`, `proxy_define_metric` and
+    /// `proxy_increment_metric`, `clock_time_get`; `peer_certificates`
     /// takes away the `connection.*_peer_certificate` properties.
     pub fn lack(&mut self, import: &'static str) {
         self.store.data_mut().lacking.push(import);
@@ -717,6 +718,9 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         "env",
         "proxy_define_metric",
         |mut c: Caller<'_, State>, _kind: i32, nptr: i32, nlen: i32, id_out: i32| -> wasmtime::Result<i32> {
+            if c.data().lacking.contains(&"proxy_define_metric") {
+                return Ok(UNIMPLEMENTED);
+            }
             let name = read_string(&mut c, nptr, nlen)?;
             let id = {
                 let mut metrics = lock(&c.data().process.metrics);
@@ -733,6 +737,9 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         },
     )?;
     linker.func_wrap("env", "proxy_increment_metric", |c: Caller<'_, State>, id: i32, offset: i64| -> i32 {
+        if c.data().lacking.contains(&"proxy_increment_metric") {
+            return UNIMPLEMENTED;
+        }
         match lock(&c.data().process.metrics).get_mut(id as u32 as usize) {
             Some((_, value)) => {
                 *value += offset;

@@ -1,5 +1,5 @@
 //! The release filter on hosts weaker than Envoy, in the wasmtime host with host calls taken
-//! away: APISIX (no proxy-wasm clock, ticks nor shared data), Kong (no peer-certificate
+//! away: APISIX (no proxy-wasm clock, ticks, shared data nor metrics), Kong (no peer-certificate
 //! properties), a host without HTTP callouts. Same policy, same decision where the host can
 //! carry it; a clear refusal at configure time where it cannot; never a dead VM.
 
@@ -12,6 +12,8 @@ const APISIX: &[&str] = &[
     "proxy_set_tick_period_milliseconds",
     "proxy_get_shared_data",
     "proxy_set_shared_data",
+    "proxy_define_metric",
+    "proxy_increment_metric",
 ];
 
 fn signer() -> Signer {
@@ -65,6 +67,7 @@ fn on_an_apisix_like_host_the_wasi_clock_and_per_vm_state_carry_the_same_policy(
     let logs = host.logs().join("\n");
     assert!(logs.contains("using the WASI clock"), "{logs}");
     assert!(logs.contains("counted per worker VM"), "{logs}");
+    assert!(logs.contains("no metrics on this host"), "{logs}");
 
     let token = token_at(&host, |_| {});
     assert_eq!(get(&mut host, &token).status(), 200);

@@ -62,6 +62,8 @@ fn each_host_loads_its_config_and_enforces_it() {
                 "proxy_set_tick_period_milliseconds",
                 "proxy_get_shared_data",
                 "proxy_set_shared_data",
+                "proxy_define_metric",
+                "proxy_increment_metric",
             ],
         ),
     ];
@@ -69,6 +71,11 @@ fn each_host_loads_its_config_and_enforces_it() {
         let mut host = Host::lacking(&policy.to_string(), lacking).unwrap_or_else(|e| panic!("{name}: {e}"));
         let outcome = unauthenticated(&mut host);
         assert_eq!(outcome.status(), 401, "{name}: deny by default without a token");
-        assert_eq!(host.metric("agentgate.denied.missing_token"), Some(1), "{name}");
+        let counted = (!lacking.contains(&"proxy_define_metric")).then_some(1);
+        assert_eq!(
+            host.metric("agentgate.denied.missing_token"),
+            counted,
+            "{name}: counted where the host has metrics"
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! What this host offers, probed once at configure time: Envoy has everything; APISIX has
-//! no proxy-wasm clock, ticks nor shared data; Kong has no peer-certificate properties. The
+//! no proxy-wasm clock, ticks, shared data nor metrics; Kong has no peer-certificate
+//! properties. (Metrics are found missing where they are defined, in `metrics.rs`.) The
 //! filter degrades where it safely can (WASI clock, per-VM state) and refuses a policy whose
 //! features need what is missing, saying which.
 

@@ -1,5 +1,6 @@
 //! Host calls whose SDK wrappers panic on an unexpected status (`set_property`,
-//! `get_property`, `get_current_time`, `set_tick_period`, `get_shared_data`, `http_call`):
+//! `get_property`, `get_current_time`, `set_tick_period`, `get_shared_data`, `http_call`,
+//! `define_metric`, `increment_metric`):
 //! a host that lacks them, or refuses a value, must cost a feature, never the VM. Same
 //! imports, status read as a plain integer.
 
@@ -19,6 +20,8 @@ extern "C" {
         size: *mut usize,
         cas: *mut u32,
     ) -> u32;
+    fn proxy_define_metric(metric_type: u32, name_data: *const u8, name_size: usize, id: *mut u32) -> u32;
+    fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
     fn proxy_http_call(
         upstream_data: *const u8,
         upstream_size: usize,
@@ -56,6 +59,21 @@ fn take_buffer(data: *mut u8, size: usize) -> Vec<u8> {
     // SAFETY: the host allocated `data` with the SDK's allocator as a Vec of capacity `size`
     // and hands it over to us.
     unsafe { Vec::from_raw_parts(data, size, size) }
+}
+
+/// A counter named `name` (Envoy hands back the same one for a name defined again); `None`
+/// where the host has no metrics (APISIX).
+pub fn define_counter(name: &str) -> Option<u32> {
+    let mut id = 0u32;
+    // SAFETY: the name outlives the call; the host writes one u32. 0 is a counter.
+    let status = unsafe { proxy_define_metric(0, name.as_ptr(), name.len(), &mut id) };
+    (status == OK).then_some(id)
+}
+
+/// Adds one to counter `id`; a refusal is ignored (a counter must never stop a request).
+pub fn increment(id: u32) {
+    // SAFETY: plain integer arguments.
+    let _ = unsafe { proxy_increment_metric(id, 1) };
 }
 
 /// A property (`path` segments joined with NUL, as the ABI wants): `Ok(Some)` when set,

@@ -80,6 +80,10 @@ impl RootContext for Root {
                 for note in caps.degradations() {
                     log(LogLevel::Warn, &format!("agentgate: {note}"));
                 }
+                let metrics = Metrics::define(Some(&gate));
+                if !metrics.available() {
+                    log(LogLevel::Warn, "agentgate: no metrics on this host: the audit log is the record of decisions");
+                }
                 let policy = gate.policy();
                 log(
                     LogLevel::Info,
@@ -101,7 +105,6 @@ impl RootContext for Root {
                 if !remote.is_empty() && !host::set_tick_period(TICK_MS) {
                     return refuse("remote keys (jwks_uri, discovery) need timer ticks, which this host refused");
                 }
-                let metrics = Metrics::define(Some(&gate));
                 // Requests waiting under the old policy are decided by it now.
                 if let Some(old) = self.shared.take() {
                     resume(&old, |_| true);

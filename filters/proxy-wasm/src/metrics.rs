@@ -1,11 +1,10 @@
 //! The filter's counters, through the proxy-wasm metrics ABI (Envoy stats).
 
+use crate::host;
 use agentgate::{Gate, Reason};
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::MetricType;
 
 /// Counters, defined once per VM. A failed definition leaves the counter out (metrics must
-/// never stop a request).
+/// never stop a request; APISIX has none).
 #[derive(Default)]
 pub struct Metrics {
     allowed: Option<u32>,
@@ -23,7 +22,7 @@ impl Metrics {
     /// The counters for `gate`'s policy (per-rule ones included). Envoy hands back the same
     /// counter for a name defined again, so a reconfiguration keeps counting.
     pub fn define(gate: Option<&Gate>) -> Metrics {
-        let counter = |name: &str| hostcalls::define_metric(MetricType::Counter, name).ok();
+        let counter = host::define_counter;
         let rules = gate.map_or(&[][..], |g| &g.policy().rules[..]);
         Metrics {
             allowed: counter("agentgate.allowed"),
@@ -52,6 +51,11 @@ impl Metrics {
         }
     }
 
+    /// Whether the host keeps counters at all.
+    pub fn available(&self) -> bool {
+        self.allowed.is_some()
+    }
+
     pub fn count_fetch(&self, provider: usize, succeeded: bool) {
         if let Some(&(success, failure)) = self.fetches.get(provider) {
             Metrics::bump(if succeeded { success } else { failure });
@@ -60,7 +64,7 @@ impl Metrics {
 
     fn bump(id: Option<u32>) {
         if let Some(id) = id {
-            let _ = hostcalls::increment_metric(id, 1);
+            host::increment(id);
         }
     }
 
