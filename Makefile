@@ -77,7 +77,7 @@ lint: target
 	cargo clippy --profile edge-js --target wasm32-unknown-unknown -p agentgate-edge-js -- -D warnings
 
 unit:
-	cargo test -p agentgate
+	cargo test -p agentgate -p agentgate-proxy-wasm
 
 e2e: build venv
 	cargo test -p agentgate-test-harness

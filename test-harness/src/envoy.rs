@@ -205,6 +205,21 @@ impl Envoy {
         self.request(&format!("http://127.0.0.1:{}{path}", self.port), headers)
     }
 
+    /// Sends `request` (raw HTTP/1.1, any bytes) to Envoy's listener; the status of the
+    /// answer, 0 if there was none.
+    pub fn raw(&self, request: &[u8]) -> u16 {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else { return 0 };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        if stream.write_all(request).is_err() {
+            return 0;
+        }
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        let text = String::from_utf8_lossy(&answer);
+        text.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap_or(0)
+    }
+
     /// GET `path` on Envoy's admin interface.
     pub fn admin(&self, path: &str) -> Response {
         self.request(&format!("http://127.0.0.1:{}{path}", self.admin_port), &[])

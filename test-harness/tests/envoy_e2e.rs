@@ -435,3 +435,21 @@ fn envoy_offers_everything_the_filter_probes_for() {
     assert_eq!(r.status, 403, "{}", r.body);
     assert_eq!(envoy.audit_records().last().map(|r| r["reason"].clone()), Some(json!("peer_mismatch")));
 }
+
+#[test]
+fn a_header_that_is_not_utf8_gets_an_answer_and_the_filter_lives_on() {
+    // HTTP allows obs-text (bytes 0x80-0xFF) in header values, and Envoy passes them on. The
+    // SDK's header reader panicked on them: one such request aborted the worker's VM.
+    let s = start();
+    let no_token = b"GET /invoices/42 HTTP/1.1\r\nHost: api\r\nX-Note: \xff\xfe\r\nConnection: close\r\n\r\n";
+    assert_eq!(s.envoy.raw(no_token), 401, "{}", s.envoy.logs());
+    let token = s.signer.sign(&agent_claims("agent-7", "invoices:read", now()));
+    let mut latin1 =
+        format!("GET /invoices/42 HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {token}\r\n").into_bytes();
+    latin1.extend_from_slice(b"X-Note: caf\xe9\r\nConnection: close\r\n\r\n");
+    assert_ne!(s.envoy.raw(&latin1), 0);
+    assert_eq!(s.envoy.audit_records().last().map(|r| r["decision"].clone()), Some(json!("allow")));
+    let r = s.envoy.get("/invoices/42", &[("authorization", &bearer(&token))]);
+    assert_eq!(r.status, 200, "the VM is still there: {}", s.envoy.logs());
+    assert!(!s.envoy.logs().contains("panicked"), "{}", s.envoy.logs());
+}

@@ -2,6 +2,7 @@
 //! (an HTTP context's callouts die with its request); requests whose keys are missing wait in
 //! [`Fetcher::waiting`] until keys arrive, the fetch fails, or their deadline passes.
 
+use crate::host;
 use crate::metrics::Metrics;
 use crate::shared::update_shared;
 use agentgate::jwks::{Fetch, KeyRecord, Next, RemoteJwks, Response, Stage};
@@ -40,7 +41,7 @@ fn remote_of(gate: &Gate, index: usize) -> Option<&RemoteJwks> {
 }
 
 fn log(level: LogLevel, message: &str) {
-    let _ = hostcalls::log(level, message);
+    host::log(level, message);
 }
 
 impl Fetcher {
@@ -131,8 +132,7 @@ impl Fetcher {
     ) -> Option<usize> {
         let (index, stage) = self.calls.remove(&token)?;
         let max_bytes = remote_of(gate, index)?.max_bytes;
-        let status = hostcalls::get_map(proxy_wasm::types::MapType::HttpCallResponseHeaders)
-            .ok()
+        let status = host::header_map(host::CALL_RESPONSE_HEADERS)
             .and_then(|headers| headers.into_iter().find(|(n, _)| n == ":status"))
             .and_then(|(_, v)| v.parse::<u16>().ok());
         // Read no more than the limit: a larger body is refused without copying it.

@@ -14,7 +14,7 @@ use keys::{Fetcher, Waiter};
 use metrics::Metrics;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action as HostAction, BufferType, ContextType, LogLevel, MapType};
+use proxy_wasm::types::{Action as HostAction, BufferType, ContextType, LogLevel};
 use shared::{prepare_replay_buckets, SharedDataGuard};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -162,7 +162,7 @@ fn refuse(message: &str) -> bool {
 }
 
 fn log(level: LogLevel, message: &str) {
-    let _ = hostcalls::log(level, message);
+    host::log(level, message);
 }
 
 struct Filter {
@@ -186,8 +186,8 @@ impl HttpContext for Filter {
 /// Decides the current request and applies the decision. With `wait_as` (the request's
 /// context id), a request whose token needs keys being fetched is held instead.
 fn decide(shared: &Shared, wait_as: Option<u32>) -> HostAction {
-    let headers = hostcalls::get_map(MapType::HttpRequestHeaders);
-    let (Ok(headers), Some(now_ms)) = (headers, host::now_ms()) else {
+    let headers = host::header_map(host::REQUEST_HEADERS);
+    let (Some(headers), Some(now_ms)) = (headers, host::now_ms()) else {
         // Fail closed: without headers or a clock nothing can be verified.
         return refuse_request(&shared.metrics, Reason::HostError);
     };
@@ -247,18 +247,17 @@ fn apply(action: &Action) -> HostAction {
     match action {
         Action::Continue { remove, set } => {
             for name in remove {
-                let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+                host::remove_request_header(name);
             }
             for (name, value) in set {
-                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value.as_str()));
+                host::set_request_header(name, value);
             }
             HostAction::Continue
         }
         Action::Respond { status, headers, body } => {
-            let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-            if hostcalls::send_http_response(u32::from(*status), headers, Some(body.as_bytes())).is_err() {
+            if !host::send_response(*status, headers, body) {
                 // The host could not answer for us: stop the stream rather than let it through.
-                let _ = hostcalls::reset_http_request();
+                host::close_request();
             }
             HostAction::Pause
         }
