@@ -34,7 +34,7 @@ WASM_MAX_BYTES := 614400
 
 help:
 	@echo "make demo   build the filter, run it in Envoy on the demo policy, show the decisions"
-	@echo "make test   lints, native tests of the core, the filter in real Envoy end to end"
+	@echo "make test   lints, native tests, the filter in real Envoy and on degraded hosts, the JS build under Node"
 	@echo "make build  the release filter at $(WASM) (PROFILE=speed: faster, larger; FEATURES=es384)"
 	@echo "make edge-js  the npm package for JS edge runtimes in $(EDGE) (wasm-bindgen)"
 	@echo "make bench  agentgate vs Envoy's jwt_authn+RBAC, no-op wasm and no filter (wrk), criterion, per-request cost in wasm"
