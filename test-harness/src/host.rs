@@ -157,6 +157,16 @@ fn engine_and_module() -> Result<&'static (Engine, Module), HostError> {
         .map_err(|e| HostError::Setup(e.clone()))
 }
 
+/// What APISIX's wasm host (wasm-nginx-module) answers Unimplemented to, for [`Host::lacking`].
+pub const APISIX_LACKS: &[&str] = &[
+    "proxy_get_current_time_nanoseconds",
+    "proxy_set_tick_period_milliseconds",
+    "proxy_get_shared_data",
+    "proxy_set_shared_data",
+    "proxy_define_metric",
+    "proxy_increment_metric",
+];
+
 /// One VM running the filter with one root context (one Envoy worker).
 pub struct Host {
     store: Store<State>,

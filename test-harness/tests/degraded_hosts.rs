@@ -1,20 +1,11 @@
 //! The release filter on hosts weaker than Envoy, in the wasmtime host with host calls taken
-//! away: APISIX (no proxy-wasm clock, ticks, shared data nor metrics), Kong (no peer-certificate
-//! properties), a host without HTTP callouts. Same policy, same decision where the host can
+//! away: APISIX (no proxy-wasm clock, ticks, shared data nor metrics), a host that says it has
+//! no peer-certificate properties, a host without HTTP callouts. Same policy, same decision where the host can
 //! carry it; a clear refusal at configure time where it cannot; never a dead VM.
 
-use agentgate_test_harness::host::{Host, HostError, Outcome};
+use agentgate_test_harness::host::{Host, HostError, Outcome, APISIX_LACKS};
 use agentgate_test_harness::tokens::{agent_claims, policy, read_invoice_rule, Signer};
 use serde_json::{json, Value};
-
-const APISIX: &[&str] = &[
-    "proxy_get_current_time_nanoseconds",
-    "proxy_set_tick_period_milliseconds",
-    "proxy_get_shared_data",
-    "proxy_set_shared_data",
-    "proxy_define_metric",
-    "proxy_increment_metric",
-];
 
 fn signer() -> Signer {
     Signer::eddsa("ed-1", 4)
@@ -63,7 +54,7 @@ fn on_an_apisix_like_host_the_wasi_clock_and_per_vm_state_carry_the_same_policy(
         p["providers"][0]["max_lifetime_seconds"] = json!(600);
         p["rules"][0]["rate_limit"] = json!({"requests": 3, "per_seconds": 60});
     });
-    let mut host = Host::lacking(&single_use, APISIX).unwrap_or_else(|e| panic!("{e}"));
+    let mut host = Host::lacking(&single_use, APISIX_LACKS).unwrap_or_else(|e| panic!("{e}"));
     let logs = host.logs().join("\n");
     assert!(logs.contains("using the WASI clock"), "{logs}");
     assert!(logs.contains("counted per worker VM"), "{logs}");
@@ -85,7 +76,7 @@ fn on_an_apisix_like_host_the_wasi_clock_and_per_vm_state_carry_the_same_policy(
 
 #[test]
 fn a_policy_that_fetches_keys_is_refused_where_the_host_cannot_fetch() {
-    let logs = refusal(Host::lacking(&remote_policy(), APISIX));
+    let logs = refusal(Host::lacking(&remote_policy(), APISIX_LACKS));
     assert!(logs.contains("provider \"corp-idp\" fetches its keys"), "{logs}");
     assert!(logs.contains("needs timer ticks and shared data"), "{logs}");
     assert!(logs.contains("(jwks)") && logs.contains("(jwks_file)"), "says what to do instead: {logs}");

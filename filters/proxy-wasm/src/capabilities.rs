@@ -1,6 +1,7 @@
 //! What this host offers, probed once at configure time: Envoy has everything; APISIX has
-//! no proxy-wasm clock, ticks, shared data nor metrics; Kong has no peer-certificate
-//! properties. (Metrics are found missing where they are defined, in `metrics.rs`.) The
+//! no proxy-wasm clock, ticks, shared data nor metrics; Kong answers "not found" for the
+//! peer-certificate properties it lacks, which no probe can tell from "no client certificate"
+//! (a `bind_mtls_peer` rule then denies). Metrics are found missing in `metrics.rs`. The
 //! filter degrades where it safely can (WASI clock, per-VM state) and refuses a policy whose
 //! features need what is missing, saying which.
 
