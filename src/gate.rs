@@ -195,30 +195,19 @@ impl Gate {
     /// A verified token for `token` at `now`, from the cache when it was seen before.
     fn verified(&self, token: &str, now: i64) -> Lookup {
         let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let hit = cache.as_mut().and_then(|cache| cache.get(token).cloned());
-        let (seen, cache_hit) = match hit {
-            Some(seen) => (Ok(seen), true),
-            None => {
-                let fingerprint: Arc<str> = audit::fingerprint(&Sha256::digest(token.as_bytes()).into()).into();
-                match verify_untimed(&self.policy, token) {
-                    Ok(verified) => {
-                        let seen = Seen { token: Arc::new(verified), fingerprint };
-                        if let Some(cache) = cache.as_mut() {
-                            cache.put(token.into(), seen.clone());
-                        }
-                        (Ok(seen), false)
-                    }
-                    Err(reason) => (Err((reason, fingerprint)), false),
-                }
-            }
-        };
-        drop(cache);
-        match seen {
-            Ok(Seen { token, fingerprint }) => {
-                Lookup { verified: check_time_in(&self.policy, &token, now).map(|()| token), fingerprint, cache_hit }
-            }
-            Err((reason, fingerprint)) => Lookup { verified: Err(reason), fingerprint, cache_hit },
+        if let Some(seen) = cache.as_mut().and_then(|cache| cache.get(token).cloned()) {
+            drop(cache);
+            let verified = check_time_in(&self.policy, &seen.token, now).map(|()| seen.token);
+            return Lookup { verified, fingerprint: seen.fingerprint, cache_hit: true };
         }
+        let fingerprint: Arc<str> = audit::fingerprint(&Sha256::digest(token.as_bytes()).into()).into();
+        let verified = verify_untimed(&self.policy, token).map(Arc::new);
+        if let (Ok(verified), Some(cache)) = (&verified, cache.as_mut()) {
+            cache.put(token.into(), Seen { token: Arc::clone(verified), fingerprint: Arc::clone(&fingerprint) });
+        }
+        drop(cache);
+        let verified = verified.and_then(|t| check_time_in(&self.policy, &t, now).map(|()| t));
+        Lookup { verified, fingerprint, cache_hit: false }
     }
 
     pub fn policy(&self) -> &Policy {

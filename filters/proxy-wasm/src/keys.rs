@@ -161,7 +161,7 @@ impl Fetcher {
     ) -> Option<usize> {
         let provider = gate.policy().providers.get(index)?;
         let remote = provider.remote.as_ref()?;
-        let jitter = f64::from(crate::host::subsec_nanos() % 1000) / 1000.0;
+        let jitter = f64::from(host::subsec_nanos() % 1000) / 1000.0;
         let next = update_shared(&remote.store_key, |bytes| {
             let record = KeyRecord::from_bytes(bytes);
             let (updated, next) = record.record_response(remote, stage, response.clone(), now, jitter);

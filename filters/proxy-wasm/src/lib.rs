@@ -1,6 +1,8 @@
 //! agentgate as a proxy-wasm HTTP filter: host calls in, the core's decision out.
-//! Only `proxy_wasm::hostcalls` are used: the SDK's trait helpers unwrap host statuses and a
-//! panic would abort the VM (and every request on that worker).
+//! Host calls go through `host` (raw imports, statuses as integers) wherever the SDK would
+//! panic on a status or a header it does not expect; the rest through `proxy_wasm::hostcalls`,
+//! never the SDK's trait helpers, which unwrap. A panic aborts the VM (and every request on
+//! that worker).
 
 mod capabilities;
 mod host;
