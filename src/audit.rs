@@ -47,10 +47,11 @@ impl HeaderNames {
         }
     }
 
-    /// Whether a (lower-case) header name is in agentgate's namespace.
+    /// Whether a header name is in agentgate's namespace, in any spelling an upstream may
+    /// fold into it: any case, and `_` for `-` (CGI, WSGI and Rack turn both into `_`).
     pub fn owns(&self, name: &str) -> bool {
-        name.len() >= self.prefix.len()
-            && name.get(..self.prefix.len()).is_some_and(|p| p.eq_ignore_ascii_case(&self.prefix))
+        let same = |a: u8, b: u8| a.eq_ignore_ascii_case(&b) || (matches!(a, b'-' | b'_') && matches!(b, b'-' | b'_'));
+        name.len() >= self.prefix.len() && name.bytes().zip(self.prefix.bytes()).all(|(a, b)| same(a, b))
     }
 }
 
@@ -178,8 +179,9 @@ impl AuditRecord {
     }
 
     /// The fields an access log prints, for hosts that keep per-request state (Envoy filter
-    /// state `wasm.agentgate.<field>`). Absent values are left out.
-    pub fn log_fields(&self) -> Vec<(&'static str, &str)> {
+    /// state `wasm.agentgate.<field>`), escaped like header values: a claim cannot break an
+    /// access-log line. Absent values are left out.
+    pub fn log_fields(&self) -> Vec<(&'static str, String)> {
         let mut fields = vec![("decision", self.decision)];
         let optional = [
             ("reason", self.reason),
@@ -189,7 +191,7 @@ impl AuditRecord {
             ("task_identifier", self.task_identifier.as_deref()),
         ];
         fields.extend(optional.into_iter().filter_map(|(name, value)| value.map(|v| (name, v))));
-        fields
+        fields.into_iter().map(|(name, value)| (name, header_value(value))).collect()
     }
 }
 
@@ -252,5 +254,10 @@ mod tests {
         assert_eq!(names.agent_id, "x-gw-id");
         assert!(names.owns("X-GW-anything"));
         assert!(!names.owns("x-agent-id"));
+        let names = HeaderNames::default();
+        for spelling in ["x-agent-on-behalf-of", "x_agent_on_behalf_of", "X_Agent-ID", "x-AGENT_x"] {
+            assert!(names.owns(spelling), "{spelling}");
+        }
+        assert!(!names.owns("x-agents") && !names.owns("x-agen"));
     }
 }

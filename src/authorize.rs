@@ -1,6 +1,7 @@
 //! Stage 3: the verified token against the rules. First matching rule wins; no match, deny.
 //! A rule matches on method, host and path; then every requirement it lists must hold.
 
+use crate::canonical::{canonical_host, canonical_path, check_method};
 use crate::context::{claim, source_ip};
 use crate::policy::{Policy, Rule, TaskRequirement};
 use crate::reason::Reason;
@@ -33,58 +34,69 @@ pub struct Target<'a> {
     pub source: Option<&'a str>,
     /// The mTLS peer certificate's URI SAN, when there is one.
     pub peer_uri_san: Option<&'a str>,
-    /// Authority without port, lower case.
-    pub host: &'a str,
+    /// The request's authority as sent (`:authority` or `host`).
+    pub authority: &'a str,
+    /// The request target as sent, query included.
     pub path: &'a str,
     pub now: i64,
 }
 
-/// The kill switch, checked before any rule.
+/// The kill switch, checked before any rule: a revoked identity is revoked in every role it
+/// appears in — the subject or any actor of the delegation chain — whichever list names it.
 pub fn check_revoked(policy: &Policy, token: &VerifiedToken) -> Result<(), Reason> {
     let revoked = &policy.revoked;
-    let subject = token.subject.as_deref().is_some_and(|s| revoked.subjects.iter().any(|p| p.matches(s)));
-    let actor = token.actors.iter().any(|a| revoked.actors.iter().any(|p| p.matches(a)));
+    let mut identities = token.subject.iter().chain(&token.actors);
+    let identity = identities.any(|id| revoked.subjects.iter().chain(&revoked.actors).any(|p| p.matches(id)));
     let jti = token.jti.as_ref().is_some_and(|j| revoked.jtis.contains(j));
-    if subject || actor || jti {
+    if identity || jti {
         Err(Reason::Revoked)
     } else {
         Ok(())
     }
 }
 
-pub fn authorize(policy: &Policy, target: &Target<'_>, token: &VerifiedToken) -> Authorization {
-    let path = strip_query(target.path);
-    if !is_canonical(path) {
-        return Authorization::denied(Reason::NonCanonicalPath);
-    }
-    let matched = policy.routes.first_match(path, |i| {
-        policy.rules.get(i).is_some_and(|rule| rule.matches_method(target.method) && rule.matches_host(target.host))
-    });
-    let Some((index, rule, params)) = matched.and_then(|(i, params)| policy.rules.get(i).map(|rule| (i, rule, params)))
-    else {
-        return Authorization::denied(Reason::NoMatchingRule);
+/// The rule that decides `target` (first match wins), with the task identifier it binds from
+/// the path. Every spelling is first brought to canonical form, or refused.
+fn route<'p>(policy: &'p Policy, target: &Target<'_>) -> Result<(usize, &'p Rule, Option<String>), Reason> {
+    check_method(target.method)?;
+    let path = canonical_path(target.path, policy.path_parameters)?;
+    // Only hosts rules need the host; one that is no host name must not slip past them.
+    let host = if policy.needs_host {
+        Some(canonical_host(target.authority).ok_or(Reason::NonCanonicalHost)?)
+    } else {
+        None
     };
-    let task_identifier = rule.task.as_ref().and_then(|task| task.identifier.as_deref()).map(|t| bind(t, &params));
+    let matched = policy.routes.first_match(&path, |i| {
+        policy.rules.get(i).is_some_and(|rule| {
+            rule.matches_method(target.method) && host.as_deref().is_none_or(|host| rule.matches_host(host))
+        })
+    });
+    let (index, params) = matched.ok_or(Reason::NoMatchingRule)?;
+    let rule = policy.rules.get(index).ok_or(Reason::NoMatchingRule)?;
+    let identifier = rule.task.as_ref().and_then(|task| task.identifier.as_deref()).map(|t| bind(t, &params));
+    Ok((index, rule, identifier))
+}
+
+pub fn authorize(policy: &Policy, target: &Target<'_>, token: &VerifiedToken) -> Authorization {
+    let (index, rule, task_identifier) = match route(policy, target) {
+        Ok(routed) => routed,
+        Err(reason) => return Authorization::denied(reason),
+    };
     let facts = Facts { rule, target, token, identifier: task_identifier.as_deref() };
     let result = REQUIREMENTS.iter().filter_map(|(_, check)| check(&facts)).find(Result::is_err).unwrap_or(Ok(()));
     Authorization { rule: Some(index), result, task_identifier }
 }
 
-/// Every requirement of the rule matching the request, in order, and whether it held: what
-/// `agentgate eval` shows. `None` when no rule matches.
+/// Every requirement of the rule the gate would apply to the request, in order, and whether
+/// it held: what `agentgate eval` shows. `Err` when no rule applies (and why).
 pub fn explain(
     policy: &Policy,
     target: &Target<'_>,
     token: &VerifiedToken,
-) -> Option<Vec<(&'static str, Result<(), Reason>)>> {
-    let path = strip_query(target.path);
-    let (index, params) = policy.routes.first_match(path, |i| {
-        policy.rules.get(i).is_some_and(|rule| rule.matches_method(target.method) && rule.matches_host(target.host))
-    })?;
-    let rule = policy.rules.get(index)?;
-    let identifier = rule.task.as_ref().and_then(|task| task.identifier.as_deref()).map(|t| bind(t, &params));
+) -> Result<Vec<(&'static str, Result<(), Reason>)>, Reason> {
+    let (_, rule, identifier) = route(policy, target)?;
     let facts = Facts { rule, target, token, identifier: identifier.as_deref() };
-    Some(REQUIREMENTS.iter().filter_map(|(name, check)| check(&facts).map(|result| (*name, result))).collect())
+    Ok(REQUIREMENTS.iter().filter_map(|(name, check)| check(&facts).map(|result| (*name, result))).collect())
 }
 
 /// What the requirements look at.
@@ -148,12 +160,18 @@ fn delegation(f: &Facts<'_>) -> Option<Result<(), Reason>> {
         return None;
     }
     let depth_ok = rule.max_delegation_depth.is_none_or(|max| token.actors.len() <= max);
-    let actor_ok = token.actors.first().is_none_or(|actor| {
-        rule.actors.as_ref().is_none_or(|patterns| patterns.iter().any(|p| p.matches(actor)))
-            // RFC 8693: where the subject said who may act for it, the actor must be one of them.
-            && token.may_act.as_ref().is_none_or(|allowed| allowed.contains(actor))
-    });
-    Some(verdict(depth_ok && actor_ok, Reason::DelegationNotAllowed))
+    // Every actor of the chain, prior ones included, must be one the rule allows: an unlisted
+    // agent must not act through a listed one.
+    let chain_ok = rule
+        .actors
+        .as_ref()
+        .is_none_or(|patterns| token.actors.iter().all(|actor| patterns.iter().any(|p| p.matches(actor))));
+    // RFC 8693: where the subject said who may act for it, the current actor must be one of them.
+    let may_act_ok = token
+        .actors
+        .first()
+        .is_none_or(|actor| token.may_act.as_ref().is_none_or(|allowed| allowed.contains(actor)));
+    Some(verdict(depth_ok && chain_ok && may_act_ok, Reason::DelegationNotAllowed))
 }
 
 fn task(f: &Facts<'_>) -> Option<Result<(), Reason>> {
@@ -182,10 +200,14 @@ fn source_cidrs(f: &Facts<'_>) -> Option<Result<(), Reason>> {
 fn headers(f: &Facts<'_>) -> Option<Result<(), Reason>> {
     let conditions = &f.rule.headers;
     (!conditions.is_empty()).then(|| {
+        // A repeated header reaches the upstream with every value (often joined): the
+        // condition must hold for each, not only for the first.
         let holds = conditions.iter().all(|condition| {
-            let value =
-                f.target.headers.iter().find(|(n, _)| *n == condition.key).map(|(_, v)| Value::String(v.clone()));
-            condition.holds(value.as_ref())
+            let mut values = f.target.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(&condition.key)).peekable();
+            if values.peek().is_none() {
+                return condition.holds(None);
+            }
+            values.all(|(_, v)| condition.holds(Some(&Value::String(v.clone()))))
         });
         verdict(holds, Reason::HeaderMismatch)
     })
@@ -225,34 +247,27 @@ fn task_covers(required: &TaskRequirement, identifier: Option<&str>, granted: &c
         && identifier.is_none_or(|id| granted.identifier.as_deref() == Some(id))
 }
 
-/// Fills `{name}` in `template` from `params`.
+/// Fills `{name}` (and `{*name}`) in `template` from `params`, in one pass: a value that
+/// itself contains `{id}` is not expanded again.
 fn bind(template: &str, params: &Params) -> String {
-    params.iter().fold(template.to_string(), |acc, (name, value)| {
-        acc.replace(&format!("{{{name}}}"), value).replace(&format!("{{*{name}}}"), value)
-    })
-}
-
-/// The path without its query string or fragment.
-pub fn strip_query(path: &str) -> &str {
-    path.split(['?', '#']).next().unwrap_or(path)
-}
-
-/// Rules are written against canonical paths, so a path that a backend might resolve
-/// differently from its text (dot segments, doubled or encoded slashes, backslashes) is
-/// refused rather than matched. Envoy's `normalize_path` and `merge_slashes` make most of
-/// these disappear before the filter runs.
-pub fn is_canonical(path: &str) -> bool {
-    if !path.starts_with('/') || path.contains("//") || path.contains('\\') {
-        return false;
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(rest.get(..open).unwrap_or(""));
+        let after = rest.get(open + 1..).unwrap_or("");
+        let Some(close) = after.find('}') else {
+            out.push_str(rest.get(open..).unwrap_or(""));
+            return out;
+        };
+        let name = after.get(..close).unwrap_or("");
+        match params.iter().find(|(n, _)| n == name.trim_start_matches('*')) {
+            Some((_, value)) => out.push_str(value),
+            None => out.push_str(rest.get(open..open + close + 2).unwrap_or("")),
+        }
+        rest = after.get(close + 1..).unwrap_or("");
     }
-    if path.bytes().any(|b| b.is_ascii_control() || b == b' ') {
-        return false;
-    }
-    let lower = path.to_ascii_lowercase();
-    if ["%2f", "%5c", "%2e", "%00"].iter().any(|encoded| lower.contains(encoded)) {
-        return false;
-    }
-    !path.split('/').any(|segment| segment == "." || segment == "..")
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -260,28 +275,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn canonical_paths() {
-        for ok in ["/", "/invoices/42", "/a/b.json", "/a-b_c~d/%41"] {
-            assert!(is_canonical(ok), "{ok}");
-        }
-        for bad in
-            ["", "invoices", "//x", "/a/../b", "/a/./b", "/a/..", "/a%2Fb", "/a%2e%2e/b", "/a\\b", "/a b", "/a%00"]
-        {
-            assert!(!is_canonical(bad), "{bad}");
-        }
-    }
-
-    #[test]
-    fn query_and_fragment_are_not_part_of_the_path() {
-        assert_eq!(strip_query("/a/b?x=1#f"), "/a/b");
-        assert_eq!(strip_query("/a#f"), "/a");
-        assert_eq!(strip_query("/a"), "/a");
-    }
-
-    #[test]
     fn identifiers_bind_path_parameters() {
         let params = vec![("id".to_string(), "42".to_string())];
         assert_eq!(bind("{id}", &params), "42");
         assert_eq!(bind("inv-{id}", &params), "inv-42");
+        assert_eq!(bind("{*id}/{other}", &params), "42/{other}");
+        // A parameter value is never a template itself.
+        let params = vec![("org".to_string(), "ac{id}e".to_string()), ("id".to_string(), "7".to_string())];
+        assert_eq!(bind("{id}@{org}", &params), "7@ac{id}e");
     }
 }

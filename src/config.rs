@@ -66,6 +66,23 @@ pub struct PolicyConfig {
     /// What the upstream, the audit log and the access log are told.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// `;` parameters in path segments (`/a;v=1/b`): `refuse` (400, the default) or
+    /// `ignore` (matched as `/a/b`, forwarded as sent).
+    #[serde(default)]
+    pub path_parameters: crate::canonical::PathParameters,
+}
+
+/// Where single-use `jti`s are remembered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum SingleUseScope {
+    /// Once across the gateway's workers: refused on a host without shared data.
+    #[default]
+    Gateway,
+    /// Once per worker VM: a token may be used once on each worker. Only where the host has
+    /// no shared data and that is accepted knowingly.
+    Worker,
 }
 
 #[derive(Debug, Deserialize)]
@@ -117,10 +134,12 @@ pub struct RateLimitConfig {
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RevokedConfig {
-    /// Patterns on `sub`.
+    /// Identity patterns, revoked wherever the identity appears: `sub` or any actor of the
+    /// delegation chain (`act`).
     #[serde(default)]
     pub subjects: Vec<String>,
-    /// Patterns on any actor of the delegation chain (`act`).
+    /// The same as `subjects` (both lists apply to every role); kept for policies that list
+    /// agents seen as actors here.
     #[serde(default)]
     pub actors: Vec<String>,
     /// Exact `jti`s.
@@ -178,15 +197,19 @@ pub struct ProviderConfig {
     pub jwks_fetch: JwksFetchConfig,
     #[serde(default = "default_clock_skew")]
     pub clock_skew_seconds: u64,
-    /// Longest accepted token lifetime (`exp - iat`, and `exp - now`).
+    /// Longest accepted token lifetime (`exp - iat`, and `exp - now`), at most 7 days.
     pub max_lifetime_seconds: Option<u64>,
     /// Allowed JOSE `typ` values, e.g. `["at+jwt"]` (RFC 9068) or `["JWT", "JOSE"]` (JWT-SVID).
     pub token_types: Option<Vec<String>>,
     /// Patterns the `sub` must match, e.g. `spiffe://corp.example/agent/*`.
     pub subjects: Option<Vec<String>>,
-    /// Accept each `jti` once within its token's lifetime.
+    /// Accept each `jti` once within its token's lifetime (at most 3600 s).
     #[serde(default)]
     pub single_use: bool,
+    /// `gateway` (default): once across all workers, or the policy is refused on a host
+    /// without shared data; `worker`: accept once per worker VM there.
+    #[serde(default)]
+    pub single_use_scope: SingleUseScope,
     /// The claim holding RFC 9396 task entries, for issuers that do not use `authorization_details`.
     pub task_claim: Option<String>,
 }
@@ -204,7 +227,7 @@ pub struct JwksFetchConfig {
     pub min_refetch_seconds: Option<u64>,
     /// Per request to the identity provider (default 3000).
     pub timeout_ms: Option<u64>,
-    /// Larger responses are refused (default 262144).
+    /// Larger responses are refused (default 262144, at most 4194304).
     pub max_bytes: Option<usize>,
     /// How long a request waits for keys being fetched, at start or after a rotation (default 2000).
     pub wait_ms: Option<u64>,
@@ -212,6 +235,10 @@ pub struct JwksFetchConfig {
 
 pub const DEFAULT_CLOCK_SKEW_SECONDS: u64 = 30;
 pub const MAX_CLOCK_SKEW_SECONDS: u64 = 300;
+/// The longest `max_lifetime_seconds`: agent credentials are short-lived.
+pub const MAX_LIFETIME_SECONDS: u64 = 7 * 86_400;
+/// The largest key-set or discovery document a provider may answer with.
+pub const MAX_JWKS_BYTES: usize = 4 * 1024 * 1024;
 
 fn default_clock_skew() -> u64 {
     DEFAULT_CLOCK_SKEW_SECONDS

@@ -1,14 +1,14 @@
 //! Stage 1: find the token. By default `Authorization: Bearer` (RFC 6750 section 2.1); a
 //! policy may list other headers (with an optional prefix), cookies and query parameters.
 
-use crate::authorize::strip_query;
+use crate::canonical::strip_query;
 use crate::config::TokenSourceConfig;
 use crate::reason::Reason;
 
 /// One place a token may be carried.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenSource {
-    /// A header (lower-case name); `prefix` (compared case-insensitively) is removed first.
+    /// A header (name compared case-insensitively); `prefix` (likewise) is removed first.
     Header {
         name: String,
         prefix: Option<String>,
@@ -44,14 +44,14 @@ impl TokenSource {
     fn find<'r>(&self, headers: &'r [(String, String)], path: &'r str, found: &mut Vec<&'r str>) {
         match self {
             TokenSource::Header { name, prefix } => {
-                for (_, value) in headers.iter().filter(|(n, _)| n == name) {
+                for (_, value) in headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)) {
                     if let Some(token) = strip_prefix(value.trim(), prefix.as_deref()) {
                         found.push(token);
                     }
                 }
             }
             TokenSource::Cookie(name) => {
-                for (_, value) in headers.iter().filter(|(n, _)| n == "cookie") {
+                for (_, value) in cookie_headers(headers) {
                     found.extend(
                         value
                             .split(';')
@@ -70,6 +70,10 @@ impl TokenSource {
             }
         }
     }
+}
+
+fn cookie_headers(headers: &[(String, String)]) -> impl Iterator<Item = &(String, String)> {
+    headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case("cookie"))
 }
 
 /// `value` without `prefix` (case-insensitive, extra spaces allowed after it), or `None`
@@ -102,20 +106,22 @@ pub fn strip_tokens(
     for source in sources {
         match source {
             TokenSource::Header { name, prefix } => {
-                let carries =
-                    headers.iter().any(|(n, v)| n == name && strip_prefix(v.trim(), prefix.as_deref()).is_some());
+                let carries = headers
+                    .iter()
+                    .any(|(n, v)| n.eq_ignore_ascii_case(name) && strip_prefix(v.trim(), prefix.as_deref()).is_some());
                 if carries && !remove.contains(name) {
                     remove.push(name.clone());
                 }
             }
             TokenSource::Cookie(cookie) => {
-                for (_, value) in headers.iter().filter(|(n, _)| n == "cookie") {
-                    let pairs: Vec<&str> = value.split(';').map(str::trim).filter(|p| !p.is_empty()).collect();
-                    let kept: Vec<&str> =
-                        pairs.iter().copied().filter(|p| p.split_once('=').is_none_or(|(n, _)| n != cookie)).collect();
-                    if kept.len() != pairs.len() {
-                        set.push(("cookie", kept.join("; ")));
-                    }
+                // Every cookie header (HTTP/2 may send several) becomes one, without the token.
+                let pairs: Vec<&str> = cookie_headers(headers)
+                    .flat_map(|(_, value)| value.split(';').map(str::trim).filter(|p| !p.is_empty()))
+                    .collect();
+                let kept: Vec<&str> =
+                    pairs.iter().copied().filter(|p| p.split_once('=').is_none_or(|(n, _)| n != cookie)).collect();
+                if kept.len() != pairs.len() {
+                    set.push(("cookie", kept.join("; ")));
                 }
             }
             TokenSource::Query(param) => {
@@ -247,6 +253,16 @@ mod tests {
         // A Basic credential is not agentgate's to remove.
         let (remove, set) = strip_tokens(&sources, &headers(&[("authorization", "Basic eA==")]), "/x");
         assert!(remove.is_empty() && set.is_empty());
+    }
+
+    #[test]
+    fn header_names_match_in_any_case() {
+        let sources = [TokenSource::bearer(), TokenSource::Cookie("agent_token".into())];
+        let h = headers(&[("Authorization", "Bearer t"), ("Cookie", "a=1"), ("COOKIE", "agent_token=t; b=2")]);
+        assert_eq!(find_token(&sources, &h, "/", MAX), Ok("t"));
+        let (remove, set) = strip_tokens(&sources, &h, "/");
+        assert_eq!(remove, ["authorization"]);
+        assert_eq!(set, [("cookie", "a=1; b=2".to_string())]);
     }
 
     #[test]

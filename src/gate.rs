@@ -1,7 +1,8 @@
 //! The pipeline: extract → verify → authorize → audit, and the decision a host applies.
 
 use crate::audit::{self, AuditRecord, HeaderNames};
-use crate::authorize::{authorize, check_revoked, explain, strip_query, Authorization, Target};
+use crate::authorize::{authorize, check_revoked, explain, Authorization, Target};
+use crate::canonical::strip_query;
 use crate::config::{ConfigError, Mode};
 use crate::extract::{find_token, strip_tokens};
 use crate::jwks::{KeyRecord, RemoteJwks};
@@ -16,7 +17,8 @@ use sha2::{Digest, Sha256};
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
-/// A request as any host sees it. Header names are lower-case.
+/// A request as any host sees it. Header names may come in any case (Envoy lower-cases
+/// them, nginx-based hosts pass the client's): the core compares them case-insensitively.
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
     pub method: &'a str,
@@ -34,14 +36,14 @@ pub struct Request<'a> {
 }
 
 impl<'a> Request<'a> {
-    /// What the rules look at; `host` is the request's [`authority`].
-    fn target(&self, host: &'a str) -> Target<'a> {
+    /// What the rules look at.
+    fn target(&self) -> Target<'a> {
         Target {
             method: self.method,
             headers: self.headers,
             source: self.source,
             peer_uri_san: self.peer_uri_san,
-            host,
+            authority: header(self.headers, ":authority").or_else(|| header(self.headers, "host")).unwrap_or(""),
             path: self.path,
             now: self.now,
         }
@@ -136,13 +138,24 @@ struct Lookup {
     cache_hit: bool,
 }
 
+/// What extraction, verification and authorization found out about a request.
+struct Checked {
+    token: Option<Arc<VerifiedToken>>,
+    fingerprint: Option<String>,
+    cache_hit: bool,
+    awaiting_keys: Option<usize>,
+    authorization: Authorization,
+    /// Seconds to wait, when rate limited.
+    retry_after: Option<u64>,
+}
+
 /// A compiled policy, ready to decide requests.
 #[derive(Debug)]
 pub struct Gate {
     policy: Policy,
     cache: TokenCache,
-    /// For hosts that bring no shared store of their own.
-    memory: MemoryState,
+    /// For hosts that bring no shared store of their own; kept across reconfigurations.
+    memory: Arc<MemoryState>,
 }
 
 /// What a host shares between its workers: single-use `jti`s and rate-limit buckets.
@@ -189,7 +202,16 @@ impl Gate {
             replay: MemoryGuard::new(policy.single_use_entries),
             limits: MemoryLimiter::new(policy.single_use_entries),
         };
-        Gate { policy, cache: Mutex::new(cache), memory }
+        Gate { policy, cache: Mutex::new(cache), memory: Arc::new(memory) }
+    }
+
+    /// Takes over what `previous` remembers in memory (single-use `jti`s, rate-limit
+    /// buckets), so that replacing the policy forgets no used token. Call before serving.
+    pub fn inherit_state(&mut self, previous: &Gate) {
+        let entries = self.policy.single_use_entries;
+        previous.memory.replay.set_capacity(entries);
+        previous.memory.limits.set_capacity(entries);
+        self.memory = Arc::clone(&previous.memory);
     }
 
     /// A verified token for `token` at `now`, from the cache when it was seen before.
@@ -245,7 +267,7 @@ impl Gate {
 
     /// Decides `request`, remembering single-use tokens in this process.
     pub fn evaluate(&self, request: &Request<'_>) -> Decision {
-        self.evaluate_with(request, &self.memory)
+        self.evaluate_with(request, self.memory.as_ref())
     }
 
     /// Counts the request against `limit` for the acting agent; `Err` with the reason, and
@@ -299,8 +321,7 @@ impl Gate {
         if let Err((reason, wait)) = self.check_rate(state, POLICY_SCOPE, self.policy.rate_limit.as_ref(), token, now) {
             return (Authorization::denied(reason), wait);
         }
-        let host = authority(request.headers);
-        let mut authorization = authorize(&self.policy, &request.target(&host), token);
+        let mut authorization = authorize(&self.policy, &request.target(), token);
         let rule = authorization.rule.and_then(|i| self.policy.rules.get(i));
         if let (Ok(()), Some(rule)) = (&authorization.result, rule) {
             if let Err((reason, wait)) = self.check_rate(state, &rule.name, rule.rate_limit.as_ref(), token, now) {
@@ -311,21 +332,19 @@ impl Gate {
         (authorization, None)
     }
 
-    /// For tooling (`agentgate eval`): each requirement of the rule matching `request`, in
-    /// order, and whether it held. `None` without a verified token or a matching rule. Has
-    /// no side effects: nothing is counted or consumed.
-    pub fn explain(&self, request: &Request<'_>) -> Option<Vec<(&'static str, Result<(), Reason>)>> {
+    /// For tooling (`agentgate eval`): each requirement of the rule the gate applies to
+    /// `request`, in order, and whether it held; `Err` with the reason there is none (no
+    /// verified token, a non-canonical request, no matching rule). Routes exactly as the
+    /// gate does, with no side effects: nothing is counted or consumed.
+    pub fn explain(&self, request: &Request<'_>) -> Result<Vec<(&'static str, Result<(), Reason>)>, Reason> {
         let token =
             find_token(&self.policy.token_sources, request.headers, request.path, self.policy.limits.max_token_bytes)
-                .and_then(|t| self.verified(t, request.now).verified)
-                .ok()?;
-        let host = authority(request.headers);
-        explain(&self.policy, &request.target(&host), &token)
+                .and_then(|t| self.verified(t, request.now).verified)?;
+        explain(&self.policy, &request.target(), &token)
     }
 
-    /// Decides `request` with a host's shared state (single-use tokens, rate limits).
-    pub fn evaluate_with(&self, request: &Request<'_>, guard: &dyn SharedState) -> Decision {
-        let audit_id = header(request.headers, audit::REQUEST_ID);
+    /// Stages 1-3: the token found, verified (or from the cache) and authorized.
+    fn check(&self, request: &Request<'_>, state: &dyn SharedState) -> Checked {
         let found =
             find_token(&self.policy.token_sources, request.headers, request.path, self.policy.limits.max_token_bytes);
         let (verified, fingerprint, cache_hit) = match found {
@@ -342,110 +361,139 @@ impl Gate {
         let (token, authorization, retry_after) = match verified {
             Err(reason) => (None, Authorization::denied(reason), None),
             Ok(token) => {
-                let (authorization, retry_after) = self.authorize_verified(&token, request, guard);
+                let (authorization, retry_after) = self.authorize_verified(&token, request, state);
                 (Some(token), authorization, retry_after)
             }
         };
-        let matched = authorization.rule.and_then(|i| self.policy.rules.get(i));
-        let rule = matched.map(|r| r.name.clone());
-        let reason = authorization.result.err();
+        Checked { token, fingerprint, cache_hit, awaiting_keys, authorization, retry_after }
+    }
+
+    /// Decides `request` with a host's shared state (single-use tokens, rate limits).
+    pub fn evaluate_with(&self, request: &Request<'_>, state: &dyn SharedState) -> Decision {
+        let checked = self.check(request, state);
+        let matched = checked.authorization.rule.and_then(|i| self.policy.rules.get(i));
+        let reason = checked.authorization.result.err();
         // A rule's own mode wins over the policy's: one rule can be rolled out in dry run.
         let dry_run = matched.and_then(|r| r.mode).unwrap_or(self.policy.mode) == Mode::DryRun;
-
-        let settings = &self.policy.audit;
-        let subject = |s: &str| settings.subject(s);
+        let forwarded = reason.is_none() || dry_run;
         // Token parameters leave the path before anything sees it: the log, and (unless
         // forwarded) the upstream. Worked out only when one of them needs it.
-        let forwarded = reason.is_none() || dry_run;
-        let stripped = (settings.log_query || (forwarded && !self.policy.forward_token))
+        let stripped = (self.policy.audit.log_query || (forwarded && !self.policy.forward_token))
             .then(|| strip_tokens(&self.policy.token_sources, request.headers, request.path));
-        let logged_path = match &stripped {
+        let mut audit = self.record(request, &checked, matched, dry_run, stripped.as_ref());
+        let action = match reason {
+            Some(reason) if !dry_run => {
+                audit.status = Some(reason.status());
+                self.denial(reason, matched, checked.retry_after, audit.audit_id.as_deref())
+            }
+            _ => self.forward(request.headers, &audit, stripped),
+        };
+        Decision {
+            allowed: reason.is_none(),
+            reason,
+            rule: matched.map(|r| r.name.clone()),
+            rule_index: checked.authorization.rule,
+            awaiting_keys: checked.awaiting_keys,
+            dry_run,
+            cache_hit: checked.cache_hit,
+            action,
+            audit,
+        }
+    }
+
+    /// Stage 4: the audit record of the decision.
+    fn record(
+        &self,
+        request: &Request<'_>,
+        checked: &Checked,
+        matched: Option<&crate::policy::Rule>,
+        dry_run: bool,
+        stripped: Option<&StrippedTokens>,
+    ) -> AuditRecord {
+        let settings = &self.policy.audit;
+        let subject = |s: &str| settings.subject(s);
+        let token = checked.token.as_deref();
+        let reason = checked.authorization.result.err();
+        let logged_path = match stripped {
             Some((_, rewrites)) if settings.log_query => {
                 rewrites.iter().find(|(n, _)| *n == ":path").map_or(request.path, |(_, p)| p.as_str())
             }
             _ => strip_query(request.path),
         };
-        let mut audit = AuditRecord {
+        AuditRecord {
             time: request.now,
-            audit_id: audit_id.map(str::to_string),
+            audit_id: header(request.headers, audit::REQUEST_ID).map(str::to_string),
             decision: if reason.is_none() { "allow" } else { "deny" },
             reason: reason.map(Reason::code),
-            rule: rule.clone(),
-            agent: token.as_ref().and_then(|t| t.agent().map(subject)),
-            on_behalf_of: token.as_ref().and_then(|t| t.on_behalf_of().map(subject)),
-            actors: token.as_ref().map(|t| t.actors.iter().map(|a| subject(a)).collect()).unwrap_or_default(),
+            rule: matched.map(|r| r.name.clone()),
+            agent: token.and_then(|t| t.agent().map(subject)),
+            on_behalf_of: token.and_then(|t| t.on_behalf_of().map(subject)),
+            actors: token.map(|t| t.actors.iter().map(|a| subject(a)).collect()).unwrap_or_default(),
             task_type: matched.and_then(|r| r.task.as_ref()).map(|t| t.kind.clone()),
-            task_identifier: authorization.task_identifier.clone(),
-            issuer: token.as_ref().map(|t| t.issuer.clone()),
-            jti: token.as_ref().and_then(|t| t.jti.clone()),
-            token_fingerprint: fingerprint,
+            task_identifier: checked.authorization.task_identifier.clone(),
+            issuer: token.map(|t| t.issuer.clone()),
+            jti: token.and_then(|t| t.jti.clone()),
+            token_fingerprint: checked.fingerprint.clone(),
             method: request.method.to_string(),
             path: logged_path.to_string(),
             source: request.source.map(str::to_string),
             dry_run,
             status: None,
-        };
-        let action = match reason {
-            Some(reason) if !dry_run => {
-                let step_up = matched
-                    .and_then(|r| r.approval.as_ref())
-                    .filter(|_| reason == Reason::ApprovalRequired)
-                    .map(|approval| {
-                        let mut extra = format!("acr_values=\"{}\"", approval.acr_values.join(" "));
-                        if let Some(max_age) = approval.max_age_seconds {
-                            extra.push_str(&format!(", max_age={max_age}"));
-                        }
-                        extra
-                    });
-                let retry_after = retry_after.filter(|_| reason == Reason::RateLimited);
-                let action = Action::deny_full(&settings.headers, reason, audit_id, step_up.as_deref(), retry_after);
-                audit.status = Some(reason.spec().status);
-                action
-            }
-            _ => {
-                let mut remove = forged_headers(&settings.headers, request.headers);
-                let mut set = audit.upstream_headers(&settings.headers);
-                if let Some((token_headers, token_rewrites)) = stripped.filter(|_| !self.policy.forward_token) {
-                    // Credentials stay at the gate: the upstream learns who called from the audit headers.
-                    remove.extend(token_headers);
-                    set.extend(token_rewrites.into_iter().map(|(n, v)| (n.to_string(), v)));
-                }
-                Action::Continue { remove, set }
-            }
-        };
-        Decision {
-            allowed: reason.is_none(),
-            reason,
-            rule,
-            rule_index: authorization.rule,
-            awaiting_keys,
-            dry_run,
-            cache_hit,
-            action,
-            audit,
         }
+    }
+
+    /// The local answer to a denied request, with RFC 9470 step-up attributes when the rule
+    /// wants human approval and `Retry-After` when rate limited.
+    fn denial(
+        &self,
+        reason: Reason,
+        matched: Option<&crate::policy::Rule>,
+        retry_after: Option<u64>,
+        audit_id: Option<&str>,
+    ) -> Action {
+        let step_up = matched.and_then(|r| r.approval.as_ref()).filter(|_| reason == Reason::ApprovalRequired).map(
+            |approval| {
+                let mut extra = format!("acr_values=\"{}\"", approval.acr_values.join(" "));
+                if let Some(max_age) = approval.max_age_seconds {
+                    extra.push_str(&format!(", max_age={max_age}"));
+                }
+                extra
+            },
+        );
+        let retry_after = retry_after.filter(|_| reason == Reason::RateLimited);
+        Action::deny_full(&self.policy.audit.headers, reason, audit_id, step_up.as_deref(), retry_after)
+    }
+
+    /// Forwarding: forged audit headers out, the real ones in, and the credentials stay at
+    /// the gate unless the policy forwards them.
+    fn forward(&self, headers: &[(String, String)], audit: &AuditRecord, stripped: Option<StrippedTokens>) -> Action {
+        let names = &self.policy.audit.headers;
+        let mut remove = forged_headers(names, headers);
+        let mut set = audit.upstream_headers(names);
+        if let Some((token_headers, token_rewrites)) = stripped.filter(|_| !self.policy.forward_token) {
+            remove.extend(token_headers);
+            set.extend(token_rewrites.into_iter().map(|(n, v)| (n.to_string(), v)));
+        }
+        Action::Continue { remove, set }
     }
 }
 
+/// Headers to remove and to rewrite so that no token reaches the upstream.
+type StrippedTokens = (Vec<String>, Vec<(&'static str, String)>);
+
+/// The first value of header `name`, compared case-insensitively.
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
 }
 
-/// The request's host (`:authority`, or `host` for HTTP/1 hosts), lower case, without port.
-fn authority(headers: &[(String, String)]) -> String {
-    let raw = header(headers, ":authority").or_else(|| header(headers, "host")).unwrap_or("");
-    let host = match raw.strip_prefix('[') {
-        // IPv6 literal: keep the brackets' content.
-        Some(v6) => v6.split(']').next().unwrap_or(""),
-        None => raw.rsplit_once(':').map_or(raw, |(host, _)| host),
-    };
-    host.to_ascii_lowercase()
-}
-
-/// Client-sent headers in agentgate's namespace: removed so nobody can forge them.
+/// Client-sent headers in agentgate's namespace, in every spelling: removed so nobody can
+/// forge them.
 fn forged_headers(ours: &HeaderNames, headers: &[(String, String)]) -> Vec<String> {
-    let mut names: Vec<String> =
-        headers.iter().filter(|(name, _)| ours.owns(name)).map(|(name, _)| name.clone()).collect();
-    names.dedup();
+    let mut names: Vec<String> = Vec::new();
+    for (name, _) in headers.iter().filter(|(name, _)| ours.owns(name)) {
+        if !names.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+            names.push(name.clone());
+        }
+    }
     names
 }

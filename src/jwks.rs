@@ -155,7 +155,7 @@ impl KeyRecord {
         let mut next = self.clone();
         let result = match stage {
             Stage::OpenIdDiscovery | Stage::OAuthDiscovery => {
-                let found = discovered_jwks_uri(response, remote.max_bytes)
+                let found = discovered_jwks_uri(response, remote.max_bytes, &remote.issuer)
                     .and_then(|uri| fetch_of(Stage::Jwks, &uri).map(|fetch| (Some(uri), fetch)));
                 // OpenID discovery failed: RFC 8414's document is tried before giving up.
                 let follow = match (found, stage) {
@@ -236,9 +236,15 @@ fn checked_body<'a>(response: Response<'a>, max_bytes: usize) -> Result<&'a [u8]
     }
 }
 
-fn discovered_jwks_uri(response: Response<'_>, max_bytes: usize) -> Result<String, String> {
+/// The `jwks_uri` of a discovery document, which must be for `issuer` exactly (OpenID
+/// Connect Discovery §4.3, RFC 8414 §3.3): another issuer's document is an impersonation.
+fn discovered_jwks_uri(response: Response<'_>, max_bytes: usize, issuer: &str) -> Result<String, String> {
     let body = checked_body(response, max_bytes)?;
     let document: Value = serde_json::from_slice(body).map_err(|e| format!("discovery document: {e}"))?;
+    match document.get("issuer").and_then(Value::as_str) {
+        Some(stated) if stated == issuer => {}
+        stated => return Err(format!("the discovery document is for issuer {stated:?}, not {issuer:?}")),
+    }
     document
         .get("jwks_uri")
         .and_then(Value::as_str)
@@ -408,5 +414,19 @@ mod tests {
         );
         assert_eq!(found.discovered_uri.as_deref(), Some("https://keys.example.com/jwks"));
         assert!(found.fetching(2), "the lease covers the next step");
+    }
+
+    #[test]
+    fn a_discovery_document_for_another_issuer_is_refused() {
+        let r = remote(None);
+        let (leased, _) = KeyRecord::default().claim(&r, 1, false).unwrap();
+        for doc in [
+            &br#"{"issuer": "https://evil.example.com", "jwks_uri": "https://evil.example.com/jwks"}"#[..],
+            br#"{"jwks_uri": "https://evil.example.com/jwks"}"#,
+            br#"{"issuer": "https://idp.example.com/", "jwks_uri": "https://evil.example.com/jwks"}"#,
+        ] {
+            let (_, next) = leased.record_response(&r, Stage::OAuthDiscovery, Ok((200, doc)), 1, 0.0);
+            assert!(matches!(&next, Next::Failed(e) if e.contains("not \"https://idp.example.com\"")), "{next:?}");
+        }
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod audit;
 pub mod authorize;
+pub mod canonical;
 pub mod config;
 pub mod context;
 pub mod extract;

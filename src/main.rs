@@ -146,7 +146,7 @@ fn main() -> ExitCode {
                 peer_uri_san: peer_uri_san.as_deref(),
             };
             let decision = gate.evaluate(&request);
-            let checks = gate.explain(&request).map(|checks| {
+            let checks = gate.explain(&request).ok().map(|checks| {
                 checks
                     .iter()
                     .map(|(requirement, result)| {
@@ -154,9 +154,9 @@ fn main() -> ExitCode {
                     })
                     .collect::<Vec<_>>()
             });
-            let (status, headers) = match &decision.action {
-                Action::Continue { set, .. } => (200, set),
-                Action::Respond { status, headers, .. } => (*status, headers),
+            let (status, headers, removed) = match &decision.action {
+                Action::Continue { set, remove } => (200, set, &remove[..]),
+                Action::Respond { status, headers, .. } => (*status, headers, &[][..]),
             };
             let headers: Map<String, Value> = headers.iter().map(|(n, v)| (n.to_string(), json!(v))).collect();
             let out = json!({
@@ -166,6 +166,7 @@ fn main() -> ExitCode {
                 "rule": decision.rule,
                 "dry_run": decision.dry_run,
                 "headers": headers,
+                "remove_headers": removed,
                 "checks": checks,
                 "audit": decision.audit,
             });

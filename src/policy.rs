@@ -28,6 +28,9 @@ pub struct Policy {
     pub revoked: Revoked,
     /// Some rule reads the client address: hosts fetch it only then.
     pub needs_source: bool,
+    /// Some rule matches hosts: the request's host is brought to canonical form only then.
+    pub needs_host: bool,
+    pub path_parameters: crate::canonical::PathParameters,
     /// Some rule has claim conditions: verified tokens keep all their claims only then.
     pub needs_claims: bool,
     /// The per-agent limit over all requests.
@@ -84,6 +87,8 @@ pub struct Provider {
     pub subjects: Option<Vec<Pattern>>,
     /// Bucket ring size for `single_use` (see `replay`); `None` when not single-use.
     pub single_use_ring: Option<i64>,
+    /// Where single-use `jti`s must be remembered.
+    pub single_use_scope: config::SingleUseScope,
     /// A custom claim holding task entries; `None`: `authorization_details`.
     pub task_claim: Option<String>,
 }
@@ -155,6 +160,12 @@ impl Policy {
     /// Compiles a policy, reading any `jwks_file` with `load`.
     pub fn from_json_with(json: &str, load: FileLoader<'_>) -> Result<Policy, ConfigError> {
         compile(config::parse(json)?, load)
+    }
+
+    /// Whether some provider's single-use tokens must be remembered across workers
+    /// (`single_use_scope: gateway`): a host without shared storage must refuse the policy.
+    pub fn needs_shared_single_use(&self) -> bool {
+        self.providers.iter().any(|p| p.single_use_ring.is_some() && p.single_use_scope == config::SingleUseScope::Gateway)
     }
 
     /// The provider whose `issuer` is exactly `iss`.
@@ -229,6 +240,7 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
     };
     let audit = compile_audit(&config.audit, &token_sources, config.forward_token)?;
     let needs_source = rules.iter().any(|r: &Rule| r.source_cidrs.is_some());
+    let needs_host = rules.iter().any(|r: &Rule| r.hosts.is_some());
     let needs_claims = rules.iter().any(|r: &Rule| !r.claims.is_empty());
     let needs_peer = rules.iter().any(|r: &Rule| r.bind_mtls_peer);
     Ok(Policy {
@@ -242,6 +254,8 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
         single_use_entries,
         revoked,
         needs_source,
+        needs_host,
+        path_parameters: config.path_parameters,
         needs_claims,
         rate_limit: rate_limit("rate_limit", config.rate_limit.as_ref())?,
         needs_peer,
@@ -324,8 +338,15 @@ fn compile_provider(at: &str, raw: ProviderConfig, load: FileLoader<'_>) -> Resu
         ));
     }
     let (keys, remote) = compile_key_source(at, &raw, &algorithms, load)?;
-    if raw.max_lifetime_seconds == Some(0) {
-        return Err(ConfigError::at(format!("{at}.max_lifetime_seconds"), "must be at least 1"));
+    if let Some(max) = raw.max_lifetime_seconds {
+        let limit = if raw.single_use { crate::replay::MAX_SINGLE_USE_LIFETIME_SECONDS } else { config::MAX_LIFETIME_SECONDS };
+        if max == 0 || max > limit {
+            let single_use = if raw.single_use { " with single_use" } else { "" };
+            return Err(ConfigError::at(
+                format!("{at}.max_lifetime_seconds"),
+                format!("must be between 1 and {limit}{single_use}"),
+            ));
+        }
     }
     let token_types = match raw.token_types {
         Some(types) if types.is_empty() => {
@@ -336,7 +357,7 @@ fn compile_provider(at: &str, raw: ProviderConfig, load: FileLoader<'_>) -> Resu
     };
     let single_use_ring = match (raw.single_use, raw.max_lifetime_seconds) {
         (false, _) => None,
-        (true, Some(max)) => Some(crate::replay::ring_windows(max, raw.clock_skew_seconds)),
+        (true, Some(_)) => Some(crate::replay::RING),
         (true, None) => {
             return Err(ConfigError::at(
                 format!("{at}.single_use"),
@@ -369,6 +390,7 @@ fn compile_provider(at: &str, raw: ProviderConfig, load: FileLoader<'_>) -> Resu
         token_types,
         subjects,
         single_use_ring,
+        single_use_scope: raw.single_use_scope,
         task_claim: raw.task_claim.filter(|name| name != "authorization_details"),
     })
 }
@@ -446,7 +468,12 @@ fn compile_remote(at: &str, raw: &ProviderConfig, algorithms: &[Alg]) -> Result<
         ));
     }
     let max_bytes = match f.max_bytes {
-        Some(v) if v < 1024 => return Err(ConfigError::at(format!("{fetch_at}.max_bytes"), "must be at least 1024")),
+        Some(v) if !(1024..=config::MAX_JWKS_BYTES).contains(&v) => {
+            return Err(ConfigError::at(
+                format!("{fetch_at}.max_bytes"),
+                format!("must be between 1024 and {}", config::MAX_JWKS_BYTES),
+            ))
+        }
         Some(v) => v,
         None => jwks::DEFAULT_MAX_BYTES,
     };

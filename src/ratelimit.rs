@@ -4,6 +4,7 @@
 
 use crate::replay::{token_id, GuardError, TokenId};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,12 +54,17 @@ pub trait RateLimiter {
 #[derive(Debug)]
 pub struct MemoryLimiter {
     buckets: Mutex<HashMap<(String, String), (Bucket, RateLimit)>>,
-    capacity: usize,
+    capacity: AtomicUsize,
 }
 
 impl MemoryLimiter {
+    /// A new policy may bound the same memory differently.
+    pub fn set_capacity(&self, capacity: usize) {
+        self.capacity.store(capacity, Ordering::Relaxed);
+    }
+
     pub fn new(capacity: usize) -> MemoryLimiter {
-        MemoryLimiter { buckets: Mutex::new(HashMap::new()), capacity }
+        MemoryLimiter { buckets: Mutex::new(HashMap::new()), capacity: AtomicUsize::new(capacity) }
     }
 }
 
@@ -70,9 +76,9 @@ impl RateLimiter for MemoryLimiter {
     fn admit(&self, scope: &str, agent: &str, limit: &RateLimit, now: i64) -> Result<Result<(), u64>, GuardError> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         let key = (scope.to_string(), agent.to_string());
-        if !buckets.contains_key(&key) && buckets.len() >= self.capacity {
+        if !buckets.contains_key(&key) && buckets.len() >= self.capacity.load(Ordering::Relaxed) {
             buckets.retain(|_, (bucket, limit)| !is_full(bucket, limit, now));
-            if buckets.len() >= self.capacity {
+            if buckets.len() >= self.capacity.load(Ordering::Relaxed) {
                 return Err(GuardError::Full);
             }
         }

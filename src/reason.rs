@@ -1,47 +1,13 @@
 //! The one closed set of reasons a request is denied, and the one table that maps each to
 //! its HTTP status, RFC 6750 error code, client-facing description, metric and audit code.
-//! Adding a reason is one enum arm and one row in [`Reason::spec`].
+//! Adding a reason is one row in the `reasons!` table.
 
-/// Why a request was denied. The `code` of each reason is what audit records, metrics and
-/// `agentgate eval` report; clients only ever see the coarse RFC 6750 error.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Reason {
-    MissingToken,
-    MultipleTokens,
-    TokenTooLarge,
-    Malformed,
-    UnknownIssuer,
-    UnknownKid,
-    KeysUnavailable,
-    AlgNotAllowed,
-    BadSignature,
-    MissingExp,
-    Expired,
-    NotYetValid,
-    AudienceMismatch,
-    LifetimeTooLong,
-    TypeNotAllowed,
-    SubjectNotAllowed,
-    MissingJti,
-    Replayed,
-    ReplayStoreUnavailable,
-    NonCanonicalPath,
-    NoMatchingRule,
-    InsufficientScope,
-    TaskMismatch,
-    AgentNotAllowed,
-    PeerMismatch,
-    DelegationNotAllowed,
-    ApprovalRequired,
-    SourceNotAllowed,
-    HeaderMismatch,
-    OutsideTimeWindow,
-    ClaimMismatch,
-    Revoked,
-    RateLimited,
-    NotConfigured,
-    HostError,
-}
+const INVALID_TOKEN: &str = "invalid_token";
+const INVALID_REQUEST: &str = "invalid_request";
+const INSUFFICIENT_SCOPE: &str = "insufficient_scope";
+const TOKEN_INVALID: &str = "the access token is invalid";
+const NOT_PERMITTED: &str = "the access token does not permit this request";
+const NOT_CANONICAL: &str = "the request is not in canonical form";
 
 /// One row of the reason table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,114 +22,78 @@ pub struct ReasonSpec {
     pub description: &'static str,
 }
 
-const INVALID_TOKEN: &str = "invalid_token";
-const INVALID_REQUEST: &str = "invalid_request";
-const INSUFFICIENT_SCOPE: &str = "insufficient_scope";
-const TOKEN_INVALID: &str = "the access token is invalid";
-const NOT_PERMITTED: &str = "the access token does not permit this request";
+/// Declares the enum, [`Reason::ALL`] and [`Reason::spec`] from one table, so a reason
+/// cannot exist without its row or be missing from `ALL` (and so from the counters).
+macro_rules! reasons {
+    ($($(#[$doc:meta])* $name:ident => $code:literal, $status:literal, $error:expr, $description:expr;)*) => {
+        /// Why a request was denied. The `code` of each reason is what audit records, metrics
+        /// and `agentgate eval` report; clients only ever see the coarse RFC 6750 error.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Reason {
+            $($(#[$doc])* $name,)*
+        }
+
+        impl Reason {
+            /// Every reason, for defining metrics up front.
+            pub const ALL: &'static [Reason] = &[$(Reason::$name,)*];
+
+            pub const fn spec(self) -> ReasonSpec {
+                match self {
+                    $(Reason::$name => ReasonSpec { code: $code, status: $status, error: $error, description: $description },)*
+                }
+            }
+        }
+    };
+}
+
+reasons! {
+    MissingToken => "missing_token", 401, None, "a bearer token is required";
+    MultipleTokens => "multiple_tokens", 400, Some(INVALID_REQUEST), "more than one token was sent";
+    TokenTooLarge => "token_too_large", 401, Some(INVALID_TOKEN), TOKEN_INVALID;
+    Malformed => "malformed", 401, Some(INVALID_TOKEN), TOKEN_INVALID;
+    UnknownIssuer => "unknown_issuer", 401, Some(INVALID_TOKEN), TOKEN_INVALID;
+    UnknownKid => "unknown_kid", 401, Some(INVALID_TOKEN), TOKEN_INVALID;
+    /// Fail closed: the provider's keys could not be fetched, or are older than max_stale_seconds.
+    KeysUnavailable => "keys_unavailable", 401, Some(INVALID_TOKEN), TOKEN_INVALID;
+    AlgNotAllowed => "alg_not_allowed", 401, Some(INVALID_TOKEN), TOKEN_INVALID;
+    BadSignature => "bad_signature", 401, Some(INVALID_TOKEN), TOKEN_INVALID;
+    MissingExp => "missing_exp", 401, Some(INVALID_TOKEN), TOKEN_INVALID;
+    /// Telling a legitimate agent its token expired lets it refresh; it tells an attacker nothing.
+    Expired => "expired", 401, Some(INVALID_TOKEN), "the access token expired";
+    NotYetValid => "not_yet_valid", 401, Some(INVALID_TOKEN), TOKEN_INVALID;
+    AudienceMismatch => "audience_mismatch", 401, Some(INVALID_TOKEN), TOKEN_INVALID;
+    LifetimeTooLong => "lifetime_too_long", 401, Some(INVALID_TOKEN), TOKEN_INVALID;
+    TypeNotAllowed => "type_not_allowed", 401, Some(INVALID_TOKEN), TOKEN_INVALID;
+    SubjectNotAllowed => "subject_not_allowed", 401, Some(INVALID_TOKEN), TOKEN_INVALID;
+    MissingJti => "missing_jti", 401, Some(INVALID_TOKEN), TOKEN_INVALID;
+    Replayed => "replayed", 401, Some(INVALID_TOKEN), TOKEN_INVALID;
+    /// Fail closed: without a working replay store, single-use tokens cannot be accepted.
+    ReplayStoreUnavailable => "replay_store_unavailable", 503, None, "the gateway cannot accept single-use tokens right now";
+    /// Another spelling of a path (encoded, dot segments, `;` parameters, ...): see `canonical`.
+    NonCanonicalPath => "non_canonical_path", 400, Some(INVALID_REQUEST), "the request path is not in canonical form";
+    /// A case variant of a standard method (`post`).
+    NonCanonicalMethod => "non_canonical_method", 400, Some(INVALID_REQUEST), NOT_CANONICAL;
+    /// A host that is no DNS name or IP literal, where rules match hosts.
+    NonCanonicalHost => "non_canonical_host", 400, Some(INVALID_REQUEST), NOT_CANONICAL;
+    NoMatchingRule => "no_matching_rule", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED;
+    InsufficientScope => "insufficient_scope", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED;
+    TaskMismatch => "task_mismatch", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED;
+    AgentNotAllowed => "agent_not_allowed", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED;
+    PeerMismatch => "peer_mismatch", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED;
+    DelegationNotAllowed => "delegation_not_allowed", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED;
+    /// RFC 9470: the agent must come back with a token showing a human approved.
+    ApprovalRequired => "approval_required", 401, Some("insufficient_user_authentication"), "human approval is required for this request";
+    SourceNotAllowed => "source_not_allowed", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED;
+    HeaderMismatch => "header_mismatch", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED;
+    OutsideTimeWindow => "outside_time_window", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED;
+    ClaimMismatch => "claim_mismatch", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED;
+    Revoked => "revoked", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED;
+    RateLimited => "rate_limited", 429, None, "too many requests; retry later";
+    NotConfigured => "not_configured", 503, None, "the gateway is not configured";
+    HostError => "host_error", 500, None, "the gateway could not evaluate the request";
+}
 
 impl Reason {
-    /// Every reason, for defining metrics up front.
-    pub const ALL: [Reason; 35] = [
-        Reason::MissingToken,
-        Reason::MultipleTokens,
-        Reason::TokenTooLarge,
-        Reason::Malformed,
-        Reason::UnknownIssuer,
-        Reason::UnknownKid,
-        Reason::KeysUnavailable,
-        Reason::AlgNotAllowed,
-        Reason::BadSignature,
-        Reason::MissingExp,
-        Reason::Expired,
-        Reason::NotYetValid,
-        Reason::AudienceMismatch,
-        Reason::LifetimeTooLong,
-        Reason::TypeNotAllowed,
-        Reason::SubjectNotAllowed,
-        Reason::MissingJti,
-        Reason::Replayed,
-        Reason::ReplayStoreUnavailable,
-        Reason::NonCanonicalPath,
-        Reason::NoMatchingRule,
-        Reason::InsufficientScope,
-        Reason::TaskMismatch,
-        Reason::AgentNotAllowed,
-        Reason::PeerMismatch,
-        Reason::DelegationNotAllowed,
-        Reason::ApprovalRequired,
-        Reason::SourceNotAllowed,
-        Reason::HeaderMismatch,
-        Reason::OutsideTimeWindow,
-        Reason::ClaimMismatch,
-        Reason::Revoked,
-        Reason::RateLimited,
-        Reason::NotConfigured,
-        Reason::HostError,
-    ];
-
-    pub const fn spec(self) -> ReasonSpec {
-        const fn row(
-            code: &'static str,
-            status: u16,
-            error: Option<&'static str>,
-            description: &'static str,
-        ) -> ReasonSpec {
-            ReasonSpec { code, status, error, description }
-        }
-        use Reason::*;
-        match self {
-            MissingToken => row("missing_token", 401, None, "a bearer token is required"),
-            MultipleTokens => row("multiple_tokens", 400, Some(INVALID_REQUEST), "more than one token was sent"),
-            TokenTooLarge => row("token_too_large", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
-            Malformed => row("malformed", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
-            UnknownIssuer => row("unknown_issuer", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
-            UnknownKid => row("unknown_kid", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
-            // Fail closed: the provider's keys could not be fetched, or are older than max_stale_seconds.
-            KeysUnavailable => row("keys_unavailable", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
-            AlgNotAllowed => row("alg_not_allowed", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
-            BadSignature => row("bad_signature", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
-            MissingExp => row("missing_exp", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
-            // Telling a legitimate agent its token expired lets it refresh; it tells an attacker nothing.
-            Expired => row("expired", 401, Some(INVALID_TOKEN), "the access token expired"),
-            NotYetValid => row("not_yet_valid", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
-            AudienceMismatch => row("audience_mismatch", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
-            LifetimeTooLong => row("lifetime_too_long", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
-            TypeNotAllowed => row("type_not_allowed", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
-            SubjectNotAllowed => row("subject_not_allowed", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
-            MissingJti => row("missing_jti", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
-            Replayed => row("replayed", 401, Some(INVALID_TOKEN), TOKEN_INVALID),
-            // Fail closed: without a working replay store, single-use tokens cannot be accepted.
-            ReplayStoreUnavailable => {
-                row("replay_store_unavailable", 503, None, "the gateway cannot accept single-use tokens right now")
-            }
-            NonCanonicalPath => {
-                row("non_canonical_path", 400, Some(INVALID_REQUEST), "the request path is not in canonical form")
-            }
-            NoMatchingRule => row("no_matching_rule", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
-            InsufficientScope => row("insufficient_scope", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
-            TaskMismatch => row("task_mismatch", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
-            AgentNotAllowed => row("agent_not_allowed", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
-            PeerMismatch => row("peer_mismatch", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
-            DelegationNotAllowed => row("delegation_not_allowed", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
-            // RFC 9470: the agent must come back with a token showing a human approved.
-            ApprovalRequired => row(
-                "approval_required",
-                401,
-                Some("insufficient_user_authentication"),
-                "human approval is required for this request",
-            ),
-            SourceNotAllowed => row("source_not_allowed", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
-            HeaderMismatch => row("header_mismatch", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
-            OutsideTimeWindow => row("outside_time_window", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
-            ClaimMismatch => row("claim_mismatch", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
-            Revoked => row("revoked", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED),
-            RateLimited => row("rate_limited", 429, None, "too many requests; retry later"),
-            NotConfigured => row("not_configured", 503, None, "the gateway is not configured"),
-            HostError => row("host_error", 500, None, "the gateway could not evaluate the request"),
-        }
-    }
-
     pub const fn code(self) -> &'static str {
         self.spec().code
     }
@@ -201,7 +131,11 @@ mod tests {
     use std::collections::HashSet;
 
     #[test]
-    fn every_reason_has_a_distinct_code() {
+    fn every_reason_is_listed_once_with_a_distinct_code() {
+        // `ALL` comes from the same table as the enum; a count check guards the macro.
+        let listed: HashSet<_> = Reason::ALL.iter().collect();
+        assert_eq!(listed.len(), Reason::ALL.len());
+        assert!(Reason::ALL.contains(&Reason::HostError) && Reason::ALL.contains(&Reason::NonCanonicalHost));
         let codes: HashSet<_> = Reason::ALL.iter().map(|r| r.code()).collect();
         assert_eq!(codes.len(), Reason::ALL.len());
     }

@@ -5,6 +5,7 @@
 
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// A single-use token's identity: a digest of its issuer and `jti`.
@@ -46,12 +47,17 @@ pub trait ReplayGuard {
 #[derive(Debug)]
 pub struct MemoryGuard {
     seen: Mutex<HashMap<TokenId, i64>>,
-    capacity: usize,
+    capacity: AtomicUsize,
 }
 
 impl MemoryGuard {
+    /// A new policy may bound the same memory differently.
+    pub fn set_capacity(&self, capacity: usize) {
+        self.capacity.store(capacity, Ordering::Relaxed);
+    }
+
     pub fn new(capacity: usize) -> MemoryGuard {
-        MemoryGuard { seen: Mutex::new(HashMap::new()), capacity }
+        MemoryGuard { seen: Mutex::new(HashMap::new()), capacity: AtomicUsize::new(capacity) }
     }
 }
 
@@ -61,9 +67,9 @@ impl ReplayGuard for MemoryGuard {
         if seen.contains_key(id) {
             return Ok(false);
         }
-        if seen.len() >= self.capacity {
+        if seen.len() >= self.capacity.load(Ordering::Relaxed) {
             seen.retain(|_, &mut expiry| expiry >= now);
-            if seen.len() >= self.capacity {
+            if seen.len() >= self.capacity.load(Ordering::Relaxed) {
                 return Err(GuardError::Full);
             }
         }
@@ -75,18 +81,22 @@ impl ReplayGuard for MemoryGuard {
 /// Shared storage is split by expiry window and by id, into a fixed ring of buckets: a
 /// bucket is reused once every token it held has expired, so memory stays bounded without
 /// any deletion, and each request touches one small bucket.
-pub const WINDOW_SECONDS: i64 = 10;
+pub const WINDOW_SECONDS: i64 = 20;
 pub const SHARDS: u8 = 32;
 /// Entries per bucket (16 bytes each).
 pub const BUCKET_CAPACITY: usize = 4096;
 
-/// The windows a bucket ring needs so that no two live windows share a slot: tokens reach
-/// the guard only with `now - skew <= exp <= now + max_lifetime + skew`.
-pub fn ring_windows(max_lifetime_seconds: u64, skew_seconds: u64) -> i64 {
-    let span =
-        i64::try_from(max_lifetime_seconds.saturating_add(skew_seconds.saturating_mul(2))).unwrap_or(i64::MAX / 2);
-    span / WINDOW_SECONDS + 3
-}
+/// The longest lifetime a single-use token may have: single use is for short-lived,
+/// task-specific credentials, and it bounds the memory remembered `jti`s take.
+pub const MAX_SINGLE_USE_LIFETIME_SECONDS: u64 = 3600;
+
+/// The windows of the bucket ring: enough that no two live windows share a slot, since
+/// tokens reach the guard only with `now - skew <= exp <= now + max_lifetime + skew`. One
+/// ring for every policy: a reconfiguration (another lifetime or skew) finds every `jti`
+/// remembered before where it left it.
+pub const RING: i64 = (MAX_SINGLE_USE_LIFETIME_SECONDS + 2 * crate::config::MAX_CLOCK_SKEW_SECONDS) as i64
+    / WINDOW_SECONDS
+    + 3;
 
 /// The storage key of one bucket.
 pub fn bucket_name(provider: &str, slot: i64, shard: u8) -> String {
@@ -159,10 +169,11 @@ mod tests {
 
     #[test]
     fn live_windows_never_share_a_slot() {
-        let ring = ring_windows(300, 30);
+        let ring = RING;
         let id = token_id("i", "j");
         let now = 1_800_000_000;
-        let slots: Vec<String> = (now - 30..=now + 330)
+        let (max, skew) = (MAX_SINGLE_USE_LIFETIME_SECONDS as i64, crate::config::MAX_CLOCK_SKEW_SECONDS as i64);
+        let slots: Vec<String> = (now - skew..=now + max + skew)
             .step_by(WINDOW_SECONDS as usize)
             .map(|exp| bucket_key("p", &id, exp, ring).0)
             .collect();

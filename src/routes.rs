@@ -6,7 +6,12 @@
 //! keep that exact, each template also lists the templates that could match some of the same
 //! paths (found once, at configure time); only those are checked in addition, and in
 //! practice there are few.
+//!
+//! Requests are routed in canonical form ([`crate::canonical`]): static template text is
+//! folded to lower case like the request path, and parameter values are taken, at the same
+//! byte offsets, from the decoded path that kept its case.
 
+use crate::canonical::CanonicalPath;
 use matchit::Router;
 
 /// Compiled path templates and which rules use them.
@@ -38,6 +43,8 @@ impl RouteTable {
             return Ok(());
         };
         validate_template(template)?;
+        let folded = fold_template(template);
+        let template = folded.as_str();
         if let Some(existing) = self.templates.iter_mut().find(|t| t.source == template) {
             existing.rules.push(rule);
             return Ok(());
@@ -79,7 +86,9 @@ impl RouteTable {
 
     /// The lowest-numbered rule whose template matches `path` and for which `accept` holds,
     /// with the path parameters its template captured.
-    pub fn first_match(&self, path: &str, accept: impl Fn(usize) -> bool) -> Option<(usize, Params)> {
+    pub fn first_match(&self, path: &CanonicalPath, accept: impl Fn(usize) -> bool) -> Option<(usize, Params)> {
+        let (folded, decoded) = (path.folded.as_str(), path.decoded.as_str());
+        let collect = |params: &matchit::Params<'_, '_>| collect(params, folded, decoded);
         let first = |rules: &[usize]| rules.iter().copied().find(|&r| accept(r));
         let mut best: Option<(usize, Params)> = first(&self.any_path).map(|r| (r, Params::new()));
         let mut consider = |candidate: Option<usize>, params: &dyn Fn() -> Params| {
@@ -91,11 +100,11 @@ impl RouteTable {
         };
         // Every template matching `path` overlaps the first one found, so its overlap list
         // covers the other layers too.
-        if let Some(found) = self.layers.iter().find_map(|layer| layer.at(path).ok()) {
+        if let Some(found) = self.layers.iter().find_map(|layer| layer.at(folded).ok()) {
             if let Some(template) = self.templates.get(*found.value) {
                 consider(first(&template.rules), &|| collect(&found.params));
                 for other in template.overlaps.iter().filter_map(|&j| self.templates.get(j)) {
-                    if let Ok(m) = other.alone.at(path) {
+                    if let Ok(m) = other.alone.at(folded) {
                         consider(first(&other.rules), &|| collect(&m.params));
                     }
                 }
@@ -108,8 +117,37 @@ impl RouteTable {
 /// Path parameters by name, in template order.
 pub type Params = Vec<(String, String)>;
 
-fn collect(params: &matchit::Params<'_, '_>) -> Params {
-    params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+/// The parameters matched in `folded`, read from `decoded` at the same offsets (folding
+/// keeps every byte where it is).
+fn collect(params: &matchit::Params<'_, '_>, folded: &str, decoded: &str) -> Params {
+    params
+        .iter()
+        .map(|(k, v)| {
+            let start = (v.as_ptr() as usize).wrapping_sub(folded.as_ptr() as usize);
+            let value = decoded.get(start..start.saturating_add(v.len())).unwrap_or(v);
+            (k.to_string(), value.to_string())
+        })
+        .collect()
+}
+
+/// The template with its static text in lower case (parameter names keep theirs).
+fn fold_template(template: &str) -> String {
+    let mut inside = false;
+    template
+        .chars()
+        .map(|c| {
+            match c {
+                '{' => inside = true,
+                '}' => inside = false,
+                _ => {}
+            }
+            if inside {
+                c
+            } else {
+                c.to_ascii_lowercase()
+            }
+        })
+        .collect()
 }
 
 /// The parameter names of a template, in order (`{id}` → `id`, `{*rest}` → `rest`).
@@ -136,8 +174,18 @@ fn validate_template(template: &str) -> Result<(), String> {
     if template.contains(['?', '#']) {
         return Err("must not contain a query or fragment".into());
     }
-    if template.split('/').any(|s| s == "." || s == "..") {
-        return Err("must not contain '.' or '..' segments".into());
+    if template.contains(['%', ';', '\\']) || template.contains("{{") || template.contains("}}") {
+        return Err("must be written decoded, without '%', ';', '\\' or escaped braces".into());
+    }
+    if template.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("must not contain whitespace or control characters".into());
+    }
+    let segments: Vec<&str> = template.split('/').skip(1).collect();
+    if template != "/" && segments.iter().any(|s| s.is_empty()) {
+        return Err("must not contain empty segments or end with '/' (a trailing slash in a request is ignored)".into());
+    }
+    if segments.iter().any(|s| s.ends_with('.')) {
+        return Err("must not contain '.' or '..' segments, or a segment ending in '.'".into());
     }
     Ok(())
 }
@@ -181,8 +229,13 @@ mod tests {
 
     impl Table {
         fn first_match(&self, path: &str, accept: impl Fn(usize) -> bool) -> Option<usize> {
-            self.0.first_match(path, accept).map(|(rule, _)| rule)
+            self.0.first_match(&canonical(path), accept).map(|(rule, _)| rule)
         }
+    }
+
+    fn canonical(path: &str) -> CanonicalPath {
+        crate::canonical::canonical_path(path, crate::canonical::PathParameters::Refuse)
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
     }
 
     fn table(templates: &[Option<&str>]) -> Table {
@@ -244,17 +297,33 @@ mod tests {
         assert!(t.add(0, Some("/a/{*rest}/b")).is_err_and(|e| e.starts_with("invalid path template")));
         assert!(t.add(0, Some("/a/../b")).is_err());
         assert!(t.add(0, Some("/a?x=1")).is_err());
+        for bad in ["/a/", "/a//b", "/a%20b", "/a;b", "/a/b.", "/a b", "/{{x}}"] {
+            assert!(t.add(0, Some(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn static_text_matches_in_any_case_and_parameters_keep_theirs() {
+        let t = table(&[Some("/Invoices/{Id}/approve"), Some("/invoices/{*rest}")]);
+        assert_eq!(
+            t.0.first_match(&canonical("/INVOICES/Inv-42/%41pprove/"), |_| true),
+            Some((0, vec![("Id".to_string(), "Inv-42".to_string())]))
+        );
+        assert_eq!(
+            t.0.first_match(&canonical("/invoices/Caf%C3%A9/x"), |r| r == 1),
+            Some((1, vec![("rest".to_string(), "Café/x".to_string())]))
+        );
     }
 
     #[test]
     fn parameters_come_from_the_template_that_decided() {
         let t = table(&[Some("/invoices/{id}/pay"), Some("/invoices/{*rest}")]);
         assert_eq!(
-            t.0.first_match("/invoices/42/pay", |_| true),
+            t.0.first_match(&canonical("/invoices/42/pay"), |_| true),
             Some((0, vec![("id".to_string(), "42".to_string())]))
         );
         assert_eq!(
-            t.0.first_match("/invoices/42/pay", |r| r == 1),
+            t.0.first_match(&canonical("/invoices/42/pay"), |r| r == 1),
             Some((1, vec![("rest".to_string(), "42/pay".to_string())]))
         );
         assert_eq!(param_names("/a/{id}/b/{*rest}"), ["id", "rest"]);

@@ -88,16 +88,22 @@ fn tasks_from(value: &Value) -> Vec<Task> {
         .collect()
 }
 
-fn actor_chain(act: Option<&Actor>) -> Vec<String> {
+/// The delegation chain, current actor first. An actor without a `sub` names nobody that
+/// rules, revocation or the audit trail could hold to account: the token is malformed.
+fn actor_chain(act: Option<&Actor>) -> Result<Vec<String>, Reason> {
     let mut chain = Vec::new();
     let mut current = act;
     while let Some(actor) = current {
-        // An actor without `sub` still counts towards the delegation depth.
-        chain.push(actor.sub.clone().unwrap_or_default());
+        let sub = actor.sub.as_deref().filter(|s| !s.is_empty()).ok_or(Reason::Malformed)?;
+        chain.push(sub.to_string());
         current = actor.act.as_deref();
     }
-    chain
+    Ok(chain)
 }
+
+/// A token without `kid` is tried against at most this many keys; with more candidates it
+/// must name its key (`unknown_kid`), so a key-less token cannot cost many signature checks.
+pub const MAX_KEYS_WITHOUT_KID: usize = 4;
 
 fn may_act_subjects(value: &Value) -> Vec<String> {
     let sub = |v: &Value| v.get("sub").and_then(Value::as_str).map(str::to_string);
@@ -184,6 +190,9 @@ fn check_signature(provider: &Provider, parsed: &Parsed<'_>) -> Result<(), Reaso
         // confusion attempt, or a misissued token.
         return Err(if kid.is_some() { Reason::AlgNotAllowed } else { Reason::UnknownKid });
     }
+    if kid.is_none() && installed.keys.iter().filter(|key| key.accepts(alg)).count() > MAX_KEYS_WITHOUT_KID {
+        return Err(Reason::UnknownKid);
+    }
     let signed = parsed.signed.as_bytes();
     if fitting.any(|key| key.material.verify(alg, signed, &parsed.signature)) {
         Ok(())
@@ -222,6 +231,10 @@ fn accept(
             return Err(Reason::LifetimeTooLong);
         }
     }
+    // A delegated token says on whose behalf its actors act: without a `sub` it says nothing.
+    if claims.act.is_some() && claims.sub.as_deref().is_none_or(str::is_empty) {
+        return Err(Reason::Malformed);
+    }
     let scopes = match (claims.scope, claims.scp) {
         (Some(scope), _) => scope.split_ascii_whitespace().map(str::to_string).collect(),
         (None, Some(scp)) => scp,
@@ -237,7 +250,7 @@ fn accept(
         issued_at: claims.iat,
         not_before: claims.nbf,
         expires_at,
-        actors: actor_chain(claims.act.as_ref()),
+        actors: actor_chain(claims.act.as_ref())?,
         may_act: claims.may_act.as_ref().map(may_act_subjects),
         tasks,
         acr: claims.acr,

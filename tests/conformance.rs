@@ -46,6 +46,7 @@ fn provider(jwks: &Value) -> Provider {
         token_types: None,
         subjects: None,
         single_use_ring: None,
+        single_use_scope: Default::default(),
         task_claim: None,
     }
 }
