@@ -64,6 +64,8 @@ fn eval_allows_with_the_upstream_headers() {
     assert_eq!(out["rule"], "read-invoice");
     assert_eq!(out["headers"]["x-agent-id"], "agent-7");
     assert_eq!(out["headers"]["x-agent-audit-id"], "cli-1");
+    // What is stripped before the upstream is shown too: the token stays at the gate.
+    assert_eq!(out["remove_headers"], serde_json::json!(["authorization"]));
 }
 
 #[test]

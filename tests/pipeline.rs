@@ -195,6 +195,19 @@ fn token_without_kid_is_tried_against_each_fitting_key() {
 }
 
 #[test]
+fn a_token_without_kid_must_name_its_key_when_many_keys_fit() {
+    let others: Vec<Signer> = (0..4).map(|i| Signer::es256(&format!("es-o{i}"), 10 + i)).collect();
+    let mut signers: Vec<&Signer> = others.iter().collect();
+    let es = es();
+    signers.push(&es);
+    let gate = gate_with(&signers, &read_invoice_rule(), "enforce");
+    let kidless = es.sign_with_header(&json!({"alg": "ES256"}), &claims("invoices:read"));
+    // Five candidate keys: not tried one by one (each a signature check), refused outright.
+    assert_eq!(get(&gate, "/invoices/1", &kidless).reason, Some(Reason::UnknownKid));
+    assert!(get(&gate, "/invoices/1", &es.sign(&claims("invoices:read"))).allowed, "with its kid it verifies");
+}
+
+#[test]
 fn alg_none_in_every_case_is_rejected() {
     use agentgate_test_harness::tokens::b64;
     for alg in ["none", "None", "NONE", "nOnE"] {

@@ -131,6 +131,44 @@ fn each_mistake_names_its_path() {
             "rules[1].name: duplicate rule name",
         ),
         (Box::new(|p| p["mode"] = json!("monitor")), "mode: unknown variant `monitor`"),
+        (
+            Box::new(|p| p["providers"][0]["max_lifetime_seconds"] = json!(0)),
+            "providers[0].max_lifetime_seconds: must be between 1 and 604800",
+        ),
+        (
+            Box::new(|p| p["providers"][0]["max_lifetime_seconds"] = json!(604_801)),
+            "providers[0].max_lifetime_seconds: must be between 1 and 604800",
+        ),
+        (
+            Box::new(|p| {
+                p["providers"][0]["single_use"] = json!(true);
+                p["providers"][0]["max_lifetime_seconds"] = json!(3601);
+            }),
+            "providers[0].max_lifetime_seconds: must be between 1 and 3600 with single_use",
+        ),
+        (
+            Box::new(|p| p["providers"][0]["single_use_scope"] = json!("cluster")),
+            "providers[0].single_use_scope: unknown variant `cluster`",
+        ),
+        (
+            Box::new(|p| {
+                let provider = p["providers"][0].as_object_mut().unwrap();
+                provider.remove("jwks");
+                provider.insert("jwks_uri".into(), json!("https://idp.example.com/keys"));
+                provider.insert("cluster".into(), json!("idp"));
+                provider.insert("jwks_fetch".into(), json!({"max_bytes": 4_194_305}));
+            }),
+            "providers[0].jwks_fetch.max_bytes: must be between 1024 and 4194304",
+        ),
+        (Box::new(|p| p["path_parameters"] = json!("strip")), "path_parameters: unknown variant `strip`"),
+        (
+            Box::new(|p| p["rules"][0]["match"]["path"] = json!("/invoices/{id}/")),
+            "rules[0].match.path: must not contain empty segments or end with '/'",
+        ),
+        (
+            Box::new(|p| p["rules"][0]["match"]["path"] = json!("/caf%C3%A9/{id}")),
+            "rules[0].match.path: must be written decoded",
+        ),
     ];
     for (edit, expected) in cases {
         let got = error(edit);

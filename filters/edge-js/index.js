@@ -31,6 +31,10 @@ export function createGate(policy) {
     evaluate(request) {
       const headers = headerObject(request.headers);
       const now = request.now ?? Date.now() / 1000;
+      // JSON would turn NaN or Infinity into null: refuse it here, with the reason.
+      if (typeof now !== 'number' || !Number.isFinite(now)) {
+        throw new Error('invalid request: now must be a finite number of Unix seconds');
+      }
       return JSON.parse(gate.evaluateJson(JSON.stringify({ ...request, headers, now })));
     },
     free() {

@@ -32,6 +32,14 @@ pub fn create(policy_json: &str) -> Result<Gate, String> {
             provider.name
         ));
     }
+    if let Some(provider) = gate.policy().providers.iter().find(|p| p.single_use_ring.is_some()) {
+        if gate.policy().needs_shared_single_use() {
+            return Err(format!(
+                "invalid policy: provider {:?} is single_use across the gateway, which needs storage shared by every isolate that this build does not have: set \"single_use_scope\": \"worker\" to accept each token once per isolate",
+                provider.name
+            ));
+        }
+    }
     // `bind_mtls_peer` stays allowed: the runtime passes `peerUriSan` when it terminates mTLS;
     // without it such a rule denies.
     Ok(gate)
@@ -42,7 +50,11 @@ pub fn evaluate(gate: &Gate, request_json: &str) -> Result<String, String> {
     let request: EdgeRequest = serde_json::from_str(request_json).map_err(|e| format!("invalid request: {e}"))?;
     let headers: Vec<(String, String)> =
         request.headers.iter().map(|(name, value)| (name.to_ascii_lowercase(), header_text(value))).collect();
-    let now = if request.now.is_finite() { request.now.floor() as i64 } else { 0 };
+    // A clock that is no number would make every lifetime check meaningless.
+    if !request.now.is_finite() {
+        return Err("invalid request: now must be a finite number of Unix seconds".into());
+    }
+    let now = request.now.floor() as i64;
     let decision = gate.evaluate(&Request {
         source: request.source_ip.as_deref(),
         peer_uri_san: request.peer_uri_san.as_deref(),

@@ -65,5 +65,32 @@ test('a bad request is an error the caller sees, not a crash', () => {
   assert.throws(() => gate.evaluate({ path: '/invoices/42' }), /invalid request: missing field `method`/);
   const hostile = gate.evaluate({ method: 'GET', path: '/invoices/42', headers: { authorization: 'Bearer ' + 'a.'.repeat(5000) }, now });
   assert.equal(hostile.status, 401);
+  for (const clock of [NaN, Infinity, -Infinity, '1800000000']) {
+    assert.throws(() => gate.evaluate({ method: 'GET', path: '/invoices/42', now: clock }), /now must be a finite number/);
+  }
   gate.free();
+});
+
+test('the edge sees raw paths: other spellings meet their rule or are refused', () => {
+  const gate = createGate(shared.policy);
+  const ok = gate.evaluate({ method: 'GET', path: '/INVOICES/%34%32/', headers: { authorization: bearer(claims()) }, now });
+  assert.equal(ok.decision, 'allow', JSON.stringify(ok.audit));
+  for (const path of ['/invoices/42;x', '/invoices/%2e%2e/42', '/invoices/%252e', '/invoices/42#x']) {
+    const refused = gate.evaluate({ method: 'GET', path, headers: { authorization: bearer(claims()) }, now });
+    assert.equal(refused.status, 400, path);
+    assert.equal(refused.reason, 'non_canonical_path', path);
+  }
+  const lower = gate.evaluate({ method: 'get', path: '/invoices/42', headers: { authorization: bearer(claims()) }, now });
+  assert.equal(lower.reason, 'non_canonical_method');
+});
+
+test('single use across isolates cannot be kept here: refused unless per isolate is asked for', () => {
+  const policy = structuredClone(shared.policy);
+  Object.assign(policy.providers[0], { single_use: true, max_lifetime_seconds: 600 });
+  assert.throws(() => createGate(policy), /single_use_scope/);
+  policy.providers[0].single_use_scope = 'worker';
+  const gate = createGate(policy);
+  const token = bearer(claims({ jti: 'once' }));
+  assert.equal(gate.evaluate({ method: 'GET', path: '/invoices/42', headers: { authorization: token }, now }).decision, 'allow');
+  assert.equal(gate.evaluate({ method: 'GET', path: '/invoices/42', headers: { authorization: token }, now }).reason, 'replayed');
 });
