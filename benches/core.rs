@@ -46,7 +46,7 @@ fn bench_rules(c: &mut Criterion) {
             headers: &headers,
             source: None,
             peer_uri_san: None,
-            host: "api",
+            authority: "api",
             path: &path,
             now: NOW,
         };

@@ -61,11 +61,8 @@ fn route<'p>(policy: &'p Policy, target: &Target<'_>) -> Result<(usize, &'p Rule
     check_method(target.method)?;
     let path = canonical_path(target.path, policy.path_parameters)?;
     // Only hosts rules need the host; one that is no host name must not slip past them.
-    let host = if policy.needs_host {
-        Some(canonical_host(target.authority).ok_or(Reason::NonCanonicalHost)?)
-    } else {
-        None
-    };
+    let host =
+        if policy.needs_host { Some(canonical_host(target.authority).ok_or(Reason::NonCanonicalHost)?) } else { None };
     let matched = policy.routes.first_match(&path, |i| {
         policy.rules.get(i).is_some_and(|rule| {
             rule.matches_method(target.method) && host.as_deref().is_none_or(|host| rule.matches_host(host))
@@ -87,13 +84,12 @@ pub fn authorize(policy: &Policy, target: &Target<'_>, token: &VerifiedToken) ->
     Authorization { rule: Some(index), result, task_identifier }
 }
 
+/// Each requirement of a rule by its name in the policy, in order, and whether it held.
+pub type Explanation = Vec<(&'static str, Result<(), Reason>)>;
+
 /// Every requirement of the rule the gate would apply to the request, in order, and whether
 /// it held: what `agentgate eval` shows. `Err` when no rule applies (and why).
-pub fn explain(
-    policy: &Policy,
-    target: &Target<'_>,
-    token: &VerifiedToken,
-) -> Result<Vec<(&'static str, Result<(), Reason>)>, Reason> {
+pub fn explain(policy: &Policy, target: &Target<'_>, token: &VerifiedToken) -> Result<Explanation, Reason> {
     let (_, rule, identifier) = route(policy, target)?;
     let facts = Facts { rule, target, token, identifier: identifier.as_deref() };
     Ok(REQUIREMENTS.iter().filter_map(|(name, check)| check(&facts).map(|result| (*name, result))).collect())
@@ -167,10 +163,8 @@ fn delegation(f: &Facts<'_>) -> Option<Result<(), Reason>> {
         .as_ref()
         .is_none_or(|patterns| token.actors.iter().all(|actor| patterns.iter().any(|p| p.matches(actor))));
     // RFC 8693: where the subject said who may act for it, the current actor must be one of them.
-    let may_act_ok = token
-        .actors
-        .first()
-        .is_none_or(|actor| token.may_act.as_ref().is_none_or(|allowed| allowed.contains(actor)));
+    let may_act_ok =
+        token.actors.first().is_none_or(|actor| token.may_act.as_ref().is_none_or(|allowed| allowed.contains(actor)));
     Some(verdict(depth_ok && chain_ok && may_act_ok, Reason::DelegationNotAllowed))
 }
 

@@ -194,14 +194,12 @@ mod tests {
 
     #[test]
     fn other_spellings_fold_into_one() {
-        for spelling in ["/invoices/42/approve", "/invoices/42/%61pprove", "/invoices/42/APPROVE", "/invoices/42/approve/"]
+        for spelling in
+            ["/invoices/42/approve", "/invoices/42/%61pprove", "/invoices/42/APPROVE", "/invoices/42/approve/"]
         {
             assert_eq!(folded(spelling), Ok("/invoices/42/approve".into()), "{spelling}");
         }
-        assert_eq!(
-            canonical_path("/a;v=1/b;x", PathParameters::Ignore).map(|p| p.decoded),
-            Ok("/a/b".into())
-        );
+        assert_eq!(canonical_path("/a;v=1/b;x", PathParameters::Ignore).map(|p| p.decoded), Ok("/a/b".into()));
     }
 
     #[test]
@@ -257,7 +255,8 @@ mod tests {
 
     #[test]
     fn hosts_are_compared_without_case_port_or_trailing_dot() {
-        for spelling in ["admin.example.com", "ADMIN.Example.com.", "admin.example.com.:8443", "admin.example.com:443"] {
+        for spelling in ["admin.example.com", "ADMIN.Example.com.", "admin.example.com.:8443", "admin.example.com:443"]
+        {
             assert_eq!(canonical_host(spelling).as_deref(), Some("admin.example.com"), "{spelling}");
         }
         assert_eq!(canonical_host("[2001:DB8::1]:443").as_deref(), Some("2001:db8::1"));

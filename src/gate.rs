@@ -1,7 +1,7 @@
 //! The pipeline: extract → verify → authorize → audit, and the decision a host applies.
 
 use crate::audit::{self, AuditRecord, HeaderNames};
-use crate::authorize::{authorize, check_revoked, explain, Authorization, Target};
+use crate::authorize::{authorize, check_revoked, explain, Authorization, Explanation, Target};
 use crate::canonical::strip_query;
 use crate::config::{ConfigError, Mode};
 use crate::extract::{find_token, strip_tokens};
@@ -336,7 +336,7 @@ impl Gate {
     /// `request`, in order, and whether it held; `Err` with the reason there is none (no
     /// verified token, a non-canonical request, no matching rule). Routes exactly as the
     /// gate does, with no side effects: nothing is counted or consumed.
-    pub fn explain(&self, request: &Request<'_>) -> Result<Vec<(&'static str, Result<(), Reason>)>, Reason> {
+    pub fn explain(&self, request: &Request<'_>) -> Result<Explanation, Reason> {
         let token =
             find_token(&self.policy.token_sources, request.headers, request.path, self.policy.limits.max_token_bytes)
                 .and_then(|t| self.verified(t, request.now).verified)?;
@@ -451,15 +451,14 @@ impl Gate {
         retry_after: Option<u64>,
         audit_id: Option<&str>,
     ) -> Action {
-        let step_up = matched.and_then(|r| r.approval.as_ref()).filter(|_| reason == Reason::ApprovalRequired).map(
-            |approval| {
+        let step_up =
+            matched.and_then(|r| r.approval.as_ref()).filter(|_| reason == Reason::ApprovalRequired).map(|approval| {
                 let mut extra = format!("acr_values=\"{}\"", approval.acr_values.join(" "));
                 if let Some(max_age) = approval.max_age_seconds {
                     extra.push_str(&format!(", max_age={max_age}"));
                 }
                 extra
-            },
-        );
+            });
         let retry_after = retry_after.filter(|_| reason == Reason::RateLimited);
         Action::deny_full(&self.policy.audit.headers, reason, audit_id, step_up.as_deref(), retry_after)
     }

@@ -165,7 +165,9 @@ impl Policy {
     /// Whether some provider's single-use tokens must be remembered across workers
     /// (`single_use_scope: gateway`): a host without shared storage must refuse the policy.
     pub fn needs_shared_single_use(&self) -> bool {
-        self.providers.iter().any(|p| p.single_use_ring.is_some() && p.single_use_scope == config::SingleUseScope::Gateway)
+        self.providers
+            .iter()
+            .any(|p| p.single_use_ring.is_some() && p.single_use_scope == config::SingleUseScope::Gateway)
     }
 
     /// The provider whose `issuer` is exactly `iss`.
@@ -339,7 +341,8 @@ fn compile_provider(at: &str, raw: ProviderConfig, load: FileLoader<'_>) -> Resu
     }
     let (keys, remote) = compile_key_source(at, &raw, &algorithms, load)?;
     if let Some(max) = raw.max_lifetime_seconds {
-        let limit = if raw.single_use { crate::replay::MAX_SINGLE_USE_LIFETIME_SECONDS } else { config::MAX_LIFETIME_SECONDS };
+        let limit =
+            if raw.single_use { crate::replay::MAX_SINGLE_USE_LIFETIME_SECONDS } else { config::MAX_LIFETIME_SECONDS };
         if max == 0 || max > limit {
             let single_use = if raw.single_use { " with single_use" } else { "" };
             return Err(ConfigError::at(

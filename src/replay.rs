@@ -94,9 +94,8 @@ pub const MAX_SINGLE_USE_LIFETIME_SECONDS: u64 = 3600;
 /// tokens reach the guard only with `now - skew <= exp <= now + max_lifetime + skew`. One
 /// ring for every policy: a reconfiguration (another lifetime or skew) finds every `jti`
 /// remembered before where it left it.
-pub const RING: i64 = (MAX_SINGLE_USE_LIFETIME_SECONDS + 2 * crate::config::MAX_CLOCK_SKEW_SECONDS) as i64
-    / WINDOW_SECONDS
-    + 3;
+pub const RING: i64 =
+    (MAX_SINGLE_USE_LIFETIME_SECONDS + 2 * crate::config::MAX_CLOCK_SKEW_SECONDS) as i64 / WINDOW_SECONDS + 3;
 
 /// The storage key of one bucket.
 pub fn bucket_name(provider: &str, slot: i64, shard: u8) -> String {

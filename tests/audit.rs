@@ -165,7 +165,10 @@ fn access_log_fields_name_decision_rule_and_agent() {
     assert!(has("rule", "pay-invoice"));
     assert!(has("agent", "billing"));
     let none = eval(&gate(json!({})), "/invoices/1/pay", &[]);
-    assert_eq!(none.audit.log_fields(), vec![("decision", "deny".to_string()), ("reason", "missing_token".to_string())]);
+    assert_eq!(
+        none.audit.log_fields(),
+        vec![("decision", "deny".to_string()), ("reason", "missing_token".to_string())]
+    );
 }
 
 #[test]

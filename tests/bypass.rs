@@ -84,11 +84,19 @@ const BACKENDS: &[(&str, &[&str], &[&str])] = &[
         &["/invoices/42/approve;x", "/invoices/42;v=1/approve", "/invoices/42/approve%3Bx", "/invoices/42/approve%20"],
         &["/public/..;/admin/users", "/admin;x/users", "/public/%2e%2e;/admin/users"],
     ),
-    ("Tomcat and Jetty (resolve ..; and decoded dot segments)", &[], &["/public/..;/admin/users", "/public/..;x=1/admin/users"]),
+    (
+        "Tomcat and Jetty (resolve ..; and decoded dot segments)",
+        &[],
+        &["/public/..;/admin/users", "/public/..;x=1/admin/users"],
+    ),
     (
         "double decoders and lenient UTF-8 decoders",
         &["/invoices/42/%2561pprove"],
-        &["/public/%252e%252e/admin/users", "/public/%c0%ae%c0%ae/admin/users", "/public/%e0%80%ae%e0%80%ae/admin/users"],
+        &[
+            "/public/%252e%252e/admin/users",
+            "/public/%c0%ae%c0%ae/admin/users",
+            "/public/%e0%80%ae%e0%80%ae/admin/users",
+        ],
     ),
     (
         "IIS and Windows (%u escapes, trailing dots, backslashes, fullwidth forms)",
