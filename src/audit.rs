@@ -99,6 +99,8 @@ pub struct AuditSettings {
     pub log_query: bool,
     /// Set the record's key fields as host properties (Envoy filter state) for access logs.
     pub filter_state: bool,
+    /// The level the audit record is logged at.
+    pub log_level: crate::config::LogLevel,
 }
 
 impl AuditSettings {

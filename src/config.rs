@@ -101,6 +101,24 @@ pub struct AuditConfig {
     /// Set decision, reason, rule and agent as filter state (`wasm.agentgate.*`) for access logs.
     #[serde(default = "default_true")]
     pub filter_state: bool,
+    /// The level of the audit record in the proxy's log (default `info`). APISIX logs only
+    /// `warn` and above by default: raise it there, or lower APISIX's `error_log_level`.
+    #[serde(default)]
+    pub log_level: LogLevel,
+}
+
+/// A proxy log level (proxy-wasm's, as every host maps it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    #[default]
+    Info,
+    Warn,
+    Error,
+    Critical,
 }
 
 impl Default for AuditConfig {
@@ -110,6 +128,7 @@ impl Default for AuditConfig {
             pseudonymize_key: None,
             log_query: false,
             filter_state: true,
+            log_level: LogLevel::default(),
         }
     }
 }

@@ -5,13 +5,14 @@ use crate::authorize::{authorize, check_revoked, explain, Authorization, Explana
 use crate::canonical::strip_query;
 use crate::config::{ConfigError, Mode};
 use crate::extract::{find_token, strip_tokens};
+use crate::host_crypto::HostCrypto;
 use crate::jwks::{KeyRecord, RemoteJwks};
 use crate::keys::Installed;
 use crate::policy::{Policy, Provider};
 use crate::ratelimit::{MemoryLimiter, RateLimit, RateLimiter};
 use crate::reason::Reason;
 use crate::replay::{token_id, GuardError, MemoryGuard, ReplayGuard, ReplayScope};
-use crate::verify::{check_time_in, verify_untimed, VerifiedToken};
+use crate::verify::{check_time_in, verify_untimed_with, VerifiedToken};
 use lru::LruCache;
 use sha2::{Digest, Sha256};
 use std::num::NonZeroUsize;
@@ -156,6 +157,8 @@ pub struct Gate {
     cache: TokenCache,
     /// For hosts that bring no shared store of their own; kept across reconfigurations.
     memory: Arc<MemoryState>,
+    /// The host's own signature checks, for the algorithms its probe passed.
+    host_crypto: Option<HostCrypto>,
 }
 
 /// What a host shares between its workers: single-use `jti`s and rate-limit buckets.
@@ -202,7 +205,17 @@ impl Gate {
             replay: MemoryGuard::new(policy.single_use_entries),
             limits: MemoryLimiter::new(policy.single_use_entries),
         };
-        Gate { policy, cache: Mutex::new(cache), memory: Arc::new(memory) }
+        Gate { policy, cache: Mutex::new(cache), memory: Arc::new(memory), host_crypto: None }
+    }
+
+    /// Verifies the algorithms `crypto` takes with the host's crypto from now on.
+    pub fn use_host_crypto(&mut self, crypto: HostCrypto) {
+        self.host_crypto = Some(crypto);
+    }
+
+    /// The host's crypto in use, if any: which algorithms it verifies.
+    pub fn host_crypto(&self) -> Option<&HostCrypto> {
+        self.host_crypto.as_ref()
     }
 
     /// Takes over what `previous` remembers in memory (single-use `jti`s, rate-limit
@@ -223,7 +236,7 @@ impl Gate {
             return Lookup { verified, fingerprint: seen.fingerprint, cache_hit: true };
         }
         let fingerprint: Arc<str> = audit::fingerprint(&Sha256::digest(token.as_bytes()).into()).into();
-        let verified = verify_untimed(&self.policy, token).map(Arc::new);
+        let verified = verify_untimed_with(&self.policy, token, self.host_crypto.as_ref()).map(Arc::new);
         if let (Ok(verified), Some(cache)) = (&verified, cache.as_mut()) {
             cache.put(token.into(), Seen { token: Arc::clone(verified), fingerprint: Arc::clone(&fingerprint) });
         }

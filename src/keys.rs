@@ -175,6 +175,9 @@ pub struct Key {
     /// The key's own `alg`, when the JWK pins one.
     pub alg: Option<Alg>,
     pub material: KeyMaterial,
+    /// SubjectPublicKeyInfo (DER) of RSA and P-256 keys, for a host that verifies itself
+    /// (see `host_crypto`).
+    pub spki: Option<Vec<u8>>,
 }
 
 impl Key {
@@ -215,7 +218,7 @@ pub fn parse_jwk(jwk: &Value, allowed: &[Alg]) -> Result<Option<Key>, String> {
             None => return Err(format!("unsupported alg {name:?}")),
         },
     };
-    let material = decode_material(jwk, meta.kty.as_deref(), meta.crv.as_deref())?;
+    let (material, spki) = decode_material(jwk, meta.kty.as_deref(), meta.crv.as_deref())?;
     if let KeyMaterial::Secret(secret) = &material {
         if let Some(alg) = alg.filter(|alg| secret.len() < alg.min_secret_bytes()) {
             return Err(format!(
@@ -225,7 +228,7 @@ pub fn parse_jwk(jwk: &Value, allowed: &[Alg]) -> Result<Option<Key>, String> {
             ));
         }
     }
-    let key = Key { kid: meta.kid, alg, material };
+    let key = Key { kid: meta.kid, alg, material, spki };
     if !allowed.iter().any(|&alg| key.accepts(alg)) {
         return Err(if symmetric {
             "oct key fits none of the provider's algorithms (list HS256/HS384/HS512 explicitly; the secret must be at least as long as the hash)".into()
@@ -241,13 +244,18 @@ fn base64_member(jwk: &Value, name: &str) -> Result<Vec<u8>, String> {
     Base64UrlUnpadded::decode_vec(text).map_err(|_| format!("{name} is not unpadded base64url"))
 }
 
-fn decode_material(jwk: &Value, kty: Option<&str>, crv: Option<&str>) -> Result<KeyMaterial, String> {
+/// The key material, and its SubjectPublicKeyInfo where a host may verify with it.
+fn decode_material(
+    jwk: &Value,
+    kty: Option<&str>,
+    crv: Option<&str>,
+) -> Result<(KeyMaterial, Option<Vec<u8>>), String> {
     match (kty, crv) {
         (Some("RSA"), _) => decode_rsa(jwk),
         (Some("EC"), Some("P-256")) => {
             let point = ec_point(jwk, 32, "P-256")?;
             p256::ecdsa::VerifyingKey::from_sec1_bytes(&point)
-                .map(KeyMaterial::P256)
+                .map(|key| (KeyMaterial::P256(key), Some(crate::host_crypto::p256_spki(&point))))
                 .map_err(|_| "invalid key: not a point on P-256".to_string())
         }
         #[cfg(not(feature = "es384"))]
@@ -256,17 +264,17 @@ fn decode_material(jwk: &Value, kty: Option<&str>, crv: Option<&str>) -> Result<
         (Some("EC"), Some("P-384")) => {
             let point = ec_point(jwk, 48, "P-384")?;
             p384::ecdsa::VerifyingKey::from_sec1_bytes(&point)
-                .map(KeyMaterial::P384)
+                .map(|key| (KeyMaterial::P384(key), None))
                 .map_err(|_| "invalid key: not a point on P-384".to_string())
         }
         (Some("OKP"), Some("Ed25519")) => {
             let x = base64_member(jwk, "x")?;
             let x: &[u8; 32] = x.as_slice().try_into().map_err(|_| "invalid key: Ed25519 x must be 32 bytes")?;
             ed25519_dalek::VerifyingKey::from_bytes(x)
-                .map(KeyMaterial::Ed25519)
+                .map(|key| (KeyMaterial::Ed25519(key), None))
                 .map_err(|_| "invalid key: not an Ed25519 point".to_string())
         }
-        (Some("oct"), _) => base64_member(jwk, "k").map(KeyMaterial::Secret),
+        (Some("oct"), _) => base64_member(jwk, "k").map(|k| (KeyMaterial::Secret(k), None)),
         (Some("EC" | "OKP"), crv) => Err(format!("unsupported curve {crv:?} (supported: P-256, P-384, Ed25519)")),
         (None, _) => Err("missing kty".into()),
         (kty, _) => Err(format!("unsupported kty {kty:?} (supported: RSA, EC, OKP, oct)")),
@@ -275,13 +283,16 @@ fn decode_material(jwk: &Value, kty: Option<&str>, crv: Option<&str>) -> Result<
 
 /// An RSA key from `n` and `e` (RFC 7518 section 6.3.1): 2048 to 8192 bits, odd modulus,
 /// exponent checked by `rsa`.
-fn decode_rsa(jwk: &Value) -> Result<KeyMaterial, String> {
-    let (n, e) = (base64_member(jwk, "n")?, base64_member(jwk, "e")?);
-    let (n, e) = (BoxedUint::from_be_slice_vartime(&n), BoxedUint::from_be_slice_vartime(&e));
-    RsaPublicKey::new_with_size_limits(n, e, 2048..=8192).map(KeyMaterial::Rsa).map_err(|e| match e {
-        rsa::Error::ModulusTooSmall => "RSA key is shorter than 2048 bits".to_string(),
-        e => format!("invalid key: {e}"),
-    })
+fn decode_rsa(jwk: &Value) -> Result<(KeyMaterial, Option<Vec<u8>>), String> {
+    let (n_bytes, e_bytes) = (base64_member(jwk, "n")?, base64_member(jwk, "e")?);
+    let spki = crate::host_crypto::rsa_spki(&n_bytes, &e_bytes);
+    let (n, e) = (BoxedUint::from_be_slice_vartime(&n_bytes), BoxedUint::from_be_slice_vartime(&e_bytes));
+    RsaPublicKey::new_with_size_limits(n, e, 2048..=8192).map(|key| (KeyMaterial::Rsa(key), spki)).map_err(
+        |e| match e {
+            rsa::Error::ModulusTooSmall => "RSA key is shorter than 2048 bits".to_string(),
+            e => format!("invalid key: {e}"),
+        },
+    )
 }
 
 /// The SEC1 uncompressed point `04 || x || y` of an EC JWK whose coordinates are `size` bytes.

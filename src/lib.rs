@@ -12,6 +12,7 @@ pub mod config;
 pub mod context;
 pub mod extract;
 pub mod gate;
+pub mod host_crypto;
 pub mod jwks;
 pub mod jws;
 pub mod keys;

@@ -301,7 +301,13 @@ fn compile_audit(
             )
         })?),
     };
-    Ok(AuditSettings { headers, pseudonymizer, log_query: raw.log_query, filter_state: raw.filter_state })
+    Ok(AuditSettings {
+        headers,
+        pseudonymizer,
+        log_query: raw.log_query,
+        filter_state: raw.filter_state,
+        log_level: raw.log_level,
+    })
 }
 
 fn compile_provider(at: &str, raw: ProviderConfig, load: FileLoader<'_>) -> Result<Provider, ConfigError> {

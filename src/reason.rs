@@ -57,6 +57,8 @@ reasons! {
     KeysUnavailable => "keys_unavailable", 401, Some(INVALID_TOKEN), TOKEN_INVALID;
     AlgNotAllowed => "alg_not_allowed", 401, Some(INVALID_TOKEN), TOKEN_INVALID;
     BadSignature => "bad_signature", 401, Some(INVALID_TOKEN), TOKEN_INVALID;
+    /// Fail closed: the host's crypto, which the probe found sound, failed to answer.
+    CryptoUnavailable => "crypto_unavailable", 503, None, "the gateway cannot verify tokens right now";
     MissingExp => "missing_exp", 401, Some(INVALID_TOKEN), TOKEN_INVALID;
     /// Telling a legitimate agent its token expired lets it refresh; it tells an attacker nothing.
     Expired => "expired", 401, Some(INVALID_TOKEN), "the access token expired";

@@ -1,8 +1,9 @@
 //! Stage 2: verify the token: parse (with limits), issuer → provider, key selection and
 //! signature, then the claims (time, audience, lifetime, type, subject).
 
+use crate::host_crypto::{verify_with_host, HostCrypto};
 use crate::jws::{self, Actor, Claims, Header, Limits, Parsed};
-use crate::keys::Alg;
+use crate::keys::{Alg, Key};
 use crate::policy::{normalize_type, Policy, Provider};
 use crate::reason::Reason;
 use serde_json::Value;
@@ -123,6 +124,11 @@ pub fn verify(policy: &Policy, token: &str, now: i64) -> Result<VerifiedToken, R
 /// Every check that does not depend on the clock: the result may be cached for the token,
 /// as long as [`check_time_in`] runs on each use.
 pub fn verify_untimed(policy: &Policy, token: &str) -> Result<VerifiedToken, Reason> {
+    verify_untimed_with(policy, token, None)
+}
+
+/// [`verify_untimed`], with signatures of the algorithms `host` takes checked by the host.
+pub fn verify_untimed_with(policy: &Policy, token: &str, host: Option<&HostCrypto>) -> Result<VerifiedToken, Reason> {
     let parsed = jws::parse(token, &policy.limits)?;
     // The issuer is read before the signature is checked only to pick whose keys to check it with.
     let (index, provider) = parsed
@@ -131,7 +137,7 @@ pub fn verify_untimed(policy: &Policy, token: &str) -> Result<VerifiedToken, Rea
         .as_deref()
         .and_then(|iss| policy.providers.iter().enumerate().find(|(_, p)| p.issuer == iss))
         .ok_or(Reason::UnknownIssuer)?;
-    check_signature(provider, &parsed)?;
+    check_signature(provider, &parsed, host)?;
     check_header(provider, &parsed.header)?;
     let all_claims = if policy.needs_claims {
         Some(
@@ -165,10 +171,20 @@ pub fn check_time_in(policy: &Policy, token: &VerifiedToken, now: i64) -> Result
 
 /// Checks only the signature of `token` with `provider`'s keys: no claim is looked at.
 pub fn verify_signature(provider: &Provider, token: &str, limits: &Limits) -> Result<(), Reason> {
-    check_signature(provider, &jws::parse(token, limits)?)
+    check_signature(provider, &jws::parse(token, limits)?, None)
 }
 
-fn check_signature(provider: &Provider, parsed: &Parsed<'_>) -> Result<(), Reason> {
+/// [`verify_signature`] through the host's crypto for the algorithms it takes.
+pub fn verify_signature_with(
+    provider: &Provider,
+    token: &str,
+    limits: &Limits,
+    host: Option<&HostCrypto>,
+) -> Result<(), Reason> {
+    check_signature(provider, &jws::parse(token, limits)?, host)
+}
+
+fn check_signature(provider: &Provider, parsed: &Parsed<'_>, host: Option<&HostCrypto>) -> Result<(), Reason> {
     let alg = Alg::from_name(&parsed.header.alg)
         .filter(|alg| provider.algorithms.contains(alg))
         .ok_or(Reason::AlgNotAllowed)?;
@@ -194,11 +210,19 @@ fn check_signature(provider: &Provider, parsed: &Parsed<'_>) -> Result<(), Reaso
         return Err(Reason::UnknownKid);
     }
     let signed = parsed.signed.as_bytes();
-    if fitting.any(|key| key.material.verify(alg, signed, &parsed.signature)) {
-        Ok(())
-    } else {
-        Err(Reason::BadSignature)
+    let host = host.filter(|h| h.takes(alg));
+    let verifies = |key: &Key| match (host, key.spki.as_deref()) {
+        // A host that cannot answer denies the token: it never falls back to allowing.
+        (Some(host), Some(spki)) => verify_with_host(host.verifier.as_ref(), alg, spki, signed, &parsed.signature)
+            .map_err(|_| Reason::CryptoUnavailable),
+        _ => Ok(key.material.verify(alg, signed, &parsed.signature)),
+    };
+    for key in fitting {
+        if verifies(key)? {
+            return Ok(());
+        }
     }
+    Err(Reason::BadSignature)
 }
 
 fn check_header(provider: &Provider, header: &Header) -> Result<(), Reason> {

@@ -453,3 +453,65 @@ fn a_header_that_is_not_utf8_gets_an_answer_and_the_filter_lives_on() {
     assert_eq!(r.status, 200, "the VM is still there: {}", s.envoy.logs());
     assert!(!s.envoy.logs().contains("panicked"), "{}", s.envoy.logs());
 }
+
+/// Raw HTTP/1.1, so that no client library normalizes the spelling on the way.
+fn raw_request(method: &str, target: &str, headers: &[(&str, &str)]) -> Vec<u8> {
+    let mut request = format!("{method} {target} HTTP/1.1\r\nhost: api.example.com\r\ncontent-length: 0\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("connection: close\r\n\r\n");
+    request.into_bytes()
+}
+
+#[test]
+fn other_spellings_of_an_operation_meet_its_rule_in_envoy() {
+    let signer = Signer::es256("es-1", 1);
+    let rules = json!([
+        {"name": "approve", "match": {"methods": ["POST"], "path": "/invoices/{id}/approve"},
+         "require": {"scopes": ["invoices:approve"]}},
+        {"name": "read-any", "match": {"path": "/invoices/{*rest}"}, "require": {"scopes": ["invoices:read"]}},
+        {"name": "public", "match": {"path": "/public/{*rest}"}},
+    ]);
+    let mut p: Value = serde_json::from_str(&policy(&signer.jwks(), &rules, "enforce")).unwrap_or_default();
+    p["revoked"] = json!({"subjects": ["agent-13"]});
+    let upstream = Upstream::start();
+    let envoy = Envoy::start(&p.to_string(), upstream.port).unwrap_or_else(|e| panic!("{e}"));
+    let auth = bearer(&signer.sign(&agent_claims("agent-7", "invoices:read", now())));
+    let status = |method: &str, target: &str| envoy.raw(&raw_request(method, target, &[("authorization", &auth)]));
+
+    assert_eq!(status("GET", "/invoices/42"), 200, "the read rule still allows reads");
+    assert_eq!(status("POST", "/invoices/42/approve"), 403);
+    for target in [
+        "/invoices/42/%61pprove",
+        "/invoices/42/APPROVE",
+        "/invoices/42/approve/",
+        "/invoices/42/approve;x",
+        "/invoices/42/approve.",
+        "/invoices/42/%2561pprove",
+        "/invoices/42/appro%C5%BFe",
+    ] {
+        let got = status("POST", target);
+        assert!(got == 400 || got == 403, "POST {target}: {got}");
+    }
+    assert_eq!(status("post", "/invoices/42/approve"), 400, "a case variant of POST");
+    for target in
+        ["/public/..;/invoices/42/approve", "/public/%252e%252e/invoices/1", "/public/%c0%ae%c0%ae/invoices/1"]
+    {
+        let got = status("POST", target);
+        assert!(got == 400 || got == 403, "POST {target}: {got}");
+    }
+    let records = envoy.audit_records();
+    assert!(records.iter().all(|r| r["decision"] == "deny" || r["rule"] == "read-any"), "{records:?}");
+    assert!(records.iter().any(|r| r["reason"] == "non_canonical_path"), "the filter saw raw spellings: {records:?}");
+
+    // A revoked agent acting for someone else is still revoked; forged audit headers in the
+    // underscore spelling never reach the upstream.
+    let mut delegated = agent_claims("alice", "invoices:read", now());
+    delegated["act"] = json!({"sub": "agent-13"});
+    let r = envoy.get("/invoices/42", &[("authorization", &bearer(&signer.sign(&delegated)))]);
+    assert_eq!(r.status, 403);
+    let r = envoy.get("/invoices/42", &[("authorization", &auth), ("x_agent_on_behalf_of", "ceo")]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.upstream_header("x_agent_on_behalf_of"), None);
+}
