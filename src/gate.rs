@@ -12,7 +12,8 @@ use crate::policy::{Policy, Provider};
 use crate::ratelimit::{MemoryLimiter, RateLimit, RateLimiter};
 use crate::reason::Reason;
 use crate::replay::{token_id, GuardError, MemoryGuard, ReplayGuard, ReplayScope};
-use crate::verify::{check_time_in, verify_untimed_with, VerifiedToken};
+use crate::shared_cache::{self, CacheId};
+use crate::verify::{check_time_in, verify_untimed_as, Signature, VerifiedToken};
 use lru::LruCache;
 use sha2::{Digest, Sha256};
 use std::num::NonZeroUsize;
@@ -116,6 +117,8 @@ pub struct Decision {
     pub dry_run: bool,
     /// The token was verified earlier and came from the cache: no signature was checked.
     pub cache_hit: bool,
+    /// The token was verified by another worker (the shared cache): no signature was checked.
+    pub shared_cache_hit: bool,
     pub action: Action,
     pub audit: AuditRecord,
 }
@@ -137,6 +140,7 @@ struct Lookup {
     verified: Result<Arc<VerifiedToken>, Reason>,
     fingerprint: Arc<str>,
     cache_hit: bool,
+    shared_cache_hit: bool,
 }
 
 /// What extraction, verification and authorization found out about a request.
@@ -144,6 +148,7 @@ struct Checked {
     token: Option<Arc<VerifiedToken>>,
     fingerprint: Option<String>,
     cache_hit: bool,
+    shared_cache_hit: bool,
     awaiting_keys: Option<usize>,
     authorization: Authorization,
     /// Seconds to wait, when rate limited.
@@ -161,10 +166,19 @@ pub struct Gate {
     host_crypto: Option<HostCrypto>,
 }
 
-/// What a host shares between its workers: single-use `jti`s and rate-limit buckets.
-pub trait SharedState: ReplayGuard + RateLimiter {}
+/// What a host shares between its workers: single-use `jti`s, rate-limit buckets, and
+/// which tokens a worker verified.
+pub trait SharedState: ReplayGuard + RateLimiter {
+    /// Whether a worker verified token `id` under `stamp` (see `shared_cache`).
+    fn verified_elsewhere(&self, _id: &CacheId, _stamp: u64) -> bool {
+        false
+    }
 
-impl<T: ReplayGuard + RateLimiter> SharedState for T {}
+    /// Remembers that token `id` verified under `stamp`, for the other workers.
+    fn record_verified(&self, _id: &CacheId, _stamp: u64) {}
+}
+
+impl SharedState for MemoryState {}
 
 /// Shared state in this process only (the CLI, single-worker hosts).
 #[derive(Debug)]
@@ -227,22 +241,39 @@ impl Gate {
         self.memory = Arc::clone(&previous.memory);
     }
 
-    /// A verified token for `token` at `now`, from the cache when it was seen before.
-    fn verified(&self, token: &str, now: i64) -> Lookup {
+    /// A verified token for `token` at `now`: from this worker's cache when it was seen
+    /// before, else verified — without the signature check when another worker verified it
+    /// under the same policy and keys (`state`'s shared cache).
+    fn verified(&self, token: &str, now: i64, state: &dyn SharedState) -> Lookup {
         let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(seen) = cache.as_mut().and_then(|cache| cache.get(token).cloned()) {
             drop(cache);
             let verified = check_time_in(&self.policy, &seen.token, now).map(|()| seen.token);
-            return Lookup { verified, fingerprint: seen.fingerprint, cache_hit: true };
+            return Lookup { verified, fingerprint: seen.fingerprint, cache_hit: true, shared_cache_hit: false };
         }
-        let fingerprint: Arc<str> = audit::fingerprint(&Sha256::digest(token.as_bytes()).into()).into();
-        let verified = verify_untimed_with(&self.policy, token, self.host_crypto.as_ref()).map(Arc::new);
-        if let (Ok(verified), Some(cache)) = (&verified, cache.as_mut()) {
-            cache.put(token.into(), Seen { token: Arc::clone(verified), fingerprint: Arc::clone(&fingerprint) });
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let fingerprint: Arc<str> = audit::fingerprint(&digest).into();
+        let (id, stamp) = (shared_cache::cache_id(&digest), self.stamp());
+        let shared_cache_hit = state.verified_elsewhere(&id, stamp);
+        let signature =
+            if shared_cache_hit { Signature::CheckedElsewhere } else { Signature::Check(self.host_crypto.as_ref()) };
+        let verified = verify_untimed_as(&self.policy, token, signature).map(Arc::new);
+        if let Ok(verified) = &verified {
+            if let Some(cache) = cache.as_mut() {
+                cache.put(token.into(), Seen { token: Arc::clone(verified), fingerprint: Arc::clone(&fingerprint) });
+            }
+            if !shared_cache_hit {
+                state.record_verified(&id, stamp);
+            }
         }
         drop(cache);
         let verified = verified.and_then(|t| check_time_in(&self.policy, &t, now).map(|()| t));
-        Lookup { verified, fingerprint, cache_hit: false }
+        Lookup { verified, fingerprint, cache_hit: false, shared_cache_hit }
+    }
+
+    /// What shared-cache entries are valid under: this policy and its key sets as installed.
+    fn stamp(&self) -> u64 {
+        shared_cache::stamp(&self.policy.digest, self.policy.providers.iter().map(|p| p.keys.current().version))
     }
 
     pub fn policy(&self) -> &Policy {
@@ -352,7 +383,7 @@ impl Gate {
     pub fn explain(&self, request: &Request<'_>) -> Result<Explanation, Reason> {
         let token =
             find_token(&self.policy.token_sources, request.headers, request.path, self.policy.limits.max_token_bytes)
-                .and_then(|t| self.verified(t, request.now).verified)?;
+                .and_then(|t| self.verified(t, request.now, self.memory.as_ref()).verified)?;
         explain(&self.policy, &request.target(), &token)
     }
 
@@ -360,11 +391,11 @@ impl Gate {
     fn check(&self, request: &Request<'_>, state: &dyn SharedState) -> Checked {
         let found =
             find_token(&self.policy.token_sources, request.headers, request.path, self.policy.limits.max_token_bytes);
-        let (verified, fingerprint, cache_hit) = match found {
-            Err(reason) => (Err(reason), None, false),
+        let (verified, fingerprint, cache_hit, shared_cache_hit) = match found {
+            Err(reason) => (Err(reason), None, false, false),
             Ok(token) => {
-                let lookup = self.verified(token, request.now);
-                (lookup.verified, Some(lookup.fingerprint.to_string()), lookup.cache_hit)
+                let lookup = self.verified(token, request.now, state);
+                (lookup.verified, Some(lookup.fingerprint.to_string()), lookup.cache_hit, lookup.shared_cache_hit)
             }
         };
         let awaiting_keys = match (&verified, found) {
@@ -378,7 +409,7 @@ impl Gate {
                 (Some(token), authorization, retry_after)
             }
         };
-        Checked { token, fingerprint, cache_hit, awaiting_keys, authorization, retry_after }
+        Checked { token, fingerprint, cache_hit, shared_cache_hit, awaiting_keys, authorization, retry_after }
     }
 
     /// Decides `request` with a host's shared state (single-use tokens, rate limits).
@@ -409,6 +440,7 @@ impl Gate {
             awaiting_keys: checked.awaiting_keys,
             dry_run,
             cache_hit: checked.cache_hit,
+            shared_cache_hit: checked.shared_cache_hit,
             action,
             audit,
         }

@@ -23,6 +23,7 @@ pub mod ratelimit;
 pub mod reason;
 pub mod replay;
 mod routes;
+pub mod shared_cache;
 pub mod verify;
 
 pub use config::{ConfigError, Mode};

@@ -39,6 +39,8 @@ pub struct Policy {
     pub needs_peer: bool,
     pub forward_token: bool,
     pub audit: AuditSettings,
+    /// SHA-256 of the policy's text: what the shared token cache's entries are valid under.
+    pub digest: [u8; 32],
 }
 
 fn rate_limit(at: &str, raw: Option<&config::RateLimitConfig>) -> Result<Option<RateLimit>, ConfigError> {
@@ -159,7 +161,10 @@ impl Policy {
 
     /// Compiles a policy, reading any `jwks_file` with `load`.
     pub fn from_json_with(json: &str, load: FileLoader<'_>) -> Result<Policy, ConfigError> {
-        compile(config::parse(json)?, load)
+        use sha2::Digest;
+        let mut policy = compile(config::parse(json)?, load)?;
+        policy.digest = sha2::Sha256::digest(json.as_bytes()).into();
+        Ok(policy)
     }
 
     /// Whether some provider's single-use tokens must be remembered across workers
@@ -263,6 +268,7 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
         needs_peer,
         forward_token: config.forward_token,
         audit,
+        digest: [0; 32],
     })
 }
 

@@ -34,6 +34,8 @@ pub fn update_shared<T>(
     Err(GuardError::Unavailable)
 }
 
+impl agentgate::gate::SharedState for SharedDataGuard {}
+
 impl ReplayGuard for SharedDataGuard {
     fn first_use(&self, scope: ReplayScope<'_>, id: &TokenId, expires_at: i64, _now: i64) -> Result<bool, GuardError> {
         let (key, window) = bucket_key(scope.provider, id, expires_at, scope.ring);
