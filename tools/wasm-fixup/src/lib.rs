@@ -4,7 +4,7 @@
 //! That Cranelift (0.85) miscompiles a memory access whose address is `i32.shl x c` with a
 //! constant `c` of 1, 2 or 3: its x64 backend folds the shift into the addressing mode
 //! `[heap_base + zext(x) << c]`, computed in 64 bits, so the high bits of `x` that the 32-bit
-//! shift drops are added to the address (up to 4, 8 or 28 GiB too far). Upstream fixed it in
+//! shift drops are added to the address (up to 4, 12 or 28 GiB too far). Upstream fixed it in
 //! wasmtime 4.0.1/5.0.1/6.0.1 (CVE-2023-26489, GHSA-ff4p-7xrq-q5r8). Correct wasm reaches it:
 //! LLVM knows those bits are dropped and leaves garbage in them. itoa's digit-pair lookup computes
 //! `(n - 100 * q) * 2` as `((q * 0x7FFF_FF9C + n) << 1)`, whose bit 31 is set whenever `q` is
