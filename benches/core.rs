@@ -46,6 +46,7 @@ fn bench_rules(c: &mut Criterion) {
             headers: &headers,
             source: None,
             peer_uri_san: None,
+            mcp: None,
             authority: "api",
             path: &path,
             now: NOW,
@@ -75,6 +76,7 @@ fn bench_decision(c: &mut Criterion) {
         now: NOW,
         source: None,
         peer_uri_san: None,
+        body: None,
     };
     assert!(gate.evaluate(&request).allowed);
     c.bench_function("decision/cached-token", |b| b.iter(|| gate.evaluate(black_box(&request))));

@@ -27,6 +27,8 @@ pub struct HeaderNames {
     pub audit_id: String,
     pub dry_run: String,
     pub reason: String,
+    pub mcp_method: String,
+    pub mcp_tool: String,
 }
 
 impl HeaderNames {
@@ -44,6 +46,8 @@ impl HeaderNames {
             audit_id: name("audit-id"),
             dry_run: name("dry-run"),
             reason: name("reason"),
+            mcp_method: name("mcp-method"),
+            mcp_tool: name("mcp-tool"),
         }
     }
 
@@ -101,6 +105,8 @@ pub struct AuditSettings {
     pub filter_state: bool,
     /// The level the audit record is logged at.
     pub log_level: crate::config::LogLevel,
+    /// Argument paths of MCP calls whose values the record keeps (none by default).
+    pub log_arguments: Vec<String>,
 }
 
 impl AuditSettings {
@@ -115,7 +121,7 @@ impl AuditSettings {
 
 /// One record per request. Never holds the token or its signature; subject identifiers are
 /// pseudonyms when the policy asks for them.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
 pub struct AuditRecord {
     /// Unix seconds.
     pub time: i64,
@@ -147,9 +153,32 @@ pub struct AuditRecord {
     pub dry_run: bool,
     /// The status agentgate answered with itself; `None` when the request went upstream.
     pub status: Option<u16>,
+    /// The MCP method of the call, on MCP routes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mcp_method: Option<String>,
+    /// The tool (prompt, resource) the MCP call names.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mcp_tool: Option<String>,
+    /// The argument values the policy asked to log (`audit.log_arguments`), by path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mcp_arguments: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl AuditRecord {
+    /// Names the MCP call, and keeps the argument values listed in `log_arguments` only.
+    pub fn note_mcp(&mut self, call: Option<&crate::mcp::McpCall>, log_arguments: &[String]) {
+        let Some(call) = call else { return };
+        self.mcp_method = call.method.clone();
+        self.mcp_tool = call.name.clone();
+        if let Some(arguments) = call.arguments.as_object().filter(|_| !log_arguments.is_empty()) {
+            let kept: serde_json::Map<String, serde_json::Value> = log_arguments
+                .iter()
+                .filter_map(|path| crate::context::claim(arguments, path).map(|v| (path.clone(), v.clone())))
+                .collect();
+            self.mcp_arguments = Some(kept);
+        }
+    }
+
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
     }
@@ -168,6 +197,8 @@ impl AuditRecord {
         put(&names.task_id, self.task_identifier.as_deref());
         put(&names.rule, self.rule.as_deref());
         put(&names.audit_id, self.audit_id.as_deref());
+        put(&names.mcp_method, self.mcp_method.as_deref());
+        put(&names.mcp_tool, self.mcp_tool.as_deref());
         if self.dry_run {
             put(&names.dry_run, Some("true"));
             put(&names.reason, self.reason);

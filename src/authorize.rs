@@ -3,6 +3,7 @@
 
 use crate::canonical::{canonical_host, canonical_path, check_method};
 use crate::context::{claim, source_ip};
+use crate::mcp::{argument_text, McpCall};
 use crate::policy::{Policy, Rule, TaskRequirement};
 use crate::reason::Reason;
 use crate::routes::Params;
@@ -39,6 +40,8 @@ pub struct Target<'a> {
     /// The request target as sent, query included.
     pub path: &'a str,
     pub now: i64,
+    /// The MCP message in the body, on an MCP route.
+    pub mcp: Option<&'a McpCall>,
 }
 
 /// The kill switch, checked before any rule: a revoked identity is revoked in every role it
@@ -65,12 +68,17 @@ fn route<'p>(policy: &'p Policy, target: &Target<'_>) -> Result<(usize, &'p Rule
         if policy.needs_host { Some(canonical_host(target.authority).ok_or(Reason::NonCanonicalHost)?) } else { None };
     let matched = policy.routes.first_match(&path, |i| {
         policy.rules.get(i).is_some_and(|rule| {
-            rule.matches_method(target.method) && host.as_deref().is_none_or(|host| rule.matches_host(host))
+            rule.matches_method(target.method)
+                && host.as_deref().is_none_or(|host| rule.matches_host(host))
+                // An MCP rule matches only the MCP message it names.
+                && rule.mcp.as_ref().is_none_or(|m| target.mcp.is_some_and(|call| m.matches(call)))
         })
     });
     let (index, params) = matched.ok_or(Reason::NoMatchingRule)?;
     let rule = policy.rules.get(index).ok_or(Reason::NoMatchingRule)?;
-    let identifier = rule.task.as_ref().and_then(|task| task.identifier.as_deref()).map(|t| bind(t, &params));
+    let arguments = target.mcp.map_or(&serde_json::Value::Null, |call| &call.arguments);
+    let identifier =
+        rule.task.as_ref().and_then(|task| task.identifier.as_deref()).and_then(|t| bind(t, &params, arguments));
     Ok((index, rule, identifier))
 }
 
@@ -80,8 +88,19 @@ pub fn authorize(policy: &Policy, target: &Target<'_>, token: &VerifiedToken) ->
         Err(reason) => return Authorization::denied(reason),
     };
     let facts = Facts { rule, target, token, identifier: task_identifier.as_deref() };
-    let result = REQUIREMENTS.iter().filter_map(|(_, check)| check(&facts)).find(Result::is_err).unwrap_or(Ok(()));
+    let result = resource_audience(policy, rule, token).and_then(|()| {
+        REQUIREMENTS.iter().filter_map(|(_, check)| check(&facts)).find(Result::is_err).unwrap_or(Ok(()))
+    });
     Authorization { rule: Some(index), result, task_identifier }
+}
+
+/// RFC 8707: a token for an MCP rule must be for the protected resource the policy's
+/// metadata names, not merely for one of the provider's audiences.
+fn resource_audience(policy: &Policy, rule: &Rule, token: &VerifiedToken) -> Result<(), Reason> {
+    match (&policy.resource_metadata, &rule.mcp) {
+        (Some(metadata), Some(_)) if !token.audiences.contains(&metadata.resource) => Err(Reason::AudienceMismatch),
+        _ => Ok(()),
+    }
 }
 
 /// Each requirement of a rule by its name in the policy, in order, and whether it held.
@@ -91,6 +110,7 @@ pub type Explanation = Vec<(&'static str, Result<(), Reason>)>;
 /// it held: what `agentgate eval` shows. `Err` when no rule applies (and why).
 pub fn explain(policy: &Policy, target: &Target<'_>, token: &VerifiedToken) -> Result<Explanation, Reason> {
     let (_, rule, identifier) = route(policy, target)?;
+    resource_audience(policy, rule, token)?;
     let facts = Facts { rule, target, token, identifier: identifier.as_deref() };
     Ok(REQUIREMENTS.iter().filter_map(|(name, check)| check(&facts).map(|result| (*name, result))).collect())
 }
@@ -111,7 +131,7 @@ type Requirement = (&'static str, fn(&Facts<'_>) -> Option<Result<(), Reason>>);
 /// In order: who and what task first, then proof of possession, then context; human
 /// approval last, so an agent is only sent to get approval for a request that would
 /// otherwise be allowed.
-const REQUIREMENTS: [Requirement; 11] = [
+const REQUIREMENTS: [Requirement; 12] = [
     ("scopes", scopes),
     ("any_scopes", any_scopes),
     ("agents", agents),
@@ -122,6 +142,7 @@ const REQUIREMENTS: [Requirement; 11] = [
     ("headers", headers),
     ("time", time),
     ("claims", claims),
+    ("arguments", arguments),
     ("approval", approval),
 ];
 
@@ -170,6 +191,10 @@ fn delegation(f: &Facts<'_>) -> Option<Result<(), Reason>> {
 
 fn task(f: &Facts<'_>) -> Option<Result<(), Reason>> {
     let required = f.rule.task.as_ref()?;
+    if required.identifier.is_some() && f.identifier.is_none() {
+        // The identifier could not be bound (an argument missing, or not a string or number).
+        return Some(Err(Reason::TaskMismatch));
+    }
     Some(verdict(
         f.token.tasks.iter().any(|granted| task_covers(required, f.identifier, granted)),
         Reason::TaskMismatch,
@@ -222,6 +247,15 @@ fn claims(f: &Facts<'_>) -> Option<Result<(), Reason>> {
     })
 }
 
+fn arguments(f: &Facts<'_>) -> Option<Result<(), Reason>> {
+    let conditions = &f.rule.arguments;
+    (!conditions.is_empty()).then(|| {
+        let arguments = f.target.mcp.and_then(|call| call.arguments.as_object());
+        let holds = conditions.iter().all(|c| c.holds(arguments.and_then(|a| claim(a, &c.key))));
+        verdict(holds, Reason::ArgumentMismatch)
+    })
+}
+
 fn approval(f: &Facts<'_>) -> Option<Result<(), Reason>> {
     let approval = f.rule.approval.as_ref()?;
     let token = f.token;
@@ -241,27 +275,25 @@ fn task_covers(required: &TaskRequirement, identifier: Option<&str>, granted: &c
         && identifier.is_none_or(|id| granted.identifier.as_deref() == Some(id))
 }
 
-/// Fills `{name}` (and `{*name}`) in `template` from `params`, in one pass: a value that
-/// itself contains `{id}` is not expanded again.
-fn bind(template: &str, params: &Params) -> String {
+/// Fills `{name}` (and `{*name}`) in `template` from `params`, and `{args.NAME}` from an MCP
+/// call's arguments, in one pass: a value that itself contains `{id}` is not expanded again.
+/// `None` when a name has no value: a task identifier that cannot be bound matches nothing.
+fn bind(template: &str, params: &Params, arguments: &serde_json::Value) -> Option<String> {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
     while let Some(open) = rest.find('{') {
-        out.push_str(rest.get(..open).unwrap_or(""));
-        let after = rest.get(open + 1..).unwrap_or("");
-        let Some(close) = after.find('}') else {
-            out.push_str(rest.get(open..).unwrap_or(""));
-            return out;
-        };
-        let name = after.get(..close).unwrap_or("");
-        match params.iter().find(|(n, _)| n == name.trim_start_matches('*')) {
-            Some((_, value)) => out.push_str(value),
-            None => out.push_str(rest.get(open..open + close + 2).unwrap_or("")),
+        out.push_str(rest.get(..open)?);
+        let after = rest.get(open + 1..)?;
+        let close = after.find('}')?;
+        let name = after.get(..close)?.trim_start_matches('*');
+        match name.strip_prefix("args.") {
+            Some(path) => out.push_str(&argument_text(arguments, path)?),
+            None => out.push_str(&params.iter().find(|(n, _)| n == name)?.1),
         }
-        rest = after.get(close + 1..).unwrap_or("");
+        rest = after.get(close + 1..)?;
     }
     out.push_str(rest);
-    out
+    Some(out)
 }
 
 #[cfg(test)]
@@ -269,13 +301,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn identifiers_bind_path_parameters() {
+    fn identifiers_bind_path_parameters_and_arguments() {
+        let none = serde_json::Value::Null;
         let params = vec![("id".to_string(), "42".to_string())];
-        assert_eq!(bind("{id}", &params), "42");
-        assert_eq!(bind("inv-{id}", &params), "inv-42");
-        assert_eq!(bind("{*id}/{other}", &params), "42/{other}");
+        assert_eq!(bind("{id}", &params, &none).as_deref(), Some("42"));
+        assert_eq!(bind("inv-{id}", &params, &none).as_deref(), Some("inv-42"));
+        assert_eq!(bind("{*id}/{other}", &params, &none), None, "an unbound name binds nothing");
         // A parameter value is never a template itself.
         let params = vec![("org".to_string(), "ac{id}e".to_string()), ("id".to_string(), "7".to_string())];
-        assert_eq!(bind("{id}@{org}", &params), "7@ac{id}e");
+        assert_eq!(bind("{id}@{org}", &params, &none).as_deref(), Some("7@ac{id}e"));
+        let arguments = serde_json::json!({"invoice_id": "{id}", "n": 5, "o": {"x": true}});
+        assert_eq!(bind("{args.invoice_id}-{args.n}", &params, &arguments).as_deref(), Some("{id}-5"));
+        assert_eq!(bind("{args.o.x}", &params, &arguments), None, "only strings and numbers bind");
     }
 }

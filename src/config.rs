@@ -70,6 +70,11 @@ pub struct PolicyConfig {
     /// `ignore` (matched as `/a/b`, forwarded as sent).
     #[serde(default)]
     pub path_parameters: crate::canonical::PathParameters,
+    /// RFC 9728 protected-resource metadata (`resource`, `authorization_servers`,
+    /// `scopes_supported`, and any other field of RFC 9728): served at
+    /// `/.well-known/oauth-protected-resource` (and its path-inserted form), named in every
+    /// challenge, and tokens for MCP rules must have `resource` as audience (RFC 8707).
+    pub resource_metadata: Option<serde_json::Map<String, Value>>,
 }
 
 /// Where single-use `jti`s are remembered.
@@ -105,6 +110,10 @@ pub struct AuditConfig {
     /// `warn` and above by default: raise it there, or lower APISIX's `error_log_level`.
     #[serde(default)]
     pub log_level: LogLevel,
+    /// Argument paths (dot-separated) of MCP calls whose values go into the audit record;
+    /// by default no argument value is logged.
+    #[serde(default)]
+    pub log_arguments: Vec<String>,
 }
 
 /// A proxy log level (proxy-wasm's, as every host maps it).
@@ -129,6 +138,7 @@ impl Default for AuditConfig {
             log_query: false,
             filter_state: true,
             log_level: LogLevel::default(),
+            log_arguments: Vec::new(),
         }
     }
 }
@@ -189,6 +199,8 @@ pub struct LimitsConfig {
     pub token_cache_entries: Option<usize>,
     /// Single-use `jti`s remembered by hosts without shared storage.
     pub single_use_entries: Option<usize>,
+    /// The largest request body read for an MCP rule (default 1048576); larger: 413.
+    pub max_body_bytes: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -297,6 +309,24 @@ pub struct MatchConfig {
     pub hosts: Option<Vec<String>>,
     /// Path template such as `/invoices/{id}` or `/files/{*rest}`; absent means any path.
     pub path: Option<String>,
+    /// An MCP message in the body (a POST of JSON-RPC 2.0): its method and what it acts on.
+    pub mcp: Option<McpMatchConfig>,
+}
+
+/// `match.mcp`: `{"method": "tools/call", "tool": "pay_invoice"}`. Names take `*` patterns.
+#[derive(Debug, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct McpMatchConfig {
+    /// The JSON-RPC method (`tools/call`, `tools/list`, `prompts/get`, `resources/read`, ...);
+    /// default: the one `tool`, `prompt` or `resource` implies.
+    pub method: Option<String>,
+    /// `params.name` of a `tools/call`.
+    pub tool: Option<String>,
+    /// `params.name` of a `prompts/get`.
+    pub prompt: Option<String>,
+    /// `params.uri` of a `resources/read`.
+    pub resource: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -330,6 +360,9 @@ pub struct RequireConfig {
     /// The acting agent must be the mTLS peer: its certificate's URI SAN (a SPIFFE ID).
     #[serde(default)]
     pub bind_mtls_peer: bool,
+    /// Conditions on an MCP call's `params.arguments` (`path`, dot-separated), e.g.
+    /// `{"path": "amount", "lte": 500}`. Only with `match.mcp`.
+    pub arguments: Option<Vec<ConditionConfig>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -368,7 +401,8 @@ pub struct TaskConfig {
     pub actions: Vec<String>,
     pub locations: Option<Vec<String>>,
     pub datatypes: Option<Vec<String>>,
-    /// The entry's `identifier`, with `{param}` bound to the request path: `"{id}"`.
+    /// The entry's `identifier`, with `{param}` bound to the request path (`"{id}"`) or, for
+    /// MCP rules, `{args.NAME}` to an argument of the call (`"{args.invoice_id}"`).
     pub identifier: Option<String>,
 }
 
@@ -502,7 +536,7 @@ mod tests {
     #[test]
     fn unknown_field_is_rejected_with_its_path() {
         let e = err(r#"{"providers": [], "rules": [{"name": "r", "match": {"paths": "/x"}}]}"#);
-        assert_eq!(e, "rules[0].match.paths: unknown field `paths`, expected one of `methods`, `hosts`, `path`");
+        assert_eq!(e, "rules[0].match.paths: unknown field `paths`, expected one of `methods`, `hosts`, `path`, `mcp`");
     }
 
     #[test]

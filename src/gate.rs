@@ -8,6 +8,7 @@ use crate::extract::{find_token, strip_tokens};
 use crate::host_crypto::HostCrypto;
 use crate::jwks::{KeyRecord, RemoteJwks};
 use crate::keys::Installed;
+use crate::mcp::{self, McpCall};
 use crate::policy::{Policy, Provider};
 use crate::ratelimit::{MemoryLimiter, RateLimit, RateLimiter};
 use crate::reason::Reason;
@@ -35,12 +36,16 @@ pub struct Request<'a> {
     /// The mTLS peer certificate's URI SAN, for `bind_mtls_peer`; hosts fill it when
     /// `policy().needs_peer`.
     pub peer_uri_san: Option<&'a str>,
+    /// The request body, read by hosts where [`Gate::body_limit`] asks for it (MCP routes);
+    /// `None` counts as empty there.
+    pub body: Option<&'a [u8]>,
 }
 
 impl<'a> Request<'a> {
     /// What the rules look at.
-    fn target(&self) -> Target<'a> {
+    fn target<'t>(&'t self, mcp: Option<&'t McpCall>) -> Target<'t> {
         Target {
+            mcp,
             method: self.method,
             headers: self.headers,
             source: self.source,
@@ -64,18 +69,20 @@ pub enum Action {
 impl Action {
     /// The local response for a denial, for hosts without a policy to take header names from.
     pub fn deny(reason: Reason, audit_id: Option<&str>) -> Action {
-        Action::deny_full(&HeaderNames::default(), reason, audit_id, None, None)
+        Action::deny_full(&HeaderNames::default(), reason, audit_id, None, None, None)
     }
 
-    /// The local response for a denial: status, challenge (with RFC 9470 step-up attributes
-    /// in `challenge_extra`), `Retry-After` for rate limits, the audit id — and nothing else
-    /// that would help an attacker.
+    /// The local response for a denial: status, challenge (with RFC 9470 step-up, RFC 9728
+    /// and scope attributes in `challenge_extra`), `Retry-After` for rate limits, the audit
+    /// id, and the body (a JSON-RPC error for MCP calls) — nothing else that would help an
+    /// attacker.
     fn deny_full(
         names: &HeaderNames,
         reason: Reason,
         audit_id: Option<&str>,
         challenge_extra: Option<&str>,
         retry_after: Option<u64>,
+        body: Option<String>,
     ) -> Action {
         let spec = reason.spec();
         let mut headers = vec![("content-type".to_string(), "application/json".to_string())];
@@ -84,6 +91,8 @@ impl Action {
         }
         if let Some(challenge) = reason.challenge() {
             let challenge = match challenge_extra {
+                // Auth-params follow the bare scheme after a space, the first error after a comma.
+                Some(extra) if challenge == "Bearer" => format!("{challenge} {extra}"),
                 Some(extra) => format!("{challenge}, {extra}"),
                 None => challenge,
             };
@@ -97,7 +106,8 @@ impl Action {
             429 => "too_many_requests",
             _ => "server_error",
         });
-        let body = serde_json::json!({"error": error, "error_description": spec.description}).to_string();
+        let body = body
+            .unwrap_or_else(|| serde_json::json!({"error": error, "error_description": spec.description}).to_string());
         Action::Respond { status: spec.status, headers, body }
     }
 }
@@ -355,9 +365,16 @@ impl Gate {
         &self,
         token: &VerifiedToken,
         request: &Request<'_>,
+        mcp: Option<&Result<McpCall, Reason>>,
         state: &dyn SharedState,
     ) -> (Authorization, Option<u64>) {
         let now = request.now;
+        // A body that cannot be read is refused before a single-use token is spent on it.
+        let call = match mcp {
+            Some(Err(reason)) => return (Authorization::denied(*reason), None),
+            Some(Ok(call)) => Some(call),
+            None => None,
+        };
         if let Err(reason) = self.check_single_use(token, state, now).and_then(|()| check_revoked(&self.policy, token))
         {
             return (Authorization::denied(reason), None);
@@ -365,7 +382,7 @@ impl Gate {
         if let Err((reason, wait)) = self.check_rate(state, POLICY_SCOPE, self.policy.rate_limit.as_ref(), token, now) {
             return (Authorization::denied(reason), wait);
         }
-        let mut authorization = authorize(&self.policy, &request.target(), token);
+        let mut authorization = authorize(&self.policy, &request.target(call), token);
         let rule = authorization.rule.and_then(|i| self.policy.rules.get(i));
         if let (Ok(()), Some(rule)) = (&authorization.result, rule) {
             if let Err((reason, wait)) = self.check_rate(state, &rule.name, rule.rate_limit.as_ref(), token, now) {
@@ -384,11 +401,43 @@ impl Gate {
         let token =
             find_token(&self.policy.token_sources, request.headers, request.path, self.policy.limits.max_token_bytes)
                 .and_then(|t| self.verified(t, request.now, self.memory.as_ref()).verified)?;
-        explain(&self.policy, &request.target(), &token)
+        let call = self.read_mcp(request).transpose()?;
+        explain(&self.policy, &request.target(call.as_ref()), &token)
+    }
+
+    /// The largest body a host must read for this request and pass as [`Request::body`]:
+    /// `Some` for a POST to a route of an MCP rule, `None` where the gate decides on headers.
+    pub fn body_limit(&self, method: &str, path: &str) -> Option<usize> {
+        let path = crate::canonical::canonical_path(path, self.policy.path_parameters).ok()?;
+        (method == "POST" && self.policy.mcp_routes.first_match(&path, |_| true).is_some())
+            .then_some(self.policy.max_body_bytes)
+    }
+
+    /// The MCP message of a request on an MCP route (`None` elsewhere), or why it is refused.
+    fn read_mcp(&self, request: &Request<'_>) -> Option<Result<McpCall, Reason>> {
+        let limit = self.body_limit(request.method, request.path)?;
+        let body = request.body.unwrap_or_default();
+        if body.len() > limit {
+            return Some(Err(Reason::BodyTooLarge));
+        }
+        Some(mcp::parse(body).and_then(|call| mcp::check_headers(&call, request.headers).map(|()| call)))
+    }
+
+    /// RFC 9728: the protected-resource metadata document, served by the gate itself.
+    fn metadata_response(&self, request: &Request<'_>) -> Option<Action> {
+        let metadata = self.policy.resource_metadata.as_ref()?;
+        let path = crate::canonical::strip_query(request.path);
+        (matches!(request.method, "GET" | "HEAD") && metadata.paths.iter().any(|p| p == path)).then(|| {
+            let headers = vec![
+                ("content-type".to_string(), "application/json".to_string()),
+                ("cache-control".to_string(), "max-age=3600".to_string()),
+            ];
+            Action::Respond { status: 200, headers, body: metadata.document.clone() }
+        })
     }
 
     /// Stages 1-3: the token found, verified (or from the cache) and authorized.
-    fn check(&self, request: &Request<'_>, state: &dyn SharedState) -> Checked {
+    fn check(&self, request: &Request<'_>, mcp: Option<&Result<McpCall, Reason>>, state: &dyn SharedState) -> Checked {
         let found =
             find_token(&self.policy.token_sources, request.headers, request.path, self.policy.limits.max_token_bytes);
         let (verified, fingerprint, cache_hit, shared_cache_hit) = match found {
@@ -405,7 +454,7 @@ impl Gate {
         let (token, authorization, retry_after) = match verified {
             Err(reason) => (None, Authorization::denied(reason), None),
             Ok(token) => {
-                let (authorization, retry_after) = self.authorize_verified(&token, request, state);
+                let (authorization, retry_after) = self.authorize_verified(&token, request, mcp, state);
                 (Some(token), authorization, retry_after)
             }
         };
@@ -414,7 +463,12 @@ impl Gate {
 
     /// Decides `request` with a host's shared state (single-use tokens, rate limits).
     pub fn evaluate_with(&self, request: &Request<'_>, state: &dyn SharedState) -> Decision {
-        let checked = self.check(request, state);
+        if let Some(action) = self.metadata_response(request) {
+            return self.served(request, action);
+        }
+        let mcp = self.read_mcp(request);
+        let checked = self.check(request, mcp.as_ref(), state);
+        let call = mcp.as_ref().and_then(|m| m.as_ref().ok());
         let matched = checked.authorization.rule.and_then(|i| self.policy.rules.get(i));
         let reason = checked.authorization.result.err();
         // A rule's own mode wins over the policy's: one rule can be rolled out in dry run.
@@ -425,10 +479,13 @@ impl Gate {
         let stripped = (self.policy.audit.log_query || (forwarded && !self.policy.forward_token))
             .then(|| strip_tokens(&self.policy.token_sources, request.headers, request.path));
         let mut audit = self.record(request, &checked, matched, dry_run, stripped.as_ref());
+        audit.note_mcp(call, &self.policy.audit.log_arguments);
         let action = match reason {
             Some(reason) if !dry_run => {
                 audit.status = Some(reason.status());
-                self.denial(reason, matched, checked.retry_after, audit.audit_id.as_deref())
+                // An MCP client gets a JSON-RPC error for its request id, with the HTTP status.
+                let body = mcp.as_ref().map(|m| mcp::error_body(m.as_ref().ok().and_then(|c| c.id.as_ref()), reason));
+                self.denial(reason, matched, checked.retry_after, audit.audit_id.as_deref(), body)
             }
             _ => self.forward(request.headers, &audit, stripped),
         };
@@ -484,28 +541,67 @@ impl Gate {
             source: request.source.map(str::to_string),
             dry_run,
             status: None,
+            ..AuditRecord::default()
         }
     }
 
     /// The local answer to a denied request, with RFC 9470 step-up attributes when the rule
-    /// wants human approval and `Retry-After` when rate limited.
+    /// wants human approval, the scopes an MCP rule needs, where the RFC 9728 metadata is,
+    /// and `Retry-After` when rate limited.
     fn denial(
         &self,
         reason: Reason,
         matched: Option<&crate::policy::Rule>,
         retry_after: Option<u64>,
         audit_id: Option<&str>,
+        body: Option<String>,
     ) -> Action {
-        let step_up =
-            matched.and_then(|r| r.approval.as_ref()).filter(|_| reason == Reason::ApprovalRequired).map(|approval| {
-                let mut extra = format!("acr_values=\"{}\"", approval.acr_values.join(" "));
-                if let Some(max_age) = approval.max_age_seconds {
-                    extra.push_str(&format!(", max_age={max_age}"));
-                }
-                extra
-            });
+        let mut extra: Vec<String> = Vec::new();
+        if let Some(approval) = matched.and_then(|r| r.approval.as_ref()).filter(|_| reason == Reason::ApprovalRequired)
+        {
+            extra.push(format!("acr_values=\"{}\"", approval.acr_values.join(" ")));
+            if let Some(max_age) = approval.max_age_seconds {
+                extra.push(format!("max_age={max_age}"));
+            }
+        }
+        // MCP step-up: the client learns which scopes to ask for.
+        if let Some(rule) = matched.filter(|r| r.mcp.is_some() && !r.scopes.is_empty()) {
+            if reason == Reason::InsufficientScope {
+                extra.push(format!("scope=\"{}\"", rule.scopes.join(" ")));
+            }
+        }
+        if let Some(metadata) = &self.policy.resource_metadata {
+            extra.push(format!("resource_metadata=\"{}\"", metadata.url));
+        }
+        let extra = (!extra.is_empty()).then(|| extra.join(", "));
         let retry_after = retry_after.filter(|_| reason == Reason::RateLimited);
-        Action::deny_full(&self.policy.audit.headers, reason, audit_id, step_up.as_deref(), retry_after)
+        Action::deny_full(&self.policy.audit.headers, reason, audit_id, extra.as_deref(), retry_after, body)
+    }
+
+    /// A request the gate answered itself without deciding anything (the RFC 9728 document).
+    fn served(&self, request: &Request<'_>, action: Action) -> Decision {
+        let audit = AuditRecord {
+            time: request.now,
+            audit_id: header(request.headers, audit::REQUEST_ID).map(str::to_string),
+            decision: "allow",
+            method: request.method.to_string(),
+            path: strip_query(request.path).to_string(),
+            source: request.source.map(str::to_string),
+            status: Some(200),
+            ..AuditRecord::default()
+        };
+        Decision {
+            allowed: true,
+            reason: None,
+            rule: None,
+            rule_index: None,
+            awaiting_keys: None,
+            dry_run: false,
+            cache_hit: false,
+            shared_cache_hit: false,
+            action,
+            audit,
+        }
     }
 
     /// Forwarding: forged audit headers out, the real ones in, and the credentials stay at

@@ -80,6 +80,13 @@ pub enum Audience {
 }
 
 impl Audience {
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            Audience::One(aud) => vec![aud.clone()],
+            Audience::Many(auds) => auds.clone(),
+        }
+    }
+
     pub fn intersects(&self, allowed: &[String]) -> bool {
         match self {
             Audience::One(aud) => allowed.contains(aud),

@@ -16,6 +16,7 @@ pub mod host_crypto;
 pub mod jwks;
 pub mod jws;
 pub mod keys;
+pub mod mcp;
 pub mod pattern;
 pub mod policy;
 pub mod policy_test;

@@ -43,6 +43,9 @@ enum Command {
         /// The mTLS peer certificate's URI SAN (for `bind_mtls_peer`).
         #[arg(long)]
         peer_uri_san: Option<String>,
+        /// The request body (for MCP rules): a file, or `-` for standard input.
+        #[arg(long)]
+        body: Option<PathBuf>,
     },
     /// Validate a policy file.
     CheckConfig {
@@ -124,7 +127,14 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Eval { config, method, path, headers, now, source, peer_uri_san } => {
+        Command::Eval { config, method, path, headers, now, source, peer_uri_san, body } => {
+            let body = match body.as_deref().map(read_body).transpose() {
+                Ok(body) => body,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(EXIT_ERROR);
+                }
+            };
             let gate = match load(&config) {
                 Ok(gate) => gate,
                 Err(e) => {
@@ -144,6 +154,7 @@ fn main() -> ExitCode {
                 now,
                 source: source.as_deref(),
                 peer_uri_san: peer_uri_san.as_deref(),
+                body: body.as_deref(),
             };
             let decision = gate.evaluate(&request);
             let checks = gate.explain(&request).ok().map(|checks| {
@@ -178,4 +189,14 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// A request body from a file, or standard input for `-`.
+fn read_body(path: &Path) -> Result<Vec<u8>, String> {
+    if path == Path::new("-") {
+        let mut body = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut body).map_err(|e| format!("stdin: {e}"))?;
+        return Ok(body);
+    }
+    std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
 }

@@ -8,6 +8,7 @@ use crate::extract::TokenSource;
 use crate::jwks::{self, RemoteJwks};
 use crate::jws::Limits;
 use crate::keys::{parse_jwk, Alg, Key, KeySet};
+use crate::mcp::McpMatch;
 use crate::pattern::Pattern;
 use crate::ratelimit::RateLimit;
 use crate::routes::{param_names, RouteTable};
@@ -41,6 +42,23 @@ pub struct Policy {
     pub audit: AuditSettings,
     /// SHA-256 of the policy's text: what the shared token cache's entries are valid under.
     pub digest: [u8; 32],
+    /// The templates of rules that match MCP messages: a POST there has its body read.
+    pub mcp_routes: RouteTable,
+    pub max_body_bytes: usize,
+    pub resource_metadata: Option<ResourceMetadata>,
+}
+
+/// RFC 9728 protected-resource metadata, ready to serve.
+#[derive(Debug)]
+pub struct ResourceMetadata {
+    /// The resource identifier (RFC 8707): MCP tokens must carry it as audience.
+    pub resource: String,
+    /// Where the document is served: the path-inserted form first, then the plain one.
+    pub paths: Vec<String>,
+    /// The document's URL, for `resource_metadata="…"` in challenges.
+    pub url: String,
+    /// The document itself (JSON).
+    pub document: String,
 }
 
 fn rate_limit(at: &str, raw: Option<&config::RateLimitConfig>) -> Result<Option<RateLimit>, ConfigError> {
@@ -124,6 +142,10 @@ pub struct Rule {
     pub claims: Vec<Condition>,
     pub rate_limit: Option<RateLimit>,
     pub bind_mtls_peer: bool,
+    /// The MCP message this rule is for; such a rule matches only a POST carrying one.
+    pub mcp: Option<McpMatch>,
+    /// Conditions on the MCP call's `params.arguments`.
+    pub arguments: Vec<Condition>,
 }
 
 #[derive(Debug)]
@@ -203,10 +225,15 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
 
     let mut rules = Vec::with_capacity(config.rules.len());
     let mut routes = RouteTable::default();
+    let mut mcp_routes = RouteTable::default();
     let mut names = HashSet::new();
     for (i, raw) in config.rules.into_iter().enumerate() {
         let at = format!("rules[{i}]");
         routes.add(i, raw.matcher.path.as_deref()).map_err(|e| ConfigError::at(format!("{at}.match.path"), e))?;
+        if raw.matcher.mcp.is_some() {
+            // Already validated above, with the same template.
+            let _ = mcp_routes.add(i, raw.matcher.path.as_deref());
+        }
         let rule = compile_rule(&at, raw)?;
         if !names.insert(rule.name.clone()) {
             return Err(ConfigError::at(format!("{at}.name"), format!("duplicate rule name {:?}", rule.name)));
@@ -214,6 +241,7 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
         rules.push(rule);
     }
     routes.finish();
+    mcp_routes.finish();
 
     let token_sources = match &config.token_sources {
         None => vec![TokenSource::bearer()],
@@ -238,6 +266,8 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
         max_claims: positive("max_claims", config.limits.max_claims, defaults.max_claims)?,
     };
     let token_cache_entries = config.limits.token_cache_entries.unwrap_or(DEFAULT_TOKEN_CACHE_ENTRIES);
+    let max_body_bytes = positive("max_body_bytes", config.limits.max_body_bytes, crate::mcp::DEFAULT_MAX_BODY_BYTES)?;
+    let resource_metadata = config.resource_metadata.map(compile_resource_metadata).transpose()?;
     let single_use_entries =
         positive("single_use_entries", config.limits.single_use_entries, DEFAULT_SINGLE_USE_ENTRIES)?;
     let revoked = Revoked {
@@ -269,6 +299,46 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
         forward_token: config.forward_token,
         audit,
         digest: [0; 32],
+        mcp_routes,
+        max_body_bytes,
+        resource_metadata,
+    })
+}
+
+fn compile_resource_metadata(raw: serde_json::Map<String, Value>) -> Result<ResourceMetadata, ConfigError> {
+    let at = |field: &str| format!("resource_metadata.{field}");
+    let strings = |field: &str, required: bool| -> Result<(), ConfigError> {
+        match raw.get(field) {
+            None if !required => Ok(()),
+            Some(Value::Array(items))
+                if !items.is_empty() && items.iter().all(|i| i.as_str().is_some_and(|s| !s.is_empty())) =>
+            {
+                Ok(())
+            }
+            _ => Err(ConfigError::at(at(field), "must be a non-empty array of strings")),
+        }
+    };
+    strings("authorization_servers", true)?;
+    strings("scopes_supported", true)?;
+    let resource = raw.get("resource").and_then(Value::as_str).unwrap_or("");
+    let (authority, path) = jwks::split_url(resource)
+        .ok()
+        .filter(|(_, path)| !resource.contains(['#', '?']) && !path.contains("//"))
+        .ok_or_else(|| {
+            ConfigError::at(at("resource"), "must be the resource's https URL (RFC 8707), without query or fragment")
+        })?;
+    let scheme = if resource.starts_with("https://") { "https" } else { "http" };
+    let suffix = path.trim_end_matches('/');
+    let well_known = "/.well-known/oauth-protected-resource";
+    let mut paths = vec![format!("{well_known}{suffix}")];
+    if !suffix.is_empty() {
+        paths.push(well_known.to_string());
+    }
+    Ok(ResourceMetadata {
+        resource: resource.to_string(),
+        url: format!("{scheme}://{authority}{well_known}{suffix}"),
+        paths,
+        document: Value::Object(raw.clone()).to_string(),
     })
 }
 
@@ -313,6 +383,7 @@ fn compile_audit(
         log_query: raw.log_query,
         filter_state: raw.filter_state,
         log_level: raw.log_level,
+        log_arguments: raw.log_arguments.clone(),
     })
 }
 
@@ -588,12 +659,14 @@ fn compile_rule(at: &str, raw: RuleConfig) -> Result<Rule, ConfigError> {
             if let Some(identifier) = &task.identifier {
                 let available = raw.matcher.path.as_deref().map(param_names).unwrap_or_default();
                 for name in param_names(identifier) {
-                    if !available.contains(&name) {
+                    let argument = name.strip_prefix("args.").filter(|a| !a.is_empty() && raw.matcher.mcp.is_some());
+                    if argument.is_none() && !available.contains(&name) {
                         return Err(ConfigError::at(
                             format!("{at}.require.task.identifier"),
                             format!(
-                                "{{{name}}} is not a parameter of match.path ({})",
-                                raw.matcher.path.as_deref().unwrap_or("none")
+                                "{{{name}}} is not a parameter of match.path ({}){}",
+                                raw.matcher.path.as_deref().unwrap_or("none"),
+                                if name.starts_with("args.") { " ({args.NAME} needs match.mcp)" } else { "" }
                             ),
                         ));
                     }
@@ -646,6 +719,14 @@ fn compile_rule(at: &str, raw: RuleConfig) -> Result<Rule, ConfigError> {
     };
     let headers = conditions("headers", "name", &require.headers)?;
     let claims = conditions("claims", "path", &require.claims)?;
+    let arguments = conditions("arguments", "path", &require.arguments)?;
+    if !arguments.is_empty() && raw.matcher.mcp.is_none() {
+        return Err(ConfigError::at(
+            format!("{at}.require.arguments"),
+            "needs match.mcp: only MCP calls have arguments",
+        ));
+    }
+    let mcp = raw.matcher.mcp.as_ref().map(|m| compile_mcp(&format!("{at}.match.mcp"), m)).transpose()?;
     let source_cidrs = match &require.source_cidrs {
         None => None,
         Some(list) if list.is_empty() => {
@@ -682,6 +763,37 @@ fn compile_rule(at: &str, raw: RuleConfig) -> Result<Rule, ConfigError> {
         claims,
         rate_limit: rate_limit(&format!("{at}.rate_limit"), raw.rate_limit.as_ref())?,
         bind_mtls_peer: require.bind_mtls_peer,
+        mcp,
+        arguments,
+    })
+}
+
+/// `match.mcp`: a method, and at most one name of what it acts on, which must be the one
+/// that method takes.
+fn compile_mcp(at: &str, raw: &config::McpMatchConfig) -> Result<McpMatch, ConfigError> {
+    let named: Vec<(&str, &str, &String)> = [
+        ("tool", "tools/call", &raw.tool),
+        ("prompt", "prompts/get", &raw.prompt),
+        ("resource", "resources/read", &raw.resource),
+    ]
+    .into_iter()
+    .filter_map(|(field, method, value)| value.as_ref().map(|v| (field, method, v)))
+    .collect();
+    let (method, name) = match (named.as_slice(), &raw.method) {
+        ([], Some(method)) => (method.as_str(), None),
+        ([], None) => return Err(ConfigError::at(at, "give the method (and for tools/call a tool)")),
+        ([(field, implied, name)], method) => {
+            if method.as_deref().is_some_and(|m| m != *implied) {
+                return Err(ConfigError::at(format!("{at}.{field}"), format!("goes with method {implied:?}")));
+            }
+            (*implied, Some((*field, name.as_str())))
+        }
+        _ => return Err(ConfigError::at(at, "give at most one of tool, prompt, resource")),
+    };
+    let pattern = |field: &str, text: &str| Pattern::new(text).map_err(|e| ConfigError::at(format!("{at}.{field}"), e));
+    Ok(McpMatch {
+        method: pattern("method", method)?,
+        name: name.map(|(field, text)| pattern(field, text)).transpose()?,
     })
 }
 

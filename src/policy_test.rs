@@ -150,6 +150,7 @@ pub fn run(policy_json: &str, tests: &str) -> Result<Vec<CaseResult>, String> {
             now,
             source: case.request.source.as_deref(),
             peer_uri_san: case.request.peer_uri_san.as_deref(),
+            body: None,
         };
         let decision = gate.evaluate(&request);
         let status = match &decision.action {

@@ -77,6 +77,14 @@ reasons! {
     NonCanonicalMethod => "non_canonical_method", 400, Some(INVALID_REQUEST), NOT_CANONICAL;
     /// A host that is no DNS name or IP literal, where rules match hosts.
     NonCanonicalHost => "non_canonical_host", 400, Some(INVALID_REQUEST), NOT_CANONICAL;
+    /// An MCP route's body is no JSON (or not UTF-8, has duplicate keys, nests too deep).
+    McpParseError => "mcp_parse_error", 400, Some(INVALID_REQUEST), "the request body is not a JSON-RPC message";
+    /// An MCP route's body is JSON but not one JSON-RPC 2.0 message (a batch, wrong members).
+    McpInvalidRequest => "mcp_invalid_request", 400, Some(INVALID_REQUEST), "the request body is not a JSON-RPC message";
+    /// `Mcp-Method` or `Mcp-Name` says something else than the body.
+    McpHeaderMismatch => "mcp_header_mismatch", 400, Some(INVALID_REQUEST), "the MCP headers do not match the body";
+    /// A body over the limit, where the gate must read it.
+    BodyTooLarge => "body_too_large", 413, None, "the request body is too large";
     NoMatchingRule => "no_matching_rule", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED;
     InsufficientScope => "insufficient_scope", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED;
     TaskMismatch => "task_mismatch", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED;
@@ -87,6 +95,8 @@ reasons! {
     ApprovalRequired => "approval_required", 401, Some("insufficient_user_authentication"), "human approval is required for this request";
     SourceNotAllowed => "source_not_allowed", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED;
     HeaderMismatch => "header_mismatch", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED;
+    /// An MCP call's arguments fail the rule's `arguments` conditions.
+    ArgumentMismatch => "argument_mismatch", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED;
     OutsideTimeWindow => "outside_time_window", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED;
     ClaimMismatch => "claim_mismatch", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED;
     Revoked => "revoked", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED;

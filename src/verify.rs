@@ -18,6 +18,8 @@ pub struct VerifiedToken {
     pub subject: Option<String>,
     pub jti: Option<String>,
     pub scopes: Vec<String>,
+    /// `aud`, for rules that need a particular resource (MCP, RFC 8707).
+    pub audiences: Vec<String>,
     pub issued_at: Option<i64>,
     pub not_before: Option<i64>,
     pub expires_at: i64,
@@ -287,6 +289,7 @@ fn accept(
         subject: claims.sub,
         jti: claims.jti,
         scopes,
+        audiences: claims.aud.as_ref().map(|aud| aud.to_vec()).unwrap_or_default(),
         issued_at: claims.iat,
         not_before: claims.nbf,
         expires_at,

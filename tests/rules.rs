@@ -34,7 +34,7 @@ fn eval(gate: &Gate, method: &str, authority: &str, path: &str, token: &str) -> 
         (":authority".to_string(), authority.to_string()),
         ("authorization".to_string(), format!("Bearer {token}")),
     ];
-    gate.evaluate(&Request { method, path, headers: &headers, now: NOW, source: None, peer_uri_san: None })
+    gate.evaluate(&Request { method, path, headers: &headers, now: NOW, source: None, peer_uri_san: None, body: None })
 }
 
 fn reason(gate: &Gate, path: &str, token: &str) -> Option<Reason> {
@@ -256,7 +256,8 @@ fn eval_from(
 ) -> Option<Reason> {
     let mut headers = vec![("authorization".to_string(), format!("Bearer {token}"))];
     headers.extend(extra.iter().map(|(n, v)| (n.to_string(), v.to_string())));
-    gate.evaluate(&Request { method: "GET", path, headers: &headers, now, source, peer_uri_san: None }).reason
+    gate.evaluate(&Request { method: "GET", path, headers: &headers, now, source, peer_uri_san: None, body: None })
+        .reason
 }
 
 #[test]
@@ -394,6 +395,7 @@ fn bind_mtls_peer_requires_the_agent_to_be_the_tls_peer() {
             now: NOW,
             source: None,
             peer_uri_san: peer,
+            body: None,
         })
         .reason
     };

@@ -19,6 +19,8 @@ struct EdgeRequest {
     source_ip: Option<String>,
     /// The mTLS client's URI SAN, when the runtime terminates mTLS and exposes it.
     peer_uri_san: Option<String>,
+    /// The request body as text, for MCP routes (see `gate.bodyLimit`).
+    body: Option<String>,
     /// Unix seconds (the wrapper fills in the runtime's clock).
     now: f64,
 }
@@ -58,6 +60,7 @@ pub fn evaluate(gate: &Gate, request_json: &str) -> Result<String, String> {
     let decision = gate.evaluate(&Request {
         source: request.source_ip.as_deref(),
         peer_uri_san: request.peer_uri_san.as_deref(),
+        body: request.body.as_deref().map(str::as_bytes),
         method: &request.method,
         path: &request.path,
         headers: &headers,

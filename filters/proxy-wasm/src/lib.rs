@@ -202,6 +202,7 @@ fn decide(shared: &Shared, wait_as: Option<u32>) -> HostAction {
     let request = Request {
         source: source.as_deref(),
         peer_uri_san: peer.as_deref(),
+        body: None,
         method: pseudo(":method"),
         path: pseudo(":path"),
         headers: &headers,
