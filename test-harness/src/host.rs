@@ -131,7 +131,7 @@ pub enum Profile {
 
 /// The callback the host is in, for hosts that allow a call only in some of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
+pub enum Callback {
     Start,
     Configure,
     Tick,
@@ -171,7 +171,7 @@ pub const KONG_MAX_HEADERS: usize = 100;
 
 struct State {
     profile: Profile,
-    phase: Phase,
+    phase: Callback,
     /// The context of the callback running now (the root context outside requests).
     current: i32,
     answers: HashMap<&'static str, Answer>,
@@ -274,7 +274,7 @@ impl Host {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         let state = State {
             profile,
-            phase: Phase::Start,
+            phase: Callback::Start,
             current: ROOT_CONTEXT,
             answers: HashMap::new(),
             trap_next: None,
@@ -310,7 +310,7 @@ impl Host {
         let started = host.call::<(i32, i32), i32>("proxy_on_vm_start", (ROOT_CONTEXT, 0))?;
         let configured = started != 0 && {
             let size = i32::try_from(policy.len()).unwrap_or(i32::MAX);
-            host.store.data_mut().phase = Phase::Configure;
+            host.store.data_mut().phase = Callback::Configure;
             host.call::<(i32, i32), i32>("proxy_on_configure", (ROOT_CONTEXT, size))? != 0
         };
         if !configured {
@@ -321,7 +321,7 @@ impl Host {
 
     /// Delivers a new plugin configuration, as Envoy does on an ECDS update.
     pub fn reconfigure(&mut self, policy: &str) -> Result<(), HostError> {
-        self.enter(Phase::Configure, ROOT_CONTEXT);
+        self.enter(Callback::Configure, ROOT_CONTEXT);
         self.store.data_mut().plugin_configuration = policy.as_bytes().to_vec();
         let size = i32::try_from(policy.len()).unwrap_or(i32::MAX);
         if self.call::<(i32, i32), i32>("proxy_on_configure", (ROOT_CONTEXT, size))? == 0 {
@@ -355,9 +355,9 @@ impl Host {
             state.local_response = None;
             state.filter_state.clear();
         }
-        self.enter(Phase::Other, context);
+        self.enter(Callback::Other, context);
         self.call::<(i32, i32), ()>("proxy_on_context_create", (context, ROOT_CONTEXT))?;
-        self.enter(Phase::RequestHeaders, context);
+        self.enter(Callback::RequestHeaders, context);
         let count = i32::try_from(announced).unwrap_or(i32::MAX);
         let action = self.call::<(i32, i32, i32), i32>("proxy_on_request_headers", (context, count, 1))?;
         let state = self.store.data_mut();
@@ -378,7 +378,7 @@ impl Host {
     }
 
     /// Enters a callback of `context`: on Kong, what the filter may call depends on it.
-    fn enter(&mut self, phase: Phase, context: i32) {
+    fn enter(&mut self, phase: Callback, context: i32) {
         let state = self.store.data_mut();
         state.phase = phase;
         state.current = context;
@@ -397,6 +397,28 @@ impl Host {
     /// The next call of `import` traps, as when a host aborts the call.
     pub fn trap_next(&mut self, import: &'static str) {
         self.store.data_mut().trap_next = Some(import);
+    }
+
+    /// Fires the root context's timer while the host is in `callback` (to show what a host
+    /// allows where: Kong traps a callout outside request headers, ticks and callout answers).
+    pub fn tick_during(&mut self, callback: Callback) -> Result<(), HostError> {
+        self.enter(callback, ROOT_CONTEXT);
+        self.call::<i32, ()>("proxy_on_tick", ROOT_CONTEXT)
+    }
+
+    /// Delivers a request's headers while no request is current, as a host does when a
+    /// filter works on a request from the root context (Kong's `set_effective_context` is a
+    /// no-op, so the request is never current there).
+    pub fn request_headers_from_root(&mut self, headers: &[(&str, &str)]) -> Result<i32, HostError> {
+        let context = self.next_context;
+        self.next_context += 1;
+        let (held, announced) = received(self.store.data().profile, headers);
+        self.store.data_mut().request_headers = held;
+        self.enter(Callback::Other, context);
+        self.call::<(i32, i32), ()>("proxy_on_context_create", (context, ROOT_CONTEXT))?;
+        self.enter(Callback::RequestHeaders, ROOT_CONTEXT);
+        let count = i32::try_from(announced).unwrap_or(i32::MAX);
+        self.call::<(i32, i32, i32), i32>("proxy_on_request_headers", (context, count, 1))
     }
 
     /// The host's profile.
@@ -431,7 +453,7 @@ impl Host {
     }
 
     fn finish(&mut self, context: i32) -> Result<(), HostError> {
-        self.enter(Phase::Other, context);
+        self.enter(Callback::Other, context);
         self.call::<i32, i32>("proxy_on_done", context)?;
         self.call::<i32, ()>("proxy_on_log", context)?;
         self.call::<i32, ()>("proxy_on_delete", context)
@@ -441,7 +463,7 @@ impl Host {
     /// must answer it (fail closed), not trap. The local response, if any.
     pub fn request_on_unknown_context(&mut self) -> Result<Option<u32>, HostError> {
         self.store.data_mut().local_response = None;
-        self.enter(Phase::RequestHeaders, 9999);
+        self.enter(Callback::RequestHeaders, 9999);
         self.call::<(i32, i32, i32), i32>("proxy_on_request_headers", (9999, 0, 1))?;
         Ok(self.store.data_mut().local_response.take().map(|(status, _, _)| status))
     }
@@ -451,6 +473,11 @@ impl Host {
         self.store.data_mut().now_nanos += by.as_nanos() as u64;
     }
 
+    /// Sets the VM's clock to `unix_seconds`.
+    pub fn set_clock(&mut self, unix_seconds: i64) {
+        self.store.data_mut().now_nanos = u64::try_from(unix_seconds).unwrap_or(0) * 1_000_000_000;
+    }
+
     /// The VM's clock, Unix seconds.
     pub fn now(&self) -> i64 {
         (self.store.data().now_nanos / 1_000_000_000) as i64
@@ -458,7 +485,7 @@ impl Host {
 
     /// Fires the root context's timer, as the host does every tick period.
     pub fn tick(&mut self) -> Result<(), HostError> {
-        self.enter(Phase::Tick, ROOT_CONTEXT);
+        self.enter(Callback::Tick, ROOT_CONTEXT);
         self.call::<i32, ()>("proxy_on_tick", ROOT_CONTEXT)
     }
 
@@ -492,7 +519,7 @@ impl Host {
         if let Some(held) = state.parked.get(&context) {
             state.request_headers = held.clone();
         }
-        self.enter(Phase::CallResponse, context);
+        self.enter(Callback::CallResponse, context);
         let body_size = i32::try_from(body.len()).unwrap_or(i32::MAX);
         let result = self.call::<(i32, i32, i32, i32, i32), ()>(
             "proxy_on_http_call_response",
@@ -507,7 +534,7 @@ impl Host {
         if self.store.data().finished.contains_key(&context) {
             self.finish(context)?;
         }
-        self.enter(Phase::Other, ROOT_CONTEXT);
+        self.enter(Callback::Other, ROOT_CONTEXT);
         Ok(())
     }
 
@@ -693,6 +720,37 @@ fn names(profile: Profile, header: &Header, name: &str) -> bool {
     }
 }
 
+/// Removes `name`: Envoy drops it; nginx marks every copy (and still forwards them).
+fn remove_header(profile: Profile, headers: &mut Vec<Header>, name: &str) {
+    for header in headers.iter_mut().filter(|h| names(profile, h, name)) {
+        header.removed = true;
+    }
+    if profile == Profile::Envoy {
+        headers.retain(|h| !h.removed);
+    }
+}
+
+/// Sets `name` to `value`: Envoy replaces every copy with one; nginx replaces the first live
+/// copy in place (name and value) and marks the others; either adds it when absent.
+fn replace_header(profile: Profile, headers: &mut Vec<Header>, name: &str, value: &str) {
+    let name = if profile == Profile::Envoy { name.to_ascii_lowercase() } else { name.to_string() };
+    let mut replaced = false;
+    for header in headers.iter_mut().filter(|h| !h.removed && names(profile, h, &name)) {
+        match (profile, replaced) {
+            (Profile::Kong, false) => {
+                header.name = name.clone();
+                header.value = value.to_string();
+                replaced = true;
+            }
+            _ => header.removed = true,
+        }
+    }
+    headers.retain(|h| profile == Profile::Kong || !h.removed);
+    if !replaced {
+        headers.push(Header { name, value: value.to_string(), removed: false });
+    }
+}
+
 /// Kong: request headers exist only within a request; the worker dies otherwise.
 fn current_request(c: &Caller<'_, State>) -> wasmtime::Result<bool> {
     let state = c.data();
@@ -737,7 +795,7 @@ fn deserialize_map(bytes: &[u8]) -> Vec<(String, String)> {
 // ---- proxy-wasm ABI 0.2.1 -------------------------------------------------------------------
 
 /// Phases in which Kong allows `proxy_http_call`.
-const KONG_CALLOUT_PHASES: &[Phase] = &[Phase::RequestHeaders, Phase::Tick, Phase::CallResponse];
+const KONG_CALLOUT_PHASES: &[Callback] = &[Callback::RequestHeaders, Callback::Tick, Callback::CallResponse];
 
 fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
     linker.func_wrap(
@@ -869,13 +927,7 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             }
             let key = read_string(&mut c, kptr, klen)?;
             let state = c.data_mut();
-            let profile = state.profile;
-            for header in state.request_headers.iter_mut().filter(|h| names(profile, h, &key)) {
-                header.removed = true;
-            }
-            if profile == Profile::Envoy {
-                state.request_headers.retain(|h| !h.removed);
-            }
+            remove_header(state.profile, &mut state.request_headers, &key);
             Ok(OK)
         },
     )?;
@@ -899,31 +951,11 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                 let key = read_string(&mut c, kptr, klen)?;
                 let value = read_string(&mut c, vptr, vlen)?;
                 let state = c.data_mut();
-                let profile = state.profile;
-                let key = if profile == Profile::Envoy { key.to_ascii_lowercase() } else { key };
-                let headers = &mut state.request_headers;
                 if replace {
-                    match profile {
-                        Profile::Envoy => headers.retain(|h| h.name != key),
-                        // nginx: the first live copy is replaced in place, later ones marked.
-                        Profile::Kong => {
-                            let mut first = true;
-                            for header in headers.iter_mut().filter(|h| !h.removed && h.name.eq_ignore_ascii_case(&key)) {
-                                if first {
-                                    header.name = key.clone();
-                                    header.value = value.clone();
-                                    first = false;
-                                } else {
-                                    header.removed = true;
-                                }
-                            }
-                            if !first {
-                                return Ok(OK);
-                            }
-                        }
-                    }
+                    replace_header(state.profile, &mut state.request_headers, &key, &value);
+                } else {
+                    state.request_headers.push(Header { name: key, value, removed: false });
                 }
-                headers.push(Header { name: key, value, removed: false });
                 Ok(OK)
             },
         )?;
@@ -1270,4 +1302,69 @@ fn define_wasi(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         Err(wasmtime::Error::msg(format!("proc_exit({code})")))
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(headers: &[Header]) -> Vec<(&str, &str, bool)> {
+        headers.iter().map(|h| (h.name.as_str(), h.value.as_str(), h.removed)).collect()
+    }
+
+    #[test]
+    fn kong_passes_names_in_the_client_case_and_its_own_authority() {
+        let (held, count) = received(Profile::Kong, &[(":method", "GET"), (":path", "/a"), (":authority", "api.example.com"), ("Authorization", "Bearer t")]);
+        let view = visible(Profile::Kong, &held);
+        assert!(view.contains(&("Authorization".into(), "Bearer t".into())));
+        assert!(view.contains(&(":authority".into(), KONG_SERVER_NAME.into())));
+        assert!(view.contains(&("Host".into(), "api.example.com".into())));
+        assert!(!view.iter().any(|(n, _)| n.eq_ignore_ascii_case("x-request-id")), "none unless sent");
+        assert_eq!(count, 2, "the client's headers");
+        let (held, _) = received(Profile::Envoy, &[("Authorization", "Bearer t")]);
+        assert_eq!(visible(Profile::Envoy, &held), vec![("authorization".to_string(), "Bearer t".to_string())]);
+    }
+
+    #[test]
+    fn kong_passes_the_first_100_headers_pseudo_headers_first() {
+        let names: Vec<String> = (0..120).map(|i| format!("x-h{i}")).collect();
+        let mut sent: Vec<(&str, &str)> = vec![(":method", "GET"), (":path", "/a")];
+        sent.extend(names.iter().map(|n| (n.as_str(), "v")));
+        let (held, count) = received(Profile::Kong, &sent);
+        let view = visible(Profile::Kong, &held);
+        assert_eq!(view.len(), KONG_MAX_HEADERS);
+        assert_eq!(count, 120);
+        assert!(view.first().is_some_and(|(n, _)| n.starts_with(':')));
+        assert!(!view.iter().any(|(n, _)| n == "x-h119"), "a header past the limit is not seen");
+    }
+
+    #[test]
+    fn kong_decodes_the_path() {
+        assert_eq!(percent_decoded_path("/invoices/42/%61pprove?q=%2F"), "/invoices/42/approve?q=%2F");
+        let (held, _) = received(Profile::Kong, &[(":path", "/caf%C3%A9")]);
+        assert!(visible(Profile::Kong, &held).contains(&(":path".into(), "/café".into())));
+    }
+
+    #[test]
+    fn kong_marks_a_removed_header_and_still_forwards_it() {
+        let mut headers = received(Profile::Kong, &[("Authorization", "Bearer t"), ("X-Agent-Id", "root")]).0;
+        remove_header(Profile::Kong, &mut headers, "authorization");
+        assert!(!visible(Profile::Kong, &headers).iter().any(|(n, _)| n == "Authorization"), "hidden from the filter");
+        assert!(upstream(Profile::Kong, &headers).contains(&("Authorization".into(), "Bearer t".into())), "but forwarded");
+        let mut envoy = received(Profile::Envoy, &[("Authorization", "Bearer t")]).0;
+        remove_header(Profile::Envoy, &mut envoy, "authorization");
+        assert!(upstream(Profile::Envoy, &envoy).is_empty());
+    }
+
+    #[test]
+    fn kong_replaces_the_first_copy_in_place_and_marks_the_rest() {
+        let mut headers = received(Profile::Kong, &[("X-Agent-Id", "root"), ("x-agent-id", "admin")]).0;
+        replace_header(Profile::Kong, &mut headers, "x-agent-id", "agent-7");
+        let kept: Vec<_> = pairs(&headers).into_iter().filter(|(n, _, _)| n.eq_ignore_ascii_case("x-agent-id")).collect();
+        assert_eq!(kept, vec![("x-agent-id", "agent-7", false), ("x-agent-id", "admin", true)]);
+        assert!(upstream(Profile::Kong, &headers).contains(&("x-agent-id".into(), "admin".into())), "the marked copy still arrives");
+        let mut envoy = received(Profile::Envoy, &[("x-agent-id", "root"), ("x-agent-id", "admin")]).0;
+        replace_header(Profile::Envoy, &mut envoy, "x-agent-id", "agent-7");
+        assert_eq!(upstream(Profile::Envoy, &envoy), vec![("x-agent-id".to_string(), "agent-7".to_string())]);
+    }
 }
