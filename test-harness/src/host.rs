@@ -269,7 +269,12 @@ impl Host {
         Host::start(policy, &Process::new(), &[], Profile::Kong)
     }
 
-    fn start(policy: &str, process: &Arc<Process>, lacking: &[&'static str], profile: Profile) -> Result<Host, HostError> {
+    fn start(
+        policy: &str,
+        process: &Arc<Process>,
+        lacking: &[&'static str],
+        profile: Profile,
+    ) -> Result<Host, HostError> {
         let (engine, module) = engine_and_module()?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         let state = State {
@@ -681,7 +686,10 @@ fn percent_decoded_path(target: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok()).and_then(|h| u8::from_str_radix(h, 16).ok());
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
         match (bytes[i], hex) {
             (b'%', Some(byte)) => {
                 out.push(byte);
@@ -756,7 +764,9 @@ fn current_request(c: &Caller<'_, State>) -> wasmtime::Result<bool> {
     let state = c.data();
     let in_request = state.current != ROOT_CONTEXT;
     if state.profile == Profile::Kong && !in_request {
-        return Err(wasmtime::Error::msg("request headers read with no current request: the nginx worker crashes (SIGSEGV)"));
+        return Err(wasmtime::Error::msg(
+            "request headers read with no current request: the nginx worker crashes (SIGSEGV)",
+        ));
     }
     Ok(in_request)
 }
@@ -908,7 +918,12 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             }
             let key = read_string(&mut c, kptr, klen)?;
             let profile = c.data().profile;
-            let value = c.data().request_headers.iter().find(|h| !h.removed && names(profile, h, &key)).map(|h| h.value.clone());
+            let value = c
+                .data()
+                .request_headers
+                .iter()
+                .find(|h| !h.removed && names(profile, h, &key))
+                .map(|h| h.value.clone());
             match value {
                 Some(v) => return_bytes(&mut c, v.as_bytes(), ptr_out, size_out),
                 None => Ok(NOT_FOUND),
@@ -1219,26 +1234,36 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             Ok(OK)
         },
     )?;
-    linker.func_wrap("env", "proxy_continue_stream", |mut c: Caller<'_, State>, _stream: i32| -> wasmtime::Result<i32> {
-        if let Some(status) = imposed(&mut c, "proxy_continue_stream")? {
-            return Ok(status);
-        }
-        let state = c.data_mut();
-        if state.parked.remove(&state.current).is_some() {
-            let upstream_headers = upstream(state.profile, &state.request_headers);
-            state.finished.insert(state.current, Outcome::Continued { upstream_headers });
-        }
-        Ok(OK)
-    })?;
-    linker.func_wrap("env", "proxy_close_stream", |mut c: Caller<'_, State>, _stream: i32| -> wasmtime::Result<i32> {
-        if let Some(status) = imposed(&mut c, "proxy_close_stream")? {
-            return Ok(status);
-        }
-        let state = c.data_mut();
-        state.parked.remove(&state.current);
-        state.finished.insert(state.current, Outcome::Responded { status: 0, headers: Vec::new(), body: "reset".into() });
-        Ok(OK)
-    })?;
+    linker.func_wrap(
+        "env",
+        "proxy_continue_stream",
+        |mut c: Caller<'_, State>, _stream: i32| -> wasmtime::Result<i32> {
+            if let Some(status) = imposed(&mut c, "proxy_continue_stream")? {
+                return Ok(status);
+            }
+            let state = c.data_mut();
+            if state.parked.remove(&state.current).is_some() {
+                let upstream_headers = upstream(state.profile, &state.request_headers);
+                state.finished.insert(state.current, Outcome::Continued { upstream_headers });
+            }
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_close_stream",
+        |mut c: Caller<'_, State>, _stream: i32| -> wasmtime::Result<i32> {
+            if let Some(status) = imposed(&mut c, "proxy_close_stream")? {
+                return Ok(status);
+            }
+            let state = c.data_mut();
+            state.parked.remove(&state.current);
+            state
+                .finished
+                .insert(state.current, Outcome::Responded { status: 0, headers: Vec::new(), body: "reset".into() });
+            Ok(OK)
+        },
+    )?;
     linker.func_wrap("env", "proxy_done", |_: Caller<'_, State>| -> i32 { OK })?;
     Ok(())
 }
@@ -1314,7 +1339,10 @@ mod tests {
 
     #[test]
     fn kong_passes_names_in_the_client_case_and_its_own_authority() {
-        let (held, count) = received(Profile::Kong, &[(":method", "GET"), (":path", "/a"), (":authority", "api.example.com"), ("Authorization", "Bearer t")]);
+        let (held, count) = received(
+            Profile::Kong,
+            &[(":method", "GET"), (":path", "/a"), (":authority", "api.example.com"), ("Authorization", "Bearer t")],
+        );
         let view = visible(Profile::Kong, &held);
         assert!(view.contains(&("Authorization".into(), "Bearer t".into())));
         assert!(view.contains(&(":authority".into(), KONG_SERVER_NAME.into())));
@@ -1350,7 +1378,10 @@ mod tests {
         let mut headers = received(Profile::Kong, &[("Authorization", "Bearer t"), ("X-Agent-Id", "root")]).0;
         remove_header(Profile::Kong, &mut headers, "authorization");
         assert!(!visible(Profile::Kong, &headers).iter().any(|(n, _)| n == "Authorization"), "hidden from the filter");
-        assert!(upstream(Profile::Kong, &headers).contains(&("Authorization".into(), "Bearer t".into())), "but forwarded");
+        assert!(
+            upstream(Profile::Kong, &headers).contains(&("Authorization".into(), "Bearer t".into())),
+            "but forwarded"
+        );
         let mut envoy = received(Profile::Envoy, &[("Authorization", "Bearer t")]).0;
         remove_header(Profile::Envoy, &mut envoy, "authorization");
         assert!(upstream(Profile::Envoy, &envoy).is_empty());
@@ -1360,9 +1391,13 @@ mod tests {
     fn kong_replaces_the_first_copy_in_place_and_marks_the_rest() {
         let mut headers = received(Profile::Kong, &[("X-Agent-Id", "root"), ("x-agent-id", "admin")]).0;
         replace_header(Profile::Kong, &mut headers, "x-agent-id", "agent-7");
-        let kept: Vec<_> = pairs(&headers).into_iter().filter(|(n, _, _)| n.eq_ignore_ascii_case("x-agent-id")).collect();
+        let kept: Vec<_> =
+            pairs(&headers).into_iter().filter(|(n, _, _)| n.eq_ignore_ascii_case("x-agent-id")).collect();
         assert_eq!(kept, vec![("x-agent-id", "agent-7", false), ("x-agent-id", "admin", true)]);
-        assert!(upstream(Profile::Kong, &headers).contains(&("x-agent-id".into(), "admin".into())), "the marked copy still arrives");
+        assert!(
+            upstream(Profile::Kong, &headers).contains(&("x-agent-id".into(), "admin".into())),
+            "the marked copy still arrives"
+        );
         let mut envoy = received(Profile::Envoy, &[("x-agent-id", "root"), ("x-agent-id", "admin")]).0;
         replace_header(Profile::Envoy, &mut envoy, "x-agent-id", "agent-7");
         assert_eq!(upstream(Profile::Envoy, &envoy), vec![("x-agent-id".to_string(), "agent-7".to_string())]);

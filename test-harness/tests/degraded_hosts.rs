@@ -80,7 +80,6 @@ fn a_policy_that_fetches_keys_is_refused_where_the_host_cannot_fetch() {
     assert!(logs.contains("provider \"corp-idp\" fetches its keys"), "{logs}");
     assert!(logs.contains("needs timer ticks and shared data"), "{logs}");
     assert!(logs.contains("(jwks)") && logs.contains("(jwks_file)"), "says what to do instead: {logs}");
-
 }
 
 #[test]

@@ -34,7 +34,8 @@ fn signer() -> Signer {
 }
 
 fn single_use_policy() -> String {
-    let mut p: Value = serde_json::from_str(&policy(&signer().jwks(), &read_invoice_rule(), "enforce")).unwrap_or_default();
+    let mut p: Value =
+        serde_json::from_str(&policy(&signer().jwks(), &read_invoice_rule(), "enforce")).unwrap_or_default();
     p["providers"][0]["single_use"] = json!(true);
     p["providers"][0]["max_lifetime_seconds"] = json!(600);
     p.to_string()
@@ -156,9 +157,13 @@ fn every_status_while_fetching_keys_fails_closed_and_the_vm_lives_on() {
 #[test]
 fn a_trap_in_the_middle_of_a_request_leaves_later_requests_working() {
     let mut host = Host::new(&single_use_policy()).unwrap_or_else(|e| panic!("{e}"));
-    for import in
-        ["proxy_get_header_map_pairs", "proxy_get_property", "proxy_get_shared_data", "proxy_replace_header_map_value", "proxy_log"]
-    {
+    for import in [
+        "proxy_get_header_map_pairs",
+        "proxy_get_property",
+        "proxy_get_shared_data",
+        "proxy_replace_header_map_value",
+        "proxy_log",
+    ] {
         host.trap_next(import);
         let auth = token(&host, &format!("{import}-trapped"));
         assert!(matches!(send(&mut host, Some(&auth), "/invoices/7"), Err(HostError::Trap(_))), "{import}");
@@ -167,7 +172,11 @@ fn a_trap_in_the_middle_of_a_request_leaves_later_requests_working() {
         assert_eq!(outcome.status(), 200, "{import}: {outcome:?}");
         assert_eq!(outcome.header("x-agent-id"), Some("agent-7"));
         assert_eq!(send(&mut host, None, "/invoices/7").map(|o| o.status()), Ok(401), "{import}");
-        assert_eq!(send(&mut host, Some(&auth), "/invoices/7").map(|o| o.status()), Ok(401), "{import}: replay still caught");
+        assert_eq!(
+            send(&mut host, Some(&auth), "/invoices/7").map(|o| o.status()),
+            Ok(401),
+            "{import}: replay still caught"
+        );
     }
 }
 

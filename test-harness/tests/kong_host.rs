@@ -102,7 +102,8 @@ fn kong_logs_an_error_for_connection_properties_outside_a_request_and_mtls_bindi
         other => panic!("expected a refusal: {:?}", other.map(|_| "running")),
     };
     assert!(logs.iter().any(|l| l.contains("cannot get scoped properties outside of a request")), "{logs:?}");
-    let ours: Vec<&String> = logs.iter().filter(|l| l.starts_with("agentgate:") && l.contains("bind_mtls_peer")).collect();
+    let ours: Vec<&String> =
+        logs.iter().filter(|l| l.starts_with("agentgate:") && l.contains("bind_mtls_peer")).collect();
     assert_eq!(ours.len(), 1, "one clear line: {logs:?}");
     // A policy that does not bind starts without touching them.
     let host = kong(&inline_policy());
@@ -146,7 +147,8 @@ fn without_waiting_a_new_kid_is_refused_and_refetched_at_the_next_tick() {
     let mut host = kong(&remote_policy(0));
     host.tick().unwrap_or_else(|e| panic!("{e}"));
     let call = host.pending_http_calls().remove(0);
-    host.respond(call.token, 200, &Signer::es256("other", 9).jwks().to_string().into_bytes()).unwrap_or_else(|e| panic!("{e}"));
+    host.respond(call.token, 200, &Signer::es256("other", 9).jwks().to_string().into_bytes())
+        .unwrap_or_else(|e| panic!("{e}"));
     let auth = bearer(&host);
     assert_eq!(get(&mut host, &[("Authorization", &auth)]).status(), 401);
     assert_eq!(last_audit(&host)["reason"], "unknown_kid");
@@ -174,7 +176,8 @@ fn a_stripped_header_sent_twice_or_headers_past_the_hundredth_are_refused() {
 fn audit_headers_reach_the_upstream_as_on_envoy() {
     let mut host = kong(&inline_policy());
     let auth = bearer(&host);
-    let outcome = get(&mut host, &[("Authorization", &auth), ("X-Agent-Rule", "admin"), ("x-agent-on-behalf-of", "ceo")]);
+    let outcome =
+        get(&mut host, &[("Authorization", &auth), ("X-Agent-Rule", "admin"), ("x-agent-on-behalf-of", "ceo")]);
     assert_eq!(outcome.status(), 200, "{outcome:?}");
     assert_eq!(upstream(&outcome, "x-agent-decision"), vec!["allow"]);
     assert_eq!(upstream(&outcome, "x-agent-rule"), vec!["read-invoice"], "replaced in place");
@@ -229,7 +232,8 @@ fn every_shared_decision_case_decides_on_kong_as_on_envoy() {
     assert!(list.len() >= 10);
     for profile in ["kong", "envoy"] {
         let policy = cases["policy"].to_string();
-        let mut host = if profile == "kong" { kong(&policy) } else { Host::new(&policy).unwrap_or_else(|e| panic!("{e}")) };
+        let mut host =
+            if profile == "kong" { kong(&policy) } else { Host::new(&policy).unwrap_or_else(|e| panic!("{e}")) };
         host.set_clock(cases["now"].as_i64().unwrap_or_default());
         for case in &list {
             let name = format!("{profile}: {}", case["name"].as_str().unwrap_or_default());
@@ -260,7 +264,11 @@ fn every_shared_decision_case_decides_on_kong_as_on_envoy() {
             if expect["decision"] == "allow" {
                 assert!(matches!(outcome, Outcome::Continued { .. }), "{name}: {outcome:?}");
                 for (header, value) in expect["headers"].as_object().into_iter().flatten() {
-                    assert_eq!(upstream(&outcome, header), vec![value.as_str().unwrap_or_default()], "{name}: {header}");
+                    assert_eq!(
+                        upstream(&outcome, header),
+                        vec![value.as_str().unwrap_or_default()],
+                        "{name}: {header}"
+                    );
                 }
                 assert!(upstream(&outcome, "authorization").iter().all(|v| v.is_empty()), "{name}: token forwarded");
             } else {

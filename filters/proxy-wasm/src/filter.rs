@@ -95,8 +95,13 @@ pub fn decide(host: &dyn Host, shared: &Shared, announced: usize, nginx: bool, m
     }
     if let (true, Action::Continue { remove, .. }) = (nginx, &decision.action) {
         // nginx cannot strip a repeated header (only its first copy is replaced in place).
-        if let Some(name) = remove.iter().find(|name| headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).count() > 1) {
-            host.log(Level::Error, &format!("agentgate: header {name} sent more than once cannot be stripped on this host: refused"));
+        if let Some(name) =
+            remove.iter().find(|name| headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).count() > 1)
+        {
+            host.log(
+                Level::Error,
+                &format!("agentgate: header {name} sent more than once cannot be stripped on this host: refused"),
+            );
             return Step::Done(refuse_request(host, metrics, Reason::HostError));
         }
     }

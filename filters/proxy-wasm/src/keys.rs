@@ -91,7 +91,14 @@ pub fn tick(host: &dyn Host, shared: &Shared, now: i64) -> Vec<(usize, Fetch)> {
 
 /// Dispatches `fetch` for provider `index`; the callout's token, or `None` when the host
 /// refused it (recorded as a failed fetch). `wait_ms` caps the timeout of a request's fetch.
-pub fn dispatch(host: &dyn Host, shared: &Shared, index: usize, fetch: &Fetch, wait_ms: Option<u64>, now: i64) -> Option<u32> {
+pub fn dispatch(
+    host: &dyn Host,
+    shared: &Shared,
+    index: usize,
+    fetch: &Fetch,
+    wait_ms: Option<u64>,
+    now: i64,
+) -> Option<u32> {
     let remote = remote_of(&shared.gate, index)?;
     let headers = [
         (":method", "GET"),
@@ -114,7 +121,14 @@ pub fn dispatch(host: &dyn Host, shared: &Shared, index: usize, fetch: &Fetch, w
 
 /// Handles a callout's answer: records it, installs new keys; `Some` when another fetch
 /// follows (discovery found the JWKS URL).
-pub fn on_response(host: &dyn Host, shared: &Shared, index: usize, stage: Stage, body_size: usize, now: i64) -> Option<Fetch> {
+pub fn on_response(
+    host: &dyn Host,
+    shared: &Shared,
+    index: usize,
+    stage: Stage,
+    body_size: usize,
+    now: i64,
+) -> Option<Fetch> {
     let max_bytes = remote_of(&shared.gate, index)?.max_bytes;
     let status = host
         .header_map(Map::CallResponseHeaders)
@@ -134,7 +148,14 @@ pub fn on_response(host: &dyn Host, shared: &Shared, index: usize, stage: Stage,
 }
 
 /// Records a fetch's outcome in the shared record, installs new keys, logs and counts.
-fn settle(host: &dyn Host, shared: &Shared, index: usize, stage: Stage, response: Response<'_>, now: i64) -> Option<Fetch> {
+fn settle(
+    host: &dyn Host,
+    shared: &Shared,
+    index: usize,
+    stage: Stage,
+    response: Response<'_>,
+    now: i64,
+) -> Option<Fetch> {
     let (gate, metrics) = (&shared.gate, &shared.metrics);
     let provider = gate.policy().providers.get(index)?;
     let remote = provider.remote.as_ref()?;

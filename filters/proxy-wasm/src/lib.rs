@@ -179,7 +179,15 @@ impl<H: Host> Vm<H> {
     }
 
     /// Dispatches a key fetch whose answer comes back to `owner`; false when the host refused.
-    fn dispatch(&self, owner: Owner, shared: &Rc<Shared>, provider: usize, fetch: &Fetch, wait_ms: Option<u64>, now: i64) -> bool {
+    fn dispatch(
+        &self,
+        owner: Owner,
+        shared: &Rc<Shared>,
+        provider: usize,
+        fetch: &Fetch,
+        wait_ms: Option<u64>,
+        now: i64,
+    ) -> bool {
         let Some(token) = keys::dispatch(&self.host, shared, provider, fetch, wait_ms, now) else { return false };
         let call = Call { owner, shared: Rc::clone(shared), provider, stage: fetch.stage, wait_ms };
         self.calls.borrow_mut().insert(token, call);
@@ -230,7 +238,8 @@ impl<H: Host> Vm<H> {
 
     pub fn on_http_call_response(&self, id: u32, token: u32, body_size: usize) {
         let Some(call) = self.calls.borrow_mut().remove(&token) else {
-            self.host.log(Level::Warn, &format!("agentgate: an answer to callout {token}, which this filter did not make"));
+            self.host
+                .log(Level::Warn, &format!("agentgate: an answer to callout {token}, which this filter did not make"));
             return;
         };
         let now = host::now_ms(&self.host).map_or(0, seconds);

@@ -6,6 +6,8 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+type Headers = Vec<(String, String)>;
+
 #[derive(Default)]
 pub struct State {
     pub now_nanos: u64,
@@ -16,11 +18,11 @@ pub struct State {
     pub logs: Vec<(Level, String)>,
     /// Header changes in order: (name, Some(value)) replaced, (name, None) removed.
     pub changes: Vec<(String, Option<String>)>,
-    pub response: Option<(u16, Vec<(String, String)>, String)>,
+    pub response: Option<(u16, Headers, String)>,
     pub continued: usize,
     /// Callouts dispatched: (token, upstream, headers).
-    pub calls: Vec<(u32, String, Vec<(String, String)>)>,
-    pub call_response: Option<(Vec<(String, String)>, Vec<u8>)>,
+    pub calls: Vec<(u32, String, Headers)>,
+    pub call_response: Option<(Headers, Vec<u8>)>,
     pub tick_ms: Option<u32>,
     /// Host calls answered with this status (by method name).
     pub refuse: HashMap<&'static str, u32>,

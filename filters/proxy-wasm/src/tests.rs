@@ -129,12 +129,17 @@ fn a_request_waiting_for_keys_fetches_them_itself_and_is_answered_in_its_own_con
     assert_eq!(upstream, "idp");
     assert!(call_headers.contains(&(":path".into(), "/keys.json".into())));
     // An answer delivered to another context is not taken for this request.
-    mock.state().call_response = Some((vec![(":status".into(), "200".into())], signer().jwks().to_string().into_bytes()));
+    mock.state().call_response =
+        Some((vec![(":status".into(), "200".into())], signer().jwks().to_string().into_bytes()));
     vm.on_http_call_response(3, token_id, signer().jwks().to_string().len());
     assert_eq!(mock.state().continued, 0);
     assert!(mock.state().logs.iter().any(|(l, m)| *l == Level::Error && m.contains("answered in context 3")));
     // The next request's own callout comes back to it.
-    assert_eq!(request(&vm, &mock, 4, headers(&[("authorization", &auth)])), CONTINUE, "keys installed by the first answer");
+    assert_eq!(
+        request(&vm, &mock, 4, headers(&[("authorization", &auth)])),
+        CONTINUE,
+        "keys installed by the first answer"
+    );
 }
 
 #[test]
@@ -160,7 +165,11 @@ fn a_failed_fetch_fails_the_waiting_request_closed() {
     vm.on_http_call_response(2, token_id, 0);
     assert_eq!(mock.state().continued, 0);
     assert_eq!(status(&mock), Some(401));
-    assert!(mock.state().logs.iter().any(|(_, m)| m.contains("\"reason\":\"keys_unavailable\"")), "{:?}", mock.state().logs);
+    assert!(
+        mock.state().logs.iter().any(|(_, m)| m.contains("\"reason\":\"keys_unavailable\"")),
+        "{:?}",
+        mock.state().logs
+    );
 }
 
 #[test]
@@ -186,9 +195,7 @@ fn mtls_binding_is_refused_where_the_peer_property_fails_and_asked_only_then() {
     let mut p: Value = serde_json::from_str(&inline_policy()).unwrap();
     p["rules"][0]["require"]["bind_mtls_peer"] = json!(true);
     let failing = |m: &Mock| {
-        m.state()
-            .properties
-            .insert("connection.uri_san_peer_certificate".into(), Err(INTERNAL_FAILURE));
+        m.state().properties.insert("connection.uri_san_peer_certificate".into(), Err(INTERNAL_FAILURE));
     };
     let logs = vm(&p.to_string(), failing).err().unwrap();
     let errors: Vec<&String> = logs.iter().filter(|l| l.contains("bind_mtls_peer")).collect();
@@ -233,5 +240,11 @@ fn on_nginx_a_repeated_stripped_header_or_hidden_headers_are_refused() {
     // Once: emptied in place, then removed (nginx still forwards the name).
     assert_eq!(request(&vm, &mock, 4, headers(&[("Authorization", &auth), ("x-agent-on-behalf-of", "a")])), CONTINUE);
     let changes = mock.state().changes.clone();
-    assert!(changes.starts_with(&[("x-agent-on-behalf-of".into(), Some(String::new())), ("x-agent-on-behalf-of".into(), None)]), "{changes:?}");
+    assert!(
+        changes.starts_with(&[
+            ("x-agent-on-behalf-of".into(), Some(String::new())),
+            ("x-agent-on-behalf-of".into(), None)
+        ]),
+        "{changes:?}"
+    );
 }
