@@ -514,30 +514,35 @@ impl Host {
         self.answer(token, Vec::new(), b"")
     }
 
+    /// Delivers a callout's answer as both hosts do: on the root context. Envoy leaves the
+    /// root context current (the filter asks for its request with `set_effective_context`);
+    /// Kong answers a request's callout with that request current.
     fn answer(&mut self, token: u32, headers: Headers, body: &[u8]) -> Result<(), HostError> {
         let state = self.store.data_mut();
-        let context = state.calls.iter().find(|c| c.token == token).map_or(ROOT_CONTEXT, |c| c.context);
+        let owner = state.calls.iter().find(|c| c.token == token).map_or(ROOT_CONTEXT, |c| c.context);
         state.calls.retain(|c| c.token != token);
         let headers_count = headers.len();
         state.call_response = Some((headers, body.to_vec()));
-        // The answer goes to the context that made the call, its request current again.
-        if let Some(held) = state.parked.get(&context) {
-            state.request_headers = held.clone();
-        }
-        self.enter(Callback::CallResponse, context);
+        let current = match state.profile {
+            Profile::Kong => owner,
+            Profile::Envoy => ROOT_CONTEXT,
+        };
+        state.request_headers = state.parked.get(&current).cloned().unwrap_or_default();
+        self.enter(Callback::CallResponse, current);
         let body_size = i32::try_from(body.len()).unwrap_or(i32::MAX);
         let result = self.call::<(i32, i32, i32, i32, i32), ()>(
             "proxy_on_http_call_response",
-            (context, token as i32, i32::try_from(headers_count).unwrap_or(0), body_size, 0),
+            (ROOT_CONTEXT, token as i32, i32::try_from(headers_count).unwrap_or(0), body_size, 0),
         );
         let state = self.store.data_mut();
         state.call_response = None;
-        if let Some(held) = state.parked.get_mut(&context) {
+        let current = state.current;
+        if let Some(held) = state.parked.get_mut(&current) {
             *held = std::mem::take(&mut state.request_headers);
         }
         result?;
-        if self.store.data().finished.contains_key(&context) {
-            self.finish(context)?;
+        if owner != ROOT_CONTEXT && self.store.data().finished.contains_key(&owner) {
+            self.finish(owner)?;
         }
         self.enter(Callback::Other, ROOT_CONTEXT);
         Ok(())

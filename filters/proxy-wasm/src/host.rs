@@ -48,6 +48,9 @@ pub trait Host {
     fn replace_request_header(&self, name: &str, value: &str) -> bool;
     fn remove_request_header(&self, name: &str) -> bool;
     fn send_response(&self, status: u16, headers: &[(String, String)], body: &str) -> bool;
+    /// Makes request `context` the current one (Envoy answers every callout on the root
+    /// context; Kong answers a request's callout with that request current and ignores this).
+    fn set_effective_context(&self, context: u32) -> bool;
     /// Lets the current (paused) request go on.
     fn continue_request(&self) -> bool;
     /// Resets the current request's stream (when it cannot be answered).
@@ -156,6 +159,7 @@ mod raw {
             grpc_status: i32,
         ) -> u32;
         fn proxy_continue_stream(stream_type: u32) -> u32;
+        fn proxy_set_effective_context(context_id: u32) -> u32;
         fn proxy_close_stream(stream_type: u32) -> u32;
         fn proxy_get_property(path_data: *const u8, path_size: usize, value: *mut *mut u8, size: *mut usize) -> u32;
         fn proxy_set_property(path_data: *const u8, path_size: usize, value_data: *const u8, value_size: usize) -> u32;
@@ -330,6 +334,11 @@ mod raw {
                 )
             };
             result == OK
+        }
+
+        fn set_effective_context(&self, context: u32) -> bool {
+            // SAFETY: a plain integer argument.
+            unsafe { proxy_set_effective_context(context) == OK }
         }
 
         fn continue_request(&self) -> bool {

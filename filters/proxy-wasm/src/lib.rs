@@ -250,14 +250,15 @@ impl<H: Host> Vm<H> {
             }
         }
         let Owner::Stream(owner) = call.owner else { return };
-        if owner != id {
-            // Never handle a request from another context.
-            host.log(Level::Error, &format!("agentgate: callout of request {owner} answered in context {id}: ignored"));
-            return;
-        }
         let stream = self.streams.borrow().get(&owner).cloned();
         // The request may be gone (the client left): the keys are installed all the same.
         let Some(stream) = stream else { return };
+        // Hosts answer on the root context (`id`): Envoy makes the request current on asking
+        // (and refuses a request that is gone); Kong answers a request's own callout with that
+        // request current already and ignores the call. No other request is ever touched.
+        if id != owner && !host.set_effective_context(owner) {
+            return;
+        }
         if self.decide(owner, &stream, false) == CONTINUE {
             host.continue_request();
         }

@@ -20,6 +20,8 @@ pub struct State {
     pub changes: Vec<(String, Option<String>)>,
     pub response: Option<(u16, Headers, String)>,
     pub continued: usize,
+    /// The contexts the filter made current, in order.
+    pub effective: Vec<u32>,
     /// Callouts dispatched: (token, upstream, headers).
     pub calls: Vec<(u32, String, Headers)>,
     pub call_response: Option<(Headers, Vec<u8>)>,
@@ -83,6 +85,10 @@ impl Host for Mock {
     }
     fn send_response(&self, status: u16, headers: &[(String, String)], body: &str) -> bool {
         self.state().response = Some((status, headers.to_vec(), body.to_string()));
+        true
+    }
+    fn set_effective_context(&self, context: u32) -> bool {
+        self.state().effective.push(context);
         true
     }
     fn continue_request(&self) -> bool {

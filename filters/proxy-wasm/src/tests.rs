@@ -120,7 +120,7 @@ fn the_host_header_is_the_authority_where_the_host_sends_both() {
 }
 
 #[test]
-fn a_request_waiting_for_keys_fetches_them_itself_and_is_answered_in_its_own_context() {
+fn a_request_waiting_for_keys_fetches_them_itself_and_is_made_current_for_the_answer() {
     let (vm, mock) = started(&remote_policy(1000));
     let auth = format!("Bearer {}", token());
     assert_eq!(request(&vm, &mock, 2, headers(&[("authorization", &auth)])), PAUSE);
@@ -128,18 +128,19 @@ fn a_request_waiting_for_keys_fetches_them_itself_and_is_answered_in_its_own_con
     let (token_id, upstream, call_headers) = mock.state().calls.last().cloned().unwrap();
     assert_eq!(upstream, "idp");
     assert!(call_headers.contains(&(":path".into(), "/keys.json".into())));
-    // An answer delivered to another context is not taken for this request.
-    mock.state().call_response =
-        Some((vec![(":status".into(), "200".into())], signer().jwks().to_string().into_bytes()));
-    vm.on_http_call_response(3, token_id, signer().jwks().to_string().len());
-    assert_eq!(mock.state().continued, 0);
-    assert!(mock.state().logs.iter().any(|(l, m)| *l == Level::Error && m.contains("answered in context 3")));
-    // The next request's own callout comes back to it.
-    assert_eq!(
-        request(&vm, &mock, 4, headers(&[("authorization", &auth)])),
-        CONTINUE,
-        "keys installed by the first answer"
-    );
+    // The host answers on the root context: the request is made current, and only it.
+    let body = signer().jwks().to_string().into_bytes();
+    mock.state().call_response = Some((vec![(":status".into(), "200".into())], body.clone()));
+    vm.on_http_call_response(ROOT, token_id, body.len());
+    assert_eq!(mock.state().effective, vec![2]);
+    assert_eq!(mock.state().continued, 1);
+    // Keys are installed for the next request.
+    assert_eq!(request(&vm, &mock, 4, headers(&[("authorization", &auth)])), CONTINUE);
+    // An answer for a request that is gone makes nothing current.
+    assert_eq!(request(&vm, &mock, 5, headers(&[("authorization", "Bearer x.y.z")])), PAUSE);
+    vm.on_delete(5);
+    vm.on_http_call_response(ROOT, 4242, 0);
+    assert_eq!(mock.state().effective, vec![2]);
 }
 
 #[test]
