@@ -4,7 +4,7 @@
 // Test code: a panic is how a test fails.
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use crate::host::{Level, INTERNAL_FAILURE};
+use crate::host::INTERNAL_FAILURE;
 use crate::mock::Mock;
 use crate::{Vm, CONTINUE, PAUSE};
 use agentgate_test_harness::tokens::{agent_claims, policy, read_invoice_rule, Signer};
