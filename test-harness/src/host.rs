@@ -20,6 +20,7 @@ const OK: i32 = 0;
 const NOT_FOUND: i32 = 1;
 const BAD_ARGUMENT: i32 = 2;
 const CAS_MISMATCH: i32 = 8;
+const INTERNAL_FAILURE: i32 = 10;
 const UNIMPLEMENTED: i32 = 12;
 const MAP_REQUEST_HEADERS: i32 = 0;
 const MAP_HTTP_CALL_RESPONSE_HEADERS: i32 = 6;
@@ -87,6 +88,8 @@ impl Outcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpCall {
     pub token: u32,
+    /// The context that dispatched it: its answer goes there.
+    pub context: i32,
     pub upstream: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
@@ -117,24 +120,81 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 type Headers = Vec<(String, String)>;
 
+/// Which host the harness behaves as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// Envoy 1.40 (and, with calls taken away by [`Host::lacking`], the APISIX-like host).
+    Envoy,
+    /// Kong's ngx_wasm_module as observed (`../shared/notes/kong.md`): see [`Host::kong`].
+    Kong,
+}
+
+/// The callback the host is in, for hosts that allow a call only in some of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Callback {
+    Start,
+    Configure,
+    Tick,
+    RequestHeaders,
+    CallResponse,
+    Other,
+}
+
+/// A request header as the host holds it. nginx removes a header by marking it, and its
+/// proxy module (nginx 1.22.1) still forwards a marked one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Header {
+    name: String,
+    value: String,
+    removed: bool,
+}
+
+/// How the harness answers one host call, for [`Host::answer_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// This status, doing nothing.
+    Status(i32),
+    /// Ok, with a pointer the filter did not hand out (where the call returns data).
+    GarbagePointer,
+    /// Ok, with a size larger than the buffer (where the call returns data).
+    GarbageSize,
+}
+
+/// Every status of the proxy-wasm ABI 0.2.1, and one it does not have.
+pub const ALL_STATUSES: &[i32] = &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 99];
+
+/// The name Kong's `:authority` carries: nginx's server name and port, not the Host header.
+pub const KONG_SERVER_NAME: &str = "kong.internal:8000";
+
+/// ngx_wasm_module passes at most this many request headers (pseudo-headers first).
+pub const KONG_MAX_HEADERS: usize = 100;
+
 struct State {
+    profile: Profile,
+    phase: Callback,
+    /// The context of the callback running now (the root context outside requests).
+    current: i32,
+    answers: HashMap<&'static str, Answer>,
+    /// The next call of this import traps (as a host that aborts on bad usage).
+    trap_next: Option<&'static str>,
+    /// Garbage to return from the import being called (set by `imposed`).
+    garbage: Option<Answer>,
     process: Arc<Process>,
     plugin_configuration: Vec<u8>,
     now_nanos: u64,
     rng: ChaCha8Rng,
     logs: Vec<(i32, String)>,
-    request_headers: Vec<(String, String)>,
+    request_headers: Vec<Header>,
     local_response: Option<(u32, Headers, Vec<u8>)>,
     properties: HashMap<String, Vec<u8>>,
     /// What the filter set with `proxy_set_property` during the last request (Envoy's
     /// filter state), by dotted path.
     filter_state: HashMap<String, Vec<u8>>,
-    /// The request whose headers `request_headers` holds now.
-    effective: i32,
+
     /// Host calls this host answers with Unimplemented, as weaker hosts do.
     lacking: Vec<&'static str>,
     /// Headers of requests the filter paused, by context id.
-    parked: HashMap<i32, Vec<(String, String)>>,
+    parked: HashMap<i32, Vec<Header>>,
     /// How paused requests ended, once the filter resumed or answered them.
     finished: HashMap<i32, Outcome>,
     tick_period_ms: u32,
@@ -188,18 +248,42 @@ impl Host {
     /// A VM on a host without the host calls (or property families) in `lacking` (see
     /// [`Host::lack`]), configured with `policy`: the weaker hosts (APISIX, Kong).
     pub fn lacking(policy: &str, lacking: &[&'static str]) -> Result<Host, HostError> {
-        Host::start(policy, &Process::new(), lacking)
+        Host::start(policy, &Process::new(), lacking, Profile::Envoy)
     }
 
     /// A VM configured with `policy` that shares `process` with other VMs.
     pub fn in_process(policy: &str, process: &Arc<Process>) -> Result<Host, HostError> {
-        Host::start(policy, process, &[])
+        Host::start(policy, process, &[], Profile::Envoy)
     }
 
-    fn start(policy: &str, process: &Arc<Process>, lacking: &[&'static str]) -> Result<Host, HostError> {
+    /// A VM on a host that behaves as Kong's ngx_wasm_module was seen to (kong.md): header
+    /// names in the client's case; the first [`KONG_MAX_HEADERS`] headers passed (pseudo-headers
+    /// first) while the count given is of all the client's headers; `:authority` the server
+    /// name ([`KONG_SERVER_NAME`]) beside the client's `Host`; `:path` percent-decoded; no
+    /// `x-request-id` unless sent; `proxy_http_call` outside request headers/body, ticks and
+    /// callout answers a fatal trap; `set_effective_context` a no-op; request headers read
+    /// with no current request a trap (a SIGSEGV of the worker there); a dotted property read
+    /// outside a request an error log and InternalFailure; a removed header marked and still
+    /// forwarded, a replaced one replaced in place (its first copy; later copies marked).
+    pub fn kong(policy: &str) -> Result<Host, HostError> {
+        Host::start(policy, &Process::new(), &[], Profile::Kong)
+    }
+
+    fn start(
+        policy: &str,
+        process: &Arc<Process>,
+        lacking: &[&'static str],
+        profile: Profile,
+    ) -> Result<Host, HostError> {
         let (engine, module) = engine_and_module()?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         let state = State {
+            profile,
+            phase: Callback::Start,
+            current: ROOT_CONTEXT,
+            answers: HashMap::new(),
+            trap_next: None,
+            garbage: None,
             process: Arc::clone(process),
             plugin_configuration: policy.as_bytes().to_vec(),
             now_nanos: now,
@@ -209,7 +293,6 @@ impl Host {
             local_response: None,
             properties: HashMap::new(),
             filter_state: HashMap::new(),
-            effective: 0,
             lacking: lacking.to_vec(),
             parked: HashMap::new(),
             finished: HashMap::new(),
@@ -232,6 +315,7 @@ impl Host {
         let started = host.call::<(i32, i32), i32>("proxy_on_vm_start", (ROOT_CONTEXT, 0))?;
         let configured = started != 0 && {
             let size = i32::try_from(policy.len()).unwrap_or(i32::MAX);
+            host.store.data_mut().phase = Callback::Configure;
             host.call::<(i32, i32), i32>("proxy_on_configure", (ROOT_CONTEXT, size))? != 0
         };
         if !configured {
@@ -242,6 +326,7 @@ impl Host {
 
     /// Delivers a new plugin configuration, as Envoy does on an ECDS update.
     pub fn reconfigure(&mut self, policy: &str) -> Result<(), HostError> {
+        self.enter(Callback::Configure, ROOT_CONTEXT);
         self.store.data_mut().plugin_configuration = policy.as_bytes().to_vec();
         let size = i32::try_from(policy.len()).unwrap_or(i32::MAX);
         if self.call::<(i32, i32), i32>("proxy_on_configure", (ROOT_CONTEXT, size))? == 0 {
@@ -262,34 +347,88 @@ impl Host {
         func.call(&mut self.store, params).map_err(trap)
     }
 
-    /// Sends a request's headers (pseudo-headers included) through the filter.
+    /// Sends a request's headers (pseudo-headers included) through the filter. On Kong, the
+    /// `:authority` given is the client's Host header, and names keep the case given.
     pub fn request(&mut self, headers: &[(&str, &str)]) -> Result<Outcome, HostError> {
         let context = self.next_context;
         self.next_context += 1;
+        let profile = self.store.data().profile;
+        let (held, announced) = received(profile, headers);
         {
             let state = self.store.data_mut();
-            state.request_headers = headers.iter().map(|(n, v)| (n.to_ascii_lowercase(), v.to_string())).collect();
+            state.request_headers = held;
             state.local_response = None;
             state.filter_state.clear();
-            state.effective = context;
         }
+        self.enter(Callback::Other, context);
         self.call::<(i32, i32), ()>("proxy_on_context_create", (context, ROOT_CONTEXT))?;
-        let count = i32::try_from(headers.len()).unwrap_or(i32::MAX);
+        self.enter(Callback::RequestHeaders, context);
+        let count = i32::try_from(announced).unwrap_or(i32::MAX);
         let action = self.call::<(i32, i32, i32), i32>("proxy_on_request_headers", (context, count, 1))?;
         let state = self.store.data_mut();
         let outcome = match (state.local_response.take(), action) {
             (Some((status, headers, body)), _) => {
                 Outcome::Responded { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
             }
-            (None, 0) => Outcome::Continued { upstream_headers: state.request_headers.clone() },
+            (None, 0) => Outcome::Continued { upstream_headers: upstream(profile, &state.request_headers) },
             (None, _) => {
-                let headers = state.request_headers.clone();
+                let headers = std::mem::take(&mut state.request_headers);
                 state.parked.insert(context, headers);
+                state.current = ROOT_CONTEXT;
                 return Ok(Outcome::Paused { context });
             }
         };
         self.finish(context)?;
         Ok(outcome)
+    }
+
+    /// Enters a callback of `context`: on Kong, what the filter may call depends on it.
+    fn enter(&mut self, phase: Callback, context: i32) {
+        let state = self.store.data_mut();
+        state.phase = phase;
+        state.current = context;
+    }
+
+    /// From now on, answers host call `import` with `answer` (see [`ALL_STATUSES`]).
+    pub fn answer_with(&mut self, import: &'static str, answer: Answer) {
+        self.store.data_mut().answers.insert(import, answer);
+    }
+
+    /// Answers every host call as the host would again.
+    pub fn answer_normally(&mut self) {
+        self.store.data_mut().answers.clear();
+    }
+
+    /// The next call of `import` traps, as when a host aborts the call.
+    pub fn trap_next(&mut self, import: &'static str) {
+        self.store.data_mut().trap_next = Some(import);
+    }
+
+    /// Fires the root context's timer while the host is in `callback` (to show what a host
+    /// allows where: Kong traps a callout outside request headers, ticks and callout answers).
+    pub fn tick_during(&mut self, callback: Callback) -> Result<(), HostError> {
+        self.enter(callback, ROOT_CONTEXT);
+        self.call::<i32, ()>("proxy_on_tick", ROOT_CONTEXT)
+    }
+
+    /// Delivers a request's headers while no request is current, as a host does when a
+    /// filter works on a request from the root context (Kong's `set_effective_context` is a
+    /// no-op, so the request is never current there).
+    pub fn request_headers_from_root(&mut self, headers: &[(&str, &str)]) -> Result<i32, HostError> {
+        let context = self.next_context;
+        self.next_context += 1;
+        let (held, announced) = received(self.store.data().profile, headers);
+        self.store.data_mut().request_headers = held;
+        self.enter(Callback::Other, context);
+        self.call::<(i32, i32), ()>("proxy_on_context_create", (context, ROOT_CONTEXT))?;
+        self.enter(Callback::RequestHeaders, ROOT_CONTEXT);
+        let count = i32::try_from(announced).unwrap_or(i32::MAX);
+        self.call::<(i32, i32, i32), i32>("proxy_on_request_headers", (context, count, 1))
+    }
+
+    /// The host's profile.
+    pub fn profile(&self) -> Profile {
+        self.store.data().profile
     }
 
     /// How a paused request ended, once the filter resumed or answered it.
@@ -319,20 +458,29 @@ impl Host {
     }
 
     fn finish(&mut self, context: i32) -> Result<(), HostError> {
+        self.enter(Callback::Other, context);
         self.call::<i32, i32>("proxy_on_done", context)?;
         self.call::<i32, ()>("proxy_on_log", context)?;
         self.call::<i32, ()>("proxy_on_delete", context)
     }
 
-    /// Calls `proxy_on_request_headers` for a context that was never created. The SDK panics
-    /// on that: used to prove that a panic inside the filter surfaces as an error.
-    pub fn request_on_unknown_context(&mut self) -> Result<i32, HostError> {
-        self.call::<(i32, i32, i32), i32>("proxy_on_request_headers", (9999, 0, 1))
+    /// Calls `proxy_on_request_headers` for a context that was never created: the filter
+    /// must answer it (fail closed), not trap. The local response, if any.
+    pub fn request_on_unknown_context(&mut self) -> Result<Option<u32>, HostError> {
+        self.store.data_mut().local_response = None;
+        self.enter(Callback::RequestHeaders, 9999);
+        self.call::<(i32, i32, i32), i32>("proxy_on_request_headers", (9999, 0, 1))?;
+        Ok(self.store.data_mut().local_response.take().map(|(status, _, _)| status))
     }
 
     /// Moves the VM's clock forward.
     pub fn advance_clock(&mut self, by: Duration) {
         self.store.data_mut().now_nanos += by.as_nanos() as u64;
+    }
+
+    /// Sets the VM's clock to `unix_seconds`.
+    pub fn set_clock(&mut self, unix_seconds: i64) {
+        self.store.data_mut().now_nanos = u64::try_from(unix_seconds).unwrap_or(0) * 1_000_000_000;
     }
 
     /// The VM's clock, Unix seconds.
@@ -342,6 +490,7 @@ impl Host {
 
     /// Fires the root context's timer, as the host does every tick period.
     pub fn tick(&mut self) -> Result<(), HostError> {
+        self.enter(Callback::Tick, ROOT_CONTEXT);
         self.call::<i32, ()>("proxy_on_tick", ROOT_CONTEXT)
     }
 
@@ -365,18 +514,38 @@ impl Host {
         self.answer(token, Vec::new(), b"")
     }
 
+    /// Delivers a callout's answer as both hosts do: on the root context. Envoy leaves the
+    /// root context current (the filter asks for its request with `set_effective_context`);
+    /// Kong answers a request's callout with that request current.
     fn answer(&mut self, token: u32, headers: Headers, body: &[u8]) -> Result<(), HostError> {
         let state = self.store.data_mut();
+        let owner = state.calls.iter().find(|c| c.token == token).map_or(ROOT_CONTEXT, |c| c.context);
         state.calls.retain(|c| c.token != token);
         let headers_count = headers.len();
         state.call_response = Some((headers, body.to_vec()));
+        let current = match state.profile {
+            Profile::Kong => owner,
+            Profile::Envoy => ROOT_CONTEXT,
+        };
+        state.request_headers = state.parked.get(&current).cloned().unwrap_or_default();
+        self.enter(Callback::CallResponse, current);
         let body_size = i32::try_from(body.len()).unwrap_or(i32::MAX);
         let result = self.call::<(i32, i32, i32, i32, i32), ()>(
             "proxy_on_http_call_response",
             (ROOT_CONTEXT, token as i32, i32::try_from(headers_count).unwrap_or(0), body_size, 0),
         );
-        self.store.data_mut().call_response = None;
-        result
+        let state = self.store.data_mut();
+        state.call_response = None;
+        let current = state.current;
+        if let Some(held) = state.parked.get_mut(&current) {
+            *held = std::mem::take(&mut state.request_headers);
+        }
+        result?;
+        if owner != ROOT_CONTEXT && self.store.data().finished.contains_key(&owner) {
+            self.finish(owner)?;
+        }
+        self.enter(Callback::Other, ROOT_CONTEXT);
+        Ok(())
     }
 
     /// Sets a host property such as `source.address` (path segments joined with '.').
@@ -445,7 +614,8 @@ fn write(caller: &mut Caller<'_, State>, ptr: i32, bytes: &[u8]) -> wasmtime::Re
     Ok(())
 }
 
-/// Copies `data` into guest memory it allocates, and stores the pointer and size.
+/// Copies `data` into guest memory it allocates, and stores the pointer and size (or garbage
+/// in their place, when the test asked for it).
 fn return_bytes(caller: &mut Caller<'_, State>, data: &[u8], ptr_out: i32, size_out: i32) -> wasmtime::Result<i32> {
     let alloc = match caller.get_export("proxy_on_memory_allocate") {
         Some(Extern::Func(f)) => f.typed::<i32, i32>(&*caller)?,
@@ -454,9 +624,156 @@ fn return_bytes(caller: &mut Caller<'_, State>, data: &[u8], ptr_out: i32, size_
     let size = i32::try_from(data.len())?;
     let ptr = alloc.call(&mut *caller, size)?;
     write(caller, ptr, data)?;
+    let (ptr, size) = match caller.data_mut().garbage.take() {
+        Some(Answer::GarbagePointer) => (ptr.wrapping_add(8), size),
+        Some(Answer::GarbageSize) => (ptr, size.saturating_add(4096)),
+        _ => (ptr, size),
+    };
     write(caller, ptr_out, &ptr.to_le_bytes())?;
     write(caller, size_out, &size.to_le_bytes())?;
     Ok(OK)
+}
+
+/// What the test imposes on `import`: a trap, a status, or garbage in what it returns.
+fn imposed(c: &mut Caller<'_, State>, import: &'static str) -> wasmtime::Result<Option<i32>> {
+    let state = c.data_mut();
+    state.garbage = None;
+    if state.trap_next == Some(import) {
+        state.trap_next = None;
+        return Err(wasmtime::Error::msg(format!("host trap in {import} (injected)")));
+    }
+    match state.answers.get(import) {
+        Some(Answer::Status(status)) => Ok(Some(*status)),
+        Some(garbage) => {
+            state.garbage = Some(*garbage);
+            Ok(None)
+        }
+        None => Ok(None),
+    }
+}
+
+/// What a host holds for a request the client sent as `headers`, and the header count it
+/// gives the filter. Envoy lower-cases names and counts every entry; Kong keeps the case,
+/// puts its pseudo-headers first (`:authority` its server name, the client's authority in
+/// `Host`, `:path` decoded) and counts the client's headers.
+fn received(profile: Profile, headers: &[(&str, &str)]) -> (Vec<Header>, usize) {
+    let header = |name: &str, value: &str| Header { name: name.to_string(), value: value.to_string(), removed: false };
+    match profile {
+        Profile::Envoy => {
+            let held: Vec<Header> = headers.iter().map(|(n, v)| header(&n.to_ascii_lowercase(), v)).collect();
+            let count = held.len();
+            (held, count)
+        }
+        Profile::Kong => {
+            let mut pseudo = Vec::new();
+            let mut regular = Vec::new();
+            for (name, value) in headers {
+                match *name {
+                    ":path" => pseudo.push(header(name, &percent_decoded_path(value))),
+                    ":authority" => regular.insert(0, header("Host", value)),
+                    _ if name.starts_with(':') => pseudo.push(header(name, value)),
+                    _ => regular.push(header(name, value)),
+                }
+            }
+            pseudo.push(header(":scheme", "http"));
+            pseudo.push(header(":authority", KONG_SERVER_NAME));
+            let count = regular.len();
+            pseudo.extend(regular);
+            (pseudo, count)
+        }
+    }
+}
+
+/// nginx's `r->uri`: the path percent-decoded (the query as sent).
+fn percent_decoded_path(target: &str) -> String {
+    let (path, query) = target.split_once('?').map_or((target, None), |(p, q)| (p, Some(q)));
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    let path = String::from_utf8_lossy(&out).into_owned();
+    query.map_or(path.clone(), |q| format!("{path}?{q}"))
+}
+
+/// The headers the filter sees: not removed; on Kong the first [`KONG_MAX_HEADERS`].
+fn visible(profile: Profile, headers: &[Header]) -> Vec<(String, String)> {
+    let limit = if profile == Profile::Kong { KONG_MAX_HEADERS } else { usize::MAX };
+    headers.iter().filter(|h| !h.removed).take(limit).map(|h| (h.name.clone(), h.value.clone())).collect()
+}
+
+/// What the upstream receives: on Kong (nginx 1.22.1) removed headers too.
+fn upstream(profile: Profile, headers: &[Header]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter(|h| profile == Profile::Kong || !h.removed)
+        .map(|h| (h.name.clone(), h.value.clone()))
+        .collect()
+}
+
+/// Whether `name` names `header` on this host (Envoy: lower case only; nginx: any case).
+fn names(profile: Profile, header: &Header, name: &str) -> bool {
+    match profile {
+        Profile::Envoy => header.name == name.to_ascii_lowercase(),
+        Profile::Kong => header.name.eq_ignore_ascii_case(name),
+    }
+}
+
+/// Removes `name`: Envoy drops it; nginx marks every copy (and still forwards them).
+fn remove_header(profile: Profile, headers: &mut Vec<Header>, name: &str) {
+    for header in headers.iter_mut().filter(|h| names(profile, h, name)) {
+        header.removed = true;
+    }
+    if profile == Profile::Envoy {
+        headers.retain(|h| !h.removed);
+    }
+}
+
+/// Sets `name` to `value`: Envoy replaces every copy with one; nginx replaces the first live
+/// copy in place (name and value) and marks the others; either adds it when absent.
+fn replace_header(profile: Profile, headers: &mut Vec<Header>, name: &str, value: &str) {
+    let name = if profile == Profile::Envoy { name.to_ascii_lowercase() } else { name.to_string() };
+    let mut replaced = false;
+    for header in headers.iter_mut().filter(|h| !h.removed && names(profile, h, &name)) {
+        match (profile, replaced) {
+            (Profile::Kong, false) => {
+                header.name = name.clone();
+                header.value = value.to_string();
+                replaced = true;
+            }
+            _ => header.removed = true,
+        }
+    }
+    headers.retain(|h| profile == Profile::Kong || !h.removed);
+    if !replaced {
+        headers.push(Header { name, value: value.to_string(), removed: false });
+    }
+}
+
+/// Kong: request headers exist only within a request; the worker dies otherwise.
+fn current_request(c: &Caller<'_, State>) -> wasmtime::Result<bool> {
+    let state = c.data();
+    let in_request = state.current != ROOT_CONTEXT;
+    if state.profile == Profile::Kong && !in_request {
+        return Err(wasmtime::Error::msg(
+            "request headers read with no current request: the nginx worker crashes (SIGSEGV)",
+        ));
+    }
+    Ok(in_request)
 }
 
 fn serialize_map(map: &[(String, String)]) -> Vec<u8> {
@@ -478,11 +795,11 @@ fn deserialize_map(bytes: &[u8]) -> Vec<(String, String)> {
     let word = |at: usize| bytes.get(at..at + 4).map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
     let count = word(0);
     let mut at = 4 + count * 8;
-    let mut out = Vec::with_capacity(count);
+    let mut out = Vec::with_capacity(count.min(1024));
     for i in 0..count {
         let (klen, vlen) = (word(4 + i * 8), word(8 + i * 8));
         let text = |from: usize, len: usize| {
-            String::from_utf8_lossy(bytes.get(from..from + len).unwrap_or_default()).into_owned()
+            String::from_utf8_lossy(bytes.get(from..from.saturating_add(len)).unwrap_or_default()).into_owned()
         };
         out.push((text(at, klen), text(at + klen + 1, vlen)));
         at += klen + vlen + 2;
@@ -492,6 +809,9 @@ fn deserialize_map(bytes: &[u8]) -> Vec<(String, String)> {
 
 // ---- proxy-wasm ABI 0.2.1 -------------------------------------------------------------------
 
+/// Phases in which Kong allows `proxy_http_call`.
+const KONG_CALLOUT_PHASES: &[Callback] = &[Callback::RequestHeaders, Callback::Tick, Callback::CallResponse];
+
 fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
     linker.func_wrap(
         "env",
@@ -499,7 +819,7 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         |mut c: Caller<'_, State>, level: i32, ptr: i32, len: i32| -> wasmtime::Result<i32> {
             let line = read_string(&mut c, ptr, len)?;
             c.data_mut().logs.push((level, line));
-            Ok(OK)
+            Ok(imposed(&mut c, "proxy_log")?.unwrap_or(OK))
         },
     )?;
     linker.func_wrap("env", "proxy_get_log_level", |mut c: Caller<'_, State>, out: i32| -> wasmtime::Result<i32> {
@@ -510,21 +830,31 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_current_time_nanoseconds",
         |mut c: Caller<'_, State>, out: i32| -> wasmtime::Result<i32> {
+            if let Some(status) = imposed(&mut c, "proxy_get_current_time_nanoseconds")? {
+                return Ok(status);
+            }
             if c.data().lacking.contains(&"proxy_get_current_time_nanoseconds") {
                 return Ok(UNIMPLEMENTED);
             }
-            let now = c.data().now_nanos;
+            let now = if c.data().garbage.is_some() { u64::MAX } else { c.data().now_nanos };
             write(&mut c, out, &now.to_le_bytes())?;
             Ok(OK)
         },
     )?;
-    linker.func_wrap("env", "proxy_set_tick_period_milliseconds", |mut c: Caller<'_, State>, period: i32| -> i32 {
-        if c.data().lacking.contains(&"proxy_set_tick_period_milliseconds") {
-            return UNIMPLEMENTED;
-        }
-        c.data_mut().tick_period_ms = period as u32;
-        OK
-    })?;
+    linker.func_wrap(
+        "env",
+        "proxy_set_tick_period_milliseconds",
+        |mut c: Caller<'_, State>, period: i32| -> wasmtime::Result<i32> {
+            if let Some(status) = imposed(&mut c, "proxy_set_tick_period_milliseconds")? {
+                return Ok(status);
+            }
+            if c.data().lacking.contains(&"proxy_set_tick_period_milliseconds") {
+                return Ok(UNIMPLEMENTED);
+            }
+            c.data_mut().tick_period_ms = period as u32;
+            Ok(OK)
+        },
+    )?;
     linker.func_wrap(
         "env",
         "proxy_get_buffer_bytes",
@@ -535,6 +865,9 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
          ptr_out: i32,
          size_out: i32|
          -> wasmtime::Result<i32> {
+            if let Some(status) = imposed(&mut c, "proxy_get_buffer_bytes")? {
+                return Ok(status);
+            }
             let data = match kind {
                 BUFFER_PLUGIN_CONFIGURATION => c.data().plugin_configuration.clone(),
                 BUFFER_VM_CONFIGURATION => Vec::new(),
@@ -557,8 +890,16 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_header_map_pairs",
         |mut c: Caller<'_, State>, map: i32, ptr_out: i32, size_out: i32| -> wasmtime::Result<i32> {
+            if let Some(status) = imposed(&mut c, "proxy_get_header_map_pairs")? {
+                return Ok(status);
+            }
             let pairs = match map {
-                MAP_REQUEST_HEADERS => c.data().request_headers.clone(),
+                MAP_REQUEST_HEADERS => {
+                    if !current_request(&c)? {
+                        return Ok(NOT_FOUND);
+                    }
+                    visible(c.data().profile, &c.data().request_headers)
+                }
                 MAP_HTTP_CALL_RESPONSE_HEADERS => {
                     c.data().call_response.as_ref().map(|(h, _)| h.clone()).unwrap_or_default()
                 }
@@ -577,11 +918,17 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
          ptr_out: i32,
          size_out: i32|
          -> wasmtime::Result<i32> {
-            if map != MAP_REQUEST_HEADERS {
+            if map != MAP_REQUEST_HEADERS || !current_request(&c)? {
                 return Ok(BAD_ARGUMENT);
             }
-            let key = read_string(&mut c, kptr, klen)?.to_ascii_lowercase();
-            let value = c.data().request_headers.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone());
+            let key = read_string(&mut c, kptr, klen)?;
+            let profile = c.data().profile;
+            let value = c
+                .data()
+                .request_headers
+                .iter()
+                .find(|h| !h.removed && names(profile, h, &key))
+                .map(|h| h.value.clone());
             match value {
                 Some(v) => return_bytes(&mut c, v.as_bytes(), ptr_out, size_out),
                 None => Ok(NOT_FOUND),
@@ -592,11 +939,15 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         "env",
         "proxy_remove_header_map_value",
         |mut c: Caller<'_, State>, map: i32, kptr: i32, klen: i32| -> wasmtime::Result<i32> {
-            if map != MAP_REQUEST_HEADERS {
+            if let Some(status) = imposed(&mut c, "proxy_remove_header_map_value")? {
+                return Ok(status);
+            }
+            if map != MAP_REQUEST_HEADERS || !current_request(&c)? {
                 return Ok(BAD_ARGUMENT);
             }
-            let key = read_string(&mut c, kptr, klen)?.to_ascii_lowercase();
-            c.data_mut().request_headers.retain(|(k, _)| *k != key);
+            let key = read_string(&mut c, kptr, klen)?;
+            let state = c.data_mut();
+            remove_header(state.profile, &mut state.request_headers, &key);
             Ok(OK)
         },
     )?;
@@ -611,16 +962,20 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                   vptr: i32,
                   vlen: i32|
                   -> wasmtime::Result<i32> {
-                if map != MAP_REQUEST_HEADERS {
+                if let Some(status) = imposed(&mut c, name)? {
+                    return Ok(status);
+                }
+                if map != MAP_REQUEST_HEADERS || !current_request(&c)? {
                     return Ok(BAD_ARGUMENT);
                 }
-                let key = read_string(&mut c, kptr, klen)?.to_ascii_lowercase();
+                let key = read_string(&mut c, kptr, klen)?;
                 let value = read_string(&mut c, vptr, vlen)?;
-                let headers = &mut c.data_mut().request_headers;
+                let state = c.data_mut();
                 if replace {
-                    headers.retain(|(k, _)| *k != key);
+                    replace_header(state.profile, &mut state.request_headers, &key, &value);
+                } else {
+                    state.request_headers.push(Header { name: key, value, removed: false });
                 }
-                headers.push((key, value));
                 Ok(OK)
             },
         )?;
@@ -638,12 +993,15 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
          hlen: i32,
          _grpc: i32|
          -> wasmtime::Result<i32> {
+            if let Some(status) = imposed(&mut c, "proxy_send_local_response")? {
+                return Ok(status);
+            }
             let body = read(&mut c, bptr, blen)?;
             let headers = deserialize_map(&read(&mut c, hptr, hlen)?);
             let state = c.data_mut();
-            if state.parked.remove(&state.effective).is_some() {
+            if state.parked.remove(&state.current).is_some() {
                 let body = String::from_utf8_lossy(&body).into_owned();
-                state.finished.insert(state.effective, Outcome::Responded { status: status as u32, headers, body });
+                state.finished.insert(state.current, Outcome::Responded { status: status as u32, headers, body });
             } else {
                 state.local_response = Some((status as u32, headers, body));
             }
@@ -654,11 +1012,23 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_property",
         |mut c: Caller<'_, State>, pptr: i32, plen: i32, ptr_out: i32, size_out: i32| -> wasmtime::Result<i32> {
+            if let Some(status) = imposed(&mut c, "proxy_get_property")? {
+                return Ok(status);
+            }
             let path = read_string(&mut c, pptr, plen)?;
-            if path.ends_with("_peer_certificate") && c.data().lacking.contains(&"peer_certificates") {
+            let state = c.data_mut();
+            if state.profile == Profile::Kong && state.current == ROOT_CONTEXT && path.contains('\0') {
+                state.logs.push((4, "[error] cannot get scoped properties outside of a request".into()));
+                return Ok(INTERNAL_FAILURE);
+            }
+            if path.ends_with("_peer_certificate") && state.lacking.contains(&"peer_certificates") {
                 return Ok(UNIMPLEMENTED);
             }
-            match c.data().properties.get(&path).cloned() {
+            let value = match (state.profile, path.as_str()) {
+                (Profile::Kong, "ngx\0nginx_version") => Some(b"1.22.1".to_vec()),
+                _ => state.properties.get(&path).cloned(),
+            };
+            match value {
                 Some(value) => return_bytes(&mut c, &value, ptr_out, size_out),
                 None => Ok(NOT_FOUND),
             }
@@ -668,6 +1038,9 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_property",
         |mut c: Caller<'_, State>, pptr: i32, plen: i32, vptr: i32, vlen: i32| -> wasmtime::Result<i32> {
+            if let Some(status) = imposed(&mut c, "proxy_set_property")? {
+                return Ok(status);
+            }
             if c.data().lacking.contains(&"proxy_set_property") {
                 return Ok(UNIMPLEMENTED);
             }
@@ -687,6 +1060,9 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
          size_out: i32,
          cas_out: i32|
          -> wasmtime::Result<i32> {
+            if let Some(status) = imposed(&mut c, "proxy_get_shared_data")? {
+                return Ok(status);
+            }
             if c.data().lacking.contains(&"proxy_get_shared_data") {
                 return Ok(UNIMPLEMENTED);
             }
@@ -710,6 +1086,9 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         "env",
         "proxy_set_shared_data",
         |mut c: Caller<'_, State>, kptr: i32, klen: i32, vptr: i32, vlen: i32, cas: i32| -> wasmtime::Result<i32> {
+            if let Some(status) = imposed(&mut c, "proxy_set_shared_data")? {
+                return Ok(status);
+            }
             if c.data().lacking.contains(&"proxy_set_shared_data") {
                 return Ok(UNIMPLEMENTED);
             }
@@ -728,6 +1107,9 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         "env",
         "proxy_define_metric",
         |mut c: Caller<'_, State>, _kind: i32, nptr: i32, nlen: i32, id_out: i32| -> wasmtime::Result<i32> {
+            if let Some(status) = imposed(&mut c, "proxy_define_metric")? {
+                return Ok(status);
+            }
             if c.data().lacking.contains(&"proxy_define_metric") {
                 return Ok(UNIMPLEMENTED);
             }
@@ -742,22 +1124,30 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                     }
                 }
             };
-            write(&mut c, id_out, &(id as u32).to_le_bytes())?;
+            let id = if c.data().garbage.is_some() { u32::MAX } else { id as u32 };
+            write(&mut c, id_out, &id.to_le_bytes())?;
             Ok(OK)
         },
     )?;
-    linker.func_wrap("env", "proxy_increment_metric", |c: Caller<'_, State>, id: i32, offset: i64| -> i32 {
-        if c.data().lacking.contains(&"proxy_increment_metric") {
-            return UNIMPLEMENTED;
-        }
-        match lock(&c.data().process.metrics).get_mut(id as u32 as usize) {
-            Some((_, value)) => {
-                *value += offset;
-                OK
+    linker.func_wrap(
+        "env",
+        "proxy_increment_metric",
+        |mut c: Caller<'_, State>, id: i32, offset: i64| -> wasmtime::Result<i32> {
+            if let Some(status) = imposed(&mut c, "proxy_increment_metric")? {
+                return Ok(status);
             }
-            None => NOT_FOUND,
-        }
-    })?;
+            if c.data().lacking.contains(&"proxy_increment_metric") {
+                return Ok(UNIMPLEMENTED);
+            }
+            Ok(match lock(&c.data().process.metrics).get_mut(id as u32 as usize) {
+                Some((_, value)) => {
+                    *value += offset;
+                    OK
+                }
+                None => NOT_FOUND,
+            })
+        },
+    )?;
     linker.func_wrap("env", "proxy_record_metric", |c: Caller<'_, State>, id: i32, value: i64| -> i32 {
         match lock(&c.data().process.metrics).get_mut(id as u32 as usize) {
             Some((_, v)) => {
@@ -796,7 +1186,16 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
          timeout: i32,
          token_out: i32|
          -> wasmtime::Result<i32> {
-            if c.data().lacking.contains(&"proxy_http_call") {
+            if let Some(status) = imposed(&mut c, "proxy_http_call")? {
+                return Ok(status);
+            }
+            let state = c.data();
+            if state.profile == Profile::Kong && !KONG_CALLOUT_PHASES.contains(&state.phase) {
+                return Err(wasmtime::Error::msg(
+                    "host trap (bad usage): can only send HTTP dispatch during \"on_request_headers\", \"on_request_body\", \"on_tick\", \"on_dispatch_response\", \"on_foreign_function\"",
+                ));
+            }
+            if state.lacking.contains(&"proxy_http_call") {
                 return Ok(UNIMPLEMENTED);
             }
             let upstream = read_string(&mut c, uptr, ulen)?;
@@ -806,36 +1205,70 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             }
             let headers = deserialize_map(&read(&mut c, hptr, hlen)?);
             let body = read(&mut c, bptr, blen)?;
-            let token = c.data().next_call;
-            c.data_mut().next_call += 1;
-            c.data_mut().calls.push(HttpCall { token, upstream, headers, body, timeout_ms: timeout as u32 });
+            let garbage = c.data().garbage.is_some();
+            let state = c.data_mut();
+            let token = state.next_call;
+            state.next_call += 1;
+            let context = state.current;
+            state.calls.push(HttpCall { token, context, upstream, headers, body, timeout_ms: timeout as u32 });
+            let token = if garbage { token.wrapping_add(1000) } else { token };
             write(&mut c, token_out, &token.to_le_bytes())?;
             Ok(OK)
         },
     )?;
-    linker.func_wrap("env", "proxy_set_effective_context", |mut c: Caller<'_, State>, context: i32| -> i32 {
-        let state = c.data_mut();
-        if context == ROOT_CONTEXT || context == state.effective {
-            return OK;
-        }
-        // Envoy answers BadArgument for a context that is gone (the client left).
-        let Some(headers) = state.parked.get(&context).cloned() else { return BAD_ARGUMENT };
-        if let Some(saved) = state.parked.get_mut(&state.effective) {
-            *saved = state.request_headers.clone();
-        }
-        state.request_headers = headers;
-        state.local_response = None;
-        state.effective = context;
-        OK
-    })?;
-    linker.func_wrap("env", "proxy_continue_stream", |mut c: Caller<'_, State>, _stream: i32| -> i32 {
-        let state = c.data_mut();
-        if state.parked.remove(&state.effective).is_some() {
-            let upstream_headers = state.request_headers.clone();
-            state.finished.insert(state.effective, Outcome::Continued { upstream_headers });
-        }
-        OK
-    })?;
+    linker.func_wrap(
+        "env",
+        "proxy_set_effective_context",
+        |mut c: Caller<'_, State>, context: i32| -> wasmtime::Result<i32> {
+            if let Some(status) = imposed(&mut c, "proxy_set_effective_context")? {
+                return Ok(status);
+            }
+            let state = c.data_mut();
+            // Kong: a no-op that says Ok.
+            if state.profile == Profile::Kong || context == ROOT_CONTEXT || context == state.current {
+                return Ok(OK);
+            }
+            // Envoy answers BadArgument for a context that is gone (the client left).
+            let Some(headers) = state.parked.get(&context).cloned() else { return Ok(BAD_ARGUMENT) };
+            if let Some(saved) = state.parked.get_mut(&state.current) {
+                *saved = std::mem::take(&mut state.request_headers);
+            }
+            state.request_headers = headers;
+            state.local_response = None;
+            state.current = context;
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_continue_stream",
+        |mut c: Caller<'_, State>, _stream: i32| -> wasmtime::Result<i32> {
+            if let Some(status) = imposed(&mut c, "proxy_continue_stream")? {
+                return Ok(status);
+            }
+            let state = c.data_mut();
+            if state.parked.remove(&state.current).is_some() {
+                let upstream_headers = upstream(state.profile, &state.request_headers);
+                state.finished.insert(state.current, Outcome::Continued { upstream_headers });
+            }
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_close_stream",
+        |mut c: Caller<'_, State>, _stream: i32| -> wasmtime::Result<i32> {
+            if let Some(status) = imposed(&mut c, "proxy_close_stream")? {
+                return Ok(status);
+            }
+            let state = c.data_mut();
+            state.parked.remove(&state.current);
+            state
+                .finished
+                .insert(state.current, Outcome::Responded { status: 0, headers: Vec::new(), body: "reset".into() });
+            Ok(OK)
+        },
+    )?;
     linker.func_wrap("env", "proxy_done", |_: Caller<'_, State>| -> i32 { OK })?;
     Ok(())
 }
@@ -875,6 +1308,9 @@ fn define_wasi(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         WASI,
         "clock_time_get",
         |mut c: Caller<'_, State>, _id: i32, _precision: i64, out: i32| -> wasmtime::Result<i32> {
+            if let Some(errno) = imposed(&mut c, "clock_time_get")? {
+                return Ok(errno);
+            }
             if c.data().lacking.contains(&"clock_time_get") {
                 return Ok(52); // ENOSYS
             }
@@ -884,6 +1320,9 @@ fn define_wasi(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         },
     )?;
     linker.func_wrap(WASI, "random_get", |mut c: Caller<'_, State>, ptr: i32, len: i32| -> wasmtime::Result<i32> {
+        if let Some(errno) = imposed(&mut c, "random_get")? {
+            return Ok(errno);
+        }
         let mut bytes = vec![0u8; len as u32 as usize];
         c.data_mut().rng.fill_bytes(&mut bytes);
         write(&mut c, ptr, &bytes)?;
@@ -893,4 +1332,79 @@ fn define_wasi(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         Err(wasmtime::Error::msg(format!("proc_exit({code})")))
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(headers: &[Header]) -> Vec<(&str, &str, bool)> {
+        headers.iter().map(|h| (h.name.as_str(), h.value.as_str(), h.removed)).collect()
+    }
+
+    #[test]
+    fn kong_passes_names_in_the_client_case_and_its_own_authority() {
+        let (held, count) = received(
+            Profile::Kong,
+            &[(":method", "GET"), (":path", "/a"), (":authority", "api.example.com"), ("Authorization", "Bearer t")],
+        );
+        let view = visible(Profile::Kong, &held);
+        assert!(view.contains(&("Authorization".into(), "Bearer t".into())));
+        assert!(view.contains(&(":authority".into(), KONG_SERVER_NAME.into())));
+        assert!(view.contains(&("Host".into(), "api.example.com".into())));
+        assert!(!view.iter().any(|(n, _)| n.eq_ignore_ascii_case("x-request-id")), "none unless sent");
+        assert_eq!(count, 2, "the client's headers");
+        let (held, _) = received(Profile::Envoy, &[("Authorization", "Bearer t")]);
+        assert_eq!(visible(Profile::Envoy, &held), vec![("authorization".to_string(), "Bearer t".to_string())]);
+    }
+
+    #[test]
+    fn kong_passes_the_first_100_headers_pseudo_headers_first() {
+        let names: Vec<String> = (0..120).map(|i| format!("x-h{i}")).collect();
+        let mut sent: Vec<(&str, &str)> = vec![(":method", "GET"), (":path", "/a")];
+        sent.extend(names.iter().map(|n| (n.as_str(), "v")));
+        let (held, count) = received(Profile::Kong, &sent);
+        let view = visible(Profile::Kong, &held);
+        assert_eq!(view.len(), KONG_MAX_HEADERS);
+        assert_eq!(count, 120);
+        assert!(view.first().is_some_and(|(n, _)| n.starts_with(':')));
+        assert!(!view.iter().any(|(n, _)| n == "x-h119"), "a header past the limit is not seen");
+    }
+
+    #[test]
+    fn kong_decodes_the_path() {
+        assert_eq!(percent_decoded_path("/invoices/42/%61pprove?q=%2F"), "/invoices/42/approve?q=%2F");
+        let (held, _) = received(Profile::Kong, &[(":path", "/caf%C3%A9")]);
+        assert!(visible(Profile::Kong, &held).contains(&(":path".into(), "/café".into())));
+    }
+
+    #[test]
+    fn kong_marks_a_removed_header_and_still_forwards_it() {
+        let mut headers = received(Profile::Kong, &[("Authorization", "Bearer t"), ("X-Agent-Id", "root")]).0;
+        remove_header(Profile::Kong, &mut headers, "authorization");
+        assert!(!visible(Profile::Kong, &headers).iter().any(|(n, _)| n == "Authorization"), "hidden from the filter");
+        assert!(
+            upstream(Profile::Kong, &headers).contains(&("Authorization".into(), "Bearer t".into())),
+            "but forwarded"
+        );
+        let mut envoy = received(Profile::Envoy, &[("Authorization", "Bearer t")]).0;
+        remove_header(Profile::Envoy, &mut envoy, "authorization");
+        assert!(upstream(Profile::Envoy, &envoy).is_empty());
+    }
+
+    #[test]
+    fn kong_replaces_the_first_copy_in_place_and_marks_the_rest() {
+        let mut headers = received(Profile::Kong, &[("X-Agent-Id", "root"), ("x-agent-id", "admin")]).0;
+        replace_header(Profile::Kong, &mut headers, "x-agent-id", "agent-7");
+        let kept: Vec<_> =
+            pairs(&headers).into_iter().filter(|(n, _, _)| n.eq_ignore_ascii_case("x-agent-id")).collect();
+        assert_eq!(kept, vec![("x-agent-id", "agent-7", false), ("x-agent-id", "admin", true)]);
+        assert!(
+            upstream(Profile::Kong, &headers).contains(&("x-agent-id".into(), "admin".into())),
+            "the marked copy still arrives"
+        );
+        let mut envoy = received(Profile::Envoy, &[("x-agent-id", "root"), ("x-agent-id", "admin")]).0;
+        replace_header(Profile::Envoy, &mut envoy, "x-agent-id", "agent-7");
+        assert_eq!(upstream(Profile::Envoy, &envoy), vec![("x-agent-id".to_string(), "agent-7".to_string())]);
+    }
 }

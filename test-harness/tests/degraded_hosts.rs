@@ -80,9 +80,18 @@ fn a_policy_that_fetches_keys_is_refused_where_the_host_cannot_fetch() {
     assert!(logs.contains("provider \"corp-idp\" fetches its keys"), "{logs}");
     assert!(logs.contains("needs timer ticks and shared data"), "{logs}");
     assert!(logs.contains("(jwks)") && logs.contains("(jwks_file)"), "says what to do instead: {logs}");
+}
 
-    let logs = refusal(Host::lacking(&remote_policy(), &["proxy_http_call"]));
-    assert!(logs.contains("needs HTTP callouts"), "{logs}");
+#[test]
+fn a_host_that_refuses_callouts_fails_the_fetch_not_the_start() {
+    // Callouts are not probed (Kong traps for good on one from on_configure): the first
+    // fetch finds them missing, and the provider's tokens are refused.
+    let mut host = Host::lacking(&remote_policy(), &["proxy_http_call"]).unwrap_or_else(|e| panic!("{e}"));
+    let token = token_at(&host, |_| {});
+    assert_eq!(get(&mut host, &token).status(), 401);
+    let logs = host.logs().join("\n");
+    assert!(logs.contains("key fetch failed: cannot call upstream \"idp\""), "{logs}");
+    assert!(logs.contains("\"reason\":\"keys_unavailable\""), "{logs}");
 }
 
 #[test]

@@ -1,11 +1,12 @@
-//! What this host offers, probed once at configure time: Envoy has everything; APISIX has
-//! no proxy-wasm clock, ticks, shared data nor metrics; Kong answers "not found" for the
-//! peer-certificate properties it lacks, which no probe can tell from "no client certificate"
-//! (a `bind_mtls_peer` rule then denies). Metrics are found missing in `metrics.rs`. The
-//! filter degrades where it safely can (WASI clock, per-VM state) and refuses a policy whose
-//! features need what is missing, saying which.
+//! What this host offers, decided at configure time from calls that are safe on every host
+//! (a read, a clock, the tick period). Nothing that a host may treat as fatal is tried: Kong
+//! (ngx_wasm_module) traps for good on an HTTP callout from `on_configure`, so callouts are
+//! assumed and the first real fetch tells (a refused one is a failed fetch: the provider's
+//! tokens are refused, logged). APISIX has no proxy-wasm clock, ticks, shared data nor
+//! metrics (metrics are found missing in `metrics.rs`). The filter degrades where it safely
+//! can (WASI clock, per-VM state) and refuses a policy whose features need what is missing.
 
-use crate::host;
+use crate::host::{Host, BAD_ARGUMENT, NOT_FOUND, OK};
 use agentgate::Gate;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,29 +15,31 @@ pub struct Capabilities {
     pub wasi_clock: bool,
     pub timers: bool,
     pub shared_data: bool,
-    pub http_calls: bool,
+    /// Only asked when a rule needs them (`bind_mtls_peer`): Kong logs an error for any
+    /// connection property read outside a request.
     pub peer_certificates: bool,
 }
 
 /// Statuses meaning "this host does not do that" (Unimplemented, and hosts that answer
 /// InternalFailure or NotAllowed for calls they lack), as opposed to "not here, not now".
 fn lacking(status: u32) -> bool {
-    !matches!(status, host::OK | host::NOT_FOUND | host::BAD_ARGUMENT)
+    !matches!(status, OK | NOT_FOUND | BAD_ARGUMENT)
 }
 
 impl Capabilities {
-    /// `tick_ms` is the tick period in force: the probe sets it again, changing nothing (a
-    /// refused reconfiguration leaves the policy in force ticking).
-    pub fn probe(tick_ms: u32) -> Capabilities {
+    /// `tick_ms` is the tick period in force: it is set again, changing nothing (a refused
+    /// reconfiguration leaves the policy in force ticking).
+    pub fn probe(host: &dyn Host, gate: &Gate, tick_ms: u32) -> Capabilities {
         Capabilities {
-            host_clock: host::host_clock_ms().is_some(),
-            wasi_clock: host::wasi_clock_ms().is_some(),
-            timers: host::set_tick_period(tick_ms),
-            shared_data: !lacking(host::shared_data_status("agentgate.probe")),
-            http_calls: !lacking(host::http_call_status()),
+            host_clock: host.host_clock_nanos().is_some(),
+            wasi_clock: host.wasi_clock_nanos().is_some(),
+            timers: host.set_tick_period(tick_ms),
+            shared_data: host.get_shared_data("agentgate.probe").map_or_else(|status| !lacking(status), |_| true),
             // No connection at configure time: a host with the property says NotFound.
-            peer_certificates: host::get_property(&["connection", "uri_san_peer_certificate"])
-                .map_or_else(|status| !lacking(status), |_| true),
+            peer_certificates: gate.policy().needs_peer
+                && host
+                    .get_property(&["connection", "uri_san_peer_certificate"])
+                    .map_or_else(|status| !lacking(status), |_| true),
         }
     }
 
@@ -49,11 +52,10 @@ impl Capabilities {
         }
         let policy = gate.policy();
         if let Some((_, provider, _)) = gate.remote_providers().next() {
-            let missing: Vec<&str> =
-                [(self.timers, "timer ticks"), (self.http_calls, "HTTP callouts"), (self.shared_data, "shared data")]
-                    .into_iter()
-                    .filter_map(|(has, name)| (!has).then_some(name))
-                    .collect();
+            let missing: Vec<&str> = [(self.timers, "timer ticks"), (self.shared_data, "shared data")]
+                .into_iter()
+                .filter_map(|(has, name)| (!has).then_some(name))
+                .collect();
             if !missing.is_empty() {
                 return Some(format!(
                     "provider {:?} fetches its keys (jwks_uri or discovery), which needs {} that this host does not offer: give the keys inline (jwks) or as a file (jwks_file)",

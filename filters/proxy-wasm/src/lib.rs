@@ -1,156 +1,272 @@
 //! agentgate as a proxy-wasm HTTP filter: host calls in, the core's decision out.
-//! Host calls go through `host` (raw imports, statuses as integers) wherever the SDK would
-//! panic on a status or a header it does not expect; the rest through `proxy_wasm::hostcalls`,
-//! never the SDK's trait helpers, which unwrap. A panic aborts the VM (and every request on
-//! that worker).
+//!
+//! `abi` holds the proxy-wasm exports; they hand each call to one [`Vm`], which keeps the
+//! contexts and calls the host only through [`host::Host`] (raw imports in the module, a
+//! mock in the tests). Nothing here panics on what a host answers, and no state is borrowed
+//! across a host call: a host call that traps leaves every later call working (APISIX keeps
+//! using a VM after a trap).
 
+#[cfg(target_arch = "wasm32")]
+mod abi;
 mod capabilities;
+mod filter;
 mod host;
 mod keys;
 mod metrics;
+#[cfg(test)]
+mod mock;
 mod shared;
+#[cfg(test)]
+mod tests;
 
-use agentgate::{Action, Gate, Reason, Request};
+use agentgate::jwks::{Fetch, Stage};
+use agentgate::{Gate, Reason};
 use capabilities::Capabilities;
-use keys::{Fetcher, Waiter};
+use host::{Host, Level};
 use metrics::Metrics;
-use proxy_wasm::hostcalls;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action as HostAction, BufferType, ContextType, LogLevel};
-use shared::{prepare_replay_buckets, SharedDataGuard};
-use std::cell::RefCell;
+use shared::prepare_replay_buckets;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 
-proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| Box::new(Root::default()));
-}}
-
 /// What the root context and its requests share: the policy in force, its counters and
-/// the key fetching state. A reconfiguration replaces it whole; requests in flight keep theirs.
-struct Shared {
+/// the providers wanted early. A reconfiguration replaces it whole; requests in flight keep theirs.
+pub struct Shared {
     gate: Gate,
     metrics: Metrics,
-    fetcher: RefCell<Fetcher>,
     caps: Capabilities,
+    /// Providers a request wants fetched early (a `kid` the keys lack, `wait_ms` 0).
+    wanted: RefCell<HashSet<usize>>,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Root {
     shared: Option<Rc<Shared>>,
     /// Counters before any policy (requests refused as `not_configured`).
     metrics: Rc<Metrics>,
 }
 
+#[derive(Clone)]
+struct Stream {
+    shared: Option<Rc<Shared>>,
+    metrics: Rc<Metrics>,
+    /// How many request headers the host said the request has.
+    announced: usize,
+}
+
+/// Who made a callout: its answer comes back to that context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    Root,
+    Stream(u32),
+}
+
+struct Call {
+    owner: Owner,
+    shared: Rc<Shared>,
+    provider: usize,
+    stage: Stage,
+    wait_ms: Option<u64>,
+}
+
+/// proxy-wasm actions.
+pub const CONTINUE: u32 = 0;
+pub const PAUSE: u32 = 1;
+
 /// Fetched keys are checked this often, in milliseconds (and due fetches started).
 const TICK_MS: u32 = 100;
 
-impl Context for Root {
-    fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
-        let Some(shared) = self.shared.clone() else { return };
-        let now = host::now_ms().map_or(0, seconds);
-        let settled = shared.fetcher.borrow_mut().on_response(&shared.gate, &shared.metrics, token_id, body_size, now);
-        if let Some(provider) = settled {
-            resume(&shared, |w| w.provider == provider);
-        }
-    }
+/// One VM's filter: its contexts and callouts. Each method is one proxy-wasm callback.
+pub struct Vm<H: Host> {
+    host: H,
+    roots: RefCell<HashMap<u32, Root>>,
+    streams: RefCell<HashMap<u32, Stream>>,
+    calls: RefCell<HashMap<u32, Call>>,
+    /// Whether the host is nginx (ngx_wasm_module), asked at the first request.
+    nginx: Cell<Option<bool>>,
 }
 
-impl RootContext for Root {
-    fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
-        self.metrics = Rc::new(Metrics::define(None));
+impl<H: Host> Vm<H> {
+    pub fn new(host: H) -> Vm<H> {
+        Vm {
+            host,
+            roots: RefCell::default(),
+            streams: RefCell::default(),
+            calls: RefCell::default(),
+            nginx: Cell::new(None),
+        }
+    }
+
+    fn root(&self, id: u32) -> Root {
+        self.roots.borrow().get(&id).cloned().unwrap_or_default()
+    }
+
+    pub fn on_context_create(&self, id: u32, parent: u32) {
+        if parent == 0 {
+            self.roots.borrow_mut().insert(id, Root::default());
+            return;
+        }
+        let root = self.root(parent);
+        let stream = Stream { shared: root.shared, metrics: root.metrics, announced: 0 };
+        self.streams.borrow_mut().insert(id, stream);
+    }
+
+    pub fn on_vm_start(&self, root: u32) -> bool {
+        let metrics = Rc::new(Metrics::define(&self.host, None));
+        self.roots.borrow_mut().entry(root).or_default().metrics = metrics;
         true
     }
 
-    /// Returning false makes Envoy refuse the plugin: a bad policy never serves traffic.
-    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let config = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+    /// Returning false makes the host refuse the plugin: a bad policy never serves traffic.
+    pub fn on_configure(&self, root: u32) -> bool {
+        let host = &self.host;
+        let config = match host.plugin_configuration() {
             Ok(Some(bytes)) => bytes,
-            Ok(None) => return refuse("no policy configured (set the plugin configuration)"),
-            Err(status) => return refuse(&format!("cannot read the plugin configuration: {status:?}")),
+            Ok(None) => return refuse(host, "no policy configured (set the plugin configuration)"),
+            Err(status) => return refuse(host, &format!("cannot read the plugin configuration: status {status}")),
         };
         let Ok(json) = std::str::from_utf8(&config) else {
-            return refuse("the plugin configuration is not UTF-8");
+            return refuse(host, "the plugin configuration is not UTF-8");
         };
-        match Gate::from_json(json) {
-            Ok(gate) => {
-                let ticking = self.shared.as_ref().is_some_and(|old| old.gate.remote_providers().next().is_some());
-                let caps = Capabilities::probe(if ticking { TICK_MS } else { 0 });
-                if let Some(why) = caps.refusal(&gate) {
-                    return refuse(&format!("policy cannot run on this host: {why}"));
+        let gate = match Gate::from_json(json) {
+            Ok(gate) => gate,
+            Err(error) => return refuse(host, &format!("invalid policy: {error}")),
+        };
+        let ticking = self.root(root).shared.is_some_and(|old| old.gate.remote_providers().next().is_some());
+        let caps = Capabilities::probe(host, &gate, if ticking { TICK_MS } else { 0 });
+        if let Some(why) = caps.refusal(&gate) {
+            return refuse(host, &format!("policy cannot run on this host: {why}"));
+        }
+        for note in caps.degradations() {
+            host.log(Level::Warn, &format!("agentgate: {note}"));
+        }
+        let metrics = Metrics::define(host, Some(&gate));
+        if !metrics.available() {
+            host.log(Level::Warn, "agentgate: no metrics on this host: the audit log is the record of decisions");
+        }
+        let policy = gate.policy();
+        host.log(
+            Level::Info,
+            &format!(
+                "agentgate: policy loaded ({} providers, {} rules, mode {:?})",
+                policy.providers.len(),
+                policy.rules.len(),
+                policy.mode
+            ),
+        );
+        if caps.shared_data {
+            prepare_replay_buckets(host, &gate);
+        }
+        let remote: Vec<usize> = gate.remote_providers().map(|(i, _, _)| i).collect();
+        for &index in &remote {
+            // Keys another worker (or the previous configuration) already fetched.
+            keys::sync(host, &gate, index);
+        }
+        if !remote.is_empty() && !host.set_tick_period(TICK_MS) {
+            return refuse(host, "remote keys (jwks_uri, discovery) need timer ticks, which this host refused");
+        }
+        let shared = Rc::new(Shared { gate, metrics, caps, wanted: RefCell::default() });
+        self.roots.borrow_mut().entry(root).or_default().shared = Some(shared);
+        true
+    }
+
+    pub fn on_tick(&self, root: u32) {
+        let Some(shared) = self.root(root).shared else { return };
+        let Some(now) = host::now_ms(&self.host).map(seconds) else { return };
+        for (provider, fetch) in keys::tick(&self.host, &shared, now) {
+            self.dispatch(Owner::Root, &shared, provider, &fetch, None, now);
+        }
+    }
+
+    /// Dispatches a key fetch whose answer comes back to `owner`; false when the host refused.
+    fn dispatch(
+        &self,
+        owner: Owner,
+        shared: &Rc<Shared>,
+        provider: usize,
+        fetch: &Fetch,
+        wait_ms: Option<u64>,
+        now: i64,
+    ) -> bool {
+        let Some(token) = keys::dispatch(&self.host, shared, provider, fetch, wait_ms, now) else { return false };
+        let call = Call { owner, shared: Rc::clone(shared), provider, stage: fetch.stage, wait_ms };
+        self.calls.borrow_mut().insert(token, call);
+        true
+    }
+
+    pub fn on_request_headers(&self, id: u32, announced: usize) -> u32 {
+        let stream = self.streams.borrow_mut().get_mut(&id).map(|s| {
+            s.announced = announced;
+            s.clone()
+        });
+        let Some(stream) = stream else {
+            // A context the host never created: nothing to decide with, so fail closed.
+            return filter::refuse_request(&self.host, &Metrics::default(), Reason::HostError);
+        };
+        self.decide(id, &stream, true)
+    }
+
+    /// Decides request `id` (the current one) and applies the decision; with `may_wait`, a
+    /// request whose keys are missing fetches them and waits for its own callout.
+    fn decide(&self, id: u32, stream: &Stream, may_wait: bool) -> u32 {
+        let host = &self.host;
+        let Some(shared) = &stream.shared else {
+            // Fail closed: without a policy nothing can be verified.
+            return filter::refuse_request(host, &stream.metrics, Reason::NotConfigured);
+        };
+        let nginx = self.nginx();
+        match filter::decide(host, shared, stream.announced, nginx, may_wait) {
+            filter::Step::Wait { provider, fetch, wait_ms, now } => {
+                if self.dispatch(Owner::Stream(id), shared, provider, &fetch, Some(wait_ms), now) {
+                    return PAUSE;
                 }
-                for note in caps.degradations() {
-                    log(LogLevel::Warn, &format!("agentgate: {note}"));
-                }
-                let metrics = Metrics::define(Some(&gate));
-                if !metrics.available() {
-                    log(LogLevel::Warn, "agentgate: no metrics on this host: the audit log is the record of decisions");
-                }
-                let policy = gate.policy();
-                log(
-                    LogLevel::Info,
-                    &format!(
-                        "agentgate: policy loaded ({} providers, {} rules, mode {:?})",
-                        policy.providers.len(),
-                        policy.rules.len(),
-                        policy.mode
-                    ),
-                );
-                if caps.shared_data {
-                    prepare_replay_buckets(&gate);
-                }
-                let remote: Vec<usize> = gate.remote_providers().map(|(i, _, _)| i).collect();
-                for &index in &remote {
-                    // Keys another worker (or the previous configuration) already fetched.
-                    keys::sync(&gate, index);
-                }
-                if !remote.is_empty() && !host::set_tick_period(TICK_MS) {
-                    return refuse("remote keys (jwks_uri, discovery) need timer ticks, which this host refused");
-                }
-                // Requests waiting under the old policy are decided by it now.
-                if let Some(old) = self.shared.take() {
-                    resume(&old, |_| true);
-                }
-                self.shared = Some(Rc::new(Shared { gate, metrics, fetcher: RefCell::default(), caps }));
-                true
+                self.decide(id, stream, false)
             }
-            Err(error) => refuse(&format!("invalid policy: {error}")),
+            filter::Step::Done(action) => action,
         }
     }
 
-    fn on_tick(&mut self) {
-        let Some(shared) = self.shared.clone() else { return };
-        let Some(now_ms) = host::now_ms() else { return };
-        let settled = shared.fetcher.borrow_mut().tick(&shared.gate, &shared.metrics, seconds(now_ms));
-        resume(&shared, |w| settled.contains(&w.provider) || w.deadline_ms <= now_ms);
-    }
-
-    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Filter { shared: self.shared.clone(), metrics: Rc::clone(&self.metrics), context_id }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
-}
-
-/// Decides the waiting requests `which` selects, without further waiting, and lets each go on
-/// or answers it.
-fn resume(shared: &Shared, which: impl Fn(&Waiter) -> bool) {
-    let ready: Vec<Waiter> = {
-        let mut fetcher = shared.fetcher.borrow_mut();
-        let (ready, still) = std::mem::take(&mut fetcher.waiting).into_iter().partition(|w| which(w));
-        fetcher.waiting = still;
-        ready
-    };
-    for waiter in ready {
-        // The request may be gone (the client left): nothing to do then.
-        if hostcalls::set_effective_context(waiter.context_id).is_err() {
-            continue;
+    /// Whether the host is nginx, asked once, within a request (where Kong allows it).
+    fn nginx(&self) -> bool {
+        if let Some(known) = self.nginx.get() {
+            return known;
         }
-        if let HostAction::Continue = decide(shared, None) {
-            let _ = hostcalls::resume_http_request();
+        let nginx = matches!(self.host.get_property(&["ngx", "nginx_version"]), Ok(Some(v)) if !v.is_empty());
+        self.nginx.set(Some(nginx));
+        nginx
+    }
+
+    pub fn on_http_call_response(&self, id: u32, token: u32, body_size: usize) {
+        let Some(call) = self.calls.borrow_mut().remove(&token) else {
+            self.host
+                .log(Level::Warn, &format!("agentgate: an answer to callout {token}, which this filter did not make"));
+            return;
+        };
+        let now = host::now_ms(&self.host).map_or(0, seconds);
+        let host = &self.host;
+        if let Some(next) = keys::on_response(host, &call.shared, call.provider, call.stage, body_size, now) {
+            if self.dispatch(call.owner, &call.shared, call.provider, &next, call.wait_ms, now) {
+                return;
+            }
         }
+        let Owner::Stream(owner) = call.owner else { return };
+        let stream = self.streams.borrow().get(&owner).cloned();
+        // The request may be gone (the client left): the keys are installed all the same.
+        let Some(stream) = stream else { return };
+        // Hosts answer on the root context (`id`): Envoy makes the request current on asking
+        // (and refuses a request that is gone); Kong answers a request's own callout with that
+        // request current already and ignores the call. No other request is ever touched.
+        if id != owner && !host.set_effective_context(owner) {
+            return;
+        }
+        if self.decide(owner, &stream, false) == CONTINUE {
+            host.continue_request();
+        }
+    }
+
+    pub fn on_delete(&self, id: u32) {
+        self.streams.borrow_mut().remove(&id);
+        self.roots.borrow_mut().remove(&id);
     }
 }
 
@@ -158,111 +274,13 @@ fn seconds(ms: u64) -> i64 {
     i64::try_from(ms / 1000).unwrap_or(i64::MAX)
 }
 
-fn refuse(message: &str) -> bool {
-    log(LogLevel::Error, &format!("agentgate: {message}"));
+/// Sub-second nanoseconds of the clock, for jitter (0 without a clock).
+fn subsec_nanos(host: &dyn Host) -> u32 {
+    let nanos = host.host_clock_nanos().or_else(|| host.wasi_clock_nanos()).unwrap_or(0);
+    u32::try_from(nanos % 1_000_000_000).unwrap_or(0)
+}
+
+fn refuse(host: &dyn Host, message: &str) -> bool {
+    host.log(Level::Error, &format!("agentgate: {message}"));
     false
-}
-
-fn log(level: LogLevel, message: &str) {
-    host::log(level, message);
-}
-
-struct Filter {
-    shared: Option<Rc<Shared>>,
-    metrics: Rc<Metrics>,
-    context_id: u32,
-}
-
-impl Context for Filter {}
-
-impl HttpContext for Filter {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> HostAction {
-        match &self.shared {
-            Some(shared) => decide(shared, Some(self.context_id)),
-            // Fail closed: without a policy nothing can be verified.
-            None => refuse_request(&self.metrics, Reason::NotConfigured),
-        }
-    }
-}
-
-/// Decides the current request and applies the decision. With `wait_as` (the request's
-/// context id), a request whose token needs keys being fetched is held instead.
-fn decide(shared: &Shared, wait_as: Option<u32>) -> HostAction {
-    let headers = host::header_map(host::REQUEST_HEADERS);
-    let (Some(headers), Some(now_ms)) = (headers, host::now_ms()) else {
-        // Fail closed: without headers or a clock nothing can be verified.
-        return refuse_request(&shared.metrics, Reason::HostError);
-    };
-    let (gate, metrics) = (&shared.gate, &shared.metrics);
-    let pseudo = |name: &str| headers.iter().find(|(n, _)| n == name).map_or("", |(_, v)| v.as_str());
-    let policy = gate.policy();
-    // The client address goes into every audit record; the peer certificate only when a rule reads it.
-    let source = property(true, &["source", "address"]);
-    let peer = property(policy.needs_peer, &["connection", "uri_san_peer_certificate"]);
-    let request = Request {
-        source: source.as_deref(),
-        peer_uri_san: peer.as_deref(),
-        body: None,
-        method: pseudo(":method"),
-        path: pseudo(":path"),
-        headers: &headers,
-        now: seconds(now_ms),
-    };
-    // Without shared data, single-use and rate-limit state lives in this VM (logged at configure).
-    let decision =
-        if shared.caps.shared_data { gate.evaluate_with(&request, &SharedDataGuard) } else { gate.evaluate(&request) };
-    if let (Some(provider), Some(context_id)) = (decision.awaiting_keys, wait_as) {
-        let mut fetcher = shared.fetcher.borrow_mut();
-        if let Some(wait_ms) = fetcher.should_wait(gate, provider, request.now) {
-            fetcher.waiting.push(Waiter { context_id, provider, deadline_ms: now_ms.saturating_add(wait_ms) });
-            return HostAction::Pause;
-        }
-    }
-    log(LogLevel::Info, &format!("agentgate audit {}", decision.audit.to_json()));
-    metrics.count(decision.reason, decision.dry_run);
-    metrics.count_rule(decision.rule_index, decision.allowed);
-    if policy.audit.filter_state {
-        for (field, value) in decision.audit.log_fields() {
-            host::set_property(&format!("agentgate.{field}"), value.as_bytes());
-        }
-    }
-    if decision.audit.issuer.is_some() {
-        metrics.count_cache(decision.cache_hit);
-    }
-    apply(&decision.action)
-}
-
-fn refuse_request(metrics: &Metrics, reason: Reason) -> HostAction {
-    log(LogLevel::Error, &format!("agentgate: request denied: {reason}"));
-    metrics.count(Some(reason), false);
-    apply(&Action::deny(reason, None))
-}
-
-/// A host property as text, fetched only when `wanted`.
-fn property(wanted: bool, path: &[&str]) -> Option<String> {
-    if !wanted {
-        return None;
-    }
-    host::get_property(path).ok().flatten().and_then(|bytes| String::from_utf8(bytes).ok())
-}
-
-fn apply(action: &Action) -> HostAction {
-    match action {
-        Action::Continue { remove, set } => {
-            for name in remove {
-                host::remove_request_header(name);
-            }
-            for (name, value) in set {
-                host::set_request_header(name, value);
-            }
-            HostAction::Continue
-        }
-        Action::Respond { status, headers, body } => {
-            if !host::send_response(*status, headers, body) {
-                // The host could not answer for us: stop the stream rather than let it through.
-                host::close_request();
-            }
-            HostAction::Pause
-        }
-    }
 }

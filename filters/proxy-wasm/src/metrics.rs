@@ -1,6 +1,6 @@
 //! The filter's counters, through the proxy-wasm metrics ABI (Envoy stats).
 
-use crate::host;
+use crate::host::Host;
 use agentgate::{Gate, Reason};
 
 /// Counters, defined once per VM. A failed definition leaves the counter out (metrics must
@@ -21,8 +21,8 @@ pub struct Metrics {
 impl Metrics {
     /// The counters for `gate`'s policy (per-rule ones included). Envoy hands back the same
     /// counter for a name defined again, so a reconfiguration keeps counting.
-    pub fn define(gate: Option<&Gate>) -> Metrics {
-        let counter = host::define_counter;
+    pub fn define(host: &dyn Host, gate: Option<&Gate>) -> Metrics {
+        let counter = |name: &str| host.define_counter(name);
         let rules = gate.map_or(&[][..], |g| &g.policy().rules[..]);
         Metrics {
             allowed: counter("agentgate.allowed"),
@@ -56,39 +56,38 @@ impl Metrics {
         self.allowed.is_some()
     }
 
-    pub fn count_fetch(&self, provider: usize, succeeded: bool) {
+    pub fn count_fetch(&self, host: &dyn Host, provider: usize, succeeded: bool) {
         if let Some(&(success, failure)) = self.fetches.get(provider) {
-            Metrics::bump(if succeeded { success } else { failure });
+            bump(host, if succeeded { success } else { failure });
         }
     }
 
-    fn bump(id: Option<u32>) {
-        if let Some(id) = id {
-            host::increment(id);
-        }
+    pub fn count_cache(&self, host: &dyn Host, hit: bool) {
+        bump(host, if hit { self.cache_hits } else { self.cache_misses });
     }
 
-    pub fn count_cache(&self, hit: bool) {
-        Metrics::bump(if hit { self.cache_hits } else { self.cache_misses });
-    }
-
-    pub fn count_rule(&self, index: Option<usize>, allowed: bool) {
+    pub fn count_rule(&self, host: &dyn Host, index: Option<usize>, allowed: bool) {
         if let Some(&(allow, deny)) = index.and_then(|i| self.rules.get(i)) {
-            Metrics::bump(if allowed { allow } else { deny });
+            bump(host, if allowed { allow } else { deny });
         }
     }
 
-    pub fn count(&self, reason: Option<Reason>, dry_run: bool) {
-        let bump = Metrics::bump;
+    pub fn count(&self, host: &dyn Host, reason: Option<Reason>, dry_run: bool) {
         match reason {
-            None => bump(self.allowed),
+            None => bump(host, self.allowed),
             Some(reason) => {
-                bump(self.denied.iter().find(|(r, _)| *r == reason).map(|&(_, id)| id));
+                bump(host, self.denied.iter().find(|(r, _)| *r == reason).map(|&(_, id)| id));
                 if dry_run {
-                    bump(self.dry_run_denied);
+                    bump(host, self.dry_run_denied);
                 }
             }
         }
+    }
+}
+
+fn bump(host: &dyn Host, id: Option<u32>) {
+    if let Some(id) = id {
+        host.increment(id);
     }
 }
 

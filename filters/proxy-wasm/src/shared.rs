@@ -1,45 +1,45 @@
 //! State every worker VM of a proxy shares: proxy-wasm shared data, updated with
 //! compare-and-swap.
 
+use crate::host::{Host, CAS_MISMATCH};
 use agentgate::ratelimit::{admit_in_slot, slot_key, RateLimit, RateLimiter};
 use agentgate::replay::{
     bucket_key, bucket_name, record_in_bucket, GuardError, ReplayGuard, ReplayScope, TokenId, SHARDS,
 };
 use agentgate::Gate;
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::Status;
 
 /// Single-use `jti`s and rate-limit buckets in the host's shared data, so every worker VM
 /// of the proxy agrees.
-pub struct SharedDataGuard;
+pub struct SharedDataGuard<'a>(pub &'a dyn Host);
 
 const CAS_RETRIES: usize = 16;
 
 /// Reads `key`, lets `update` compute the new value (`None`: nothing to write) and an
 /// answer, and writes with the host's compare-and-swap, retrying when another worker won.
 pub fn update_shared<T>(
+    host: &dyn Host,
     key: &str,
     update: impl Fn(Option<&[u8]>) -> Result<(Option<Vec<u8>>, T), GuardError>,
 ) -> Result<T, GuardError> {
     for _ in 0..CAS_RETRIES {
-        let (current, cas) = hostcalls::get_shared_data(key).map_err(|_| GuardError::Unavailable)?;
+        let (current, cas) = host.get_shared_data(key).map_err(|_| GuardError::Unavailable)?;
         let (updated, answer) = update(current.as_deref())?;
         let Some(updated) = updated else { return Ok(answer) };
-        match hostcalls::set_shared_data(key, Some(&updated), cas) {
+        match host.set_shared_data(key, &updated, cas) {
             Ok(()) => return Ok(answer),
-            Err(Status::CasMismatch) => continue,
+            Err(CAS_MISMATCH) => continue,
             Err(_) => return Err(GuardError::Unavailable),
         }
     }
     Err(GuardError::Unavailable)
 }
 
-impl agentgate::gate::SharedState for SharedDataGuard {}
+impl agentgate::gate::SharedState for SharedDataGuard<'_> {}
 
-impl ReplayGuard for SharedDataGuard {
+impl ReplayGuard for SharedDataGuard<'_> {
     fn first_use(&self, scope: ReplayScope<'_>, id: &TokenId, expires_at: i64, _now: i64) -> Result<bool, GuardError> {
         let (key, window) = bucket_key(scope.provider, id, expires_at, scope.ring);
-        update_shared(&key, |bucket| {
+        update_shared(self.0, &key, |bucket| {
             Ok(match record_in_bucket(bucket, window, id)? {
                 Some(updated) => (Some(updated), true),
                 None => (None, false),
@@ -48,10 +48,10 @@ impl ReplayGuard for SharedDataGuard {
     }
 }
 
-impl RateLimiter for SharedDataGuard {
+impl RateLimiter for SharedDataGuard<'_> {
     fn admit(&self, scope: &str, agent: &str, limit: &RateLimit, now: i64) -> Result<Result<(), u64>, GuardError> {
         let (key, id) = slot_key(scope, agent);
-        update_shared(&key, |slot| {
+        update_shared(self.0, &key, |slot| {
             let (updated, verdict) = admit_in_slot(slot, &id, limit, now);
             Ok((Some(updated), verdict))
         })
@@ -61,14 +61,14 @@ impl RateLimiter for SharedDataGuard {
 /// Creates every bucket a single-use provider may use, empty, unless another VM already
 /// did: later updates then always carry a CAS, so two workers can never both record the
 /// same `jti` as new.
-pub fn prepare_replay_buckets(gate: &Gate) {
+pub fn prepare_replay_buckets(host: &dyn Host, gate: &Gate) {
     for provider in &gate.policy().providers {
         let Some(ring) = provider.single_use_ring else { continue };
         for slot in 0..ring {
             for shard in 0..SHARDS {
                 let key = bucket_name(&provider.name, slot, shard);
-                if let Ok((None, _)) = hostcalls::get_shared_data(&key) {
-                    let _ = hostcalls::set_shared_data(&key, Some(&[0xff; 8]), None);
+                if let Ok((None, _)) = host.get_shared_data(&key) {
+                    let _ = host.set_shared_data(&key, &[0xff; 8], 0);
                 }
             }
         }

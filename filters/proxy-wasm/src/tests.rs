@@ -1,0 +1,251 @@
+//! The filter's own logic on a mock host, natively: deciding, waiting for keys and being
+//! answered in the request's own context, capabilities, and what a host's odd answers do.
+
+// Test code: a panic is how a test fails.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use crate::host::INTERNAL_FAILURE;
+use crate::mock::Mock;
+use crate::{Vm, CONTINUE, PAUSE};
+use agentgate_test_harness::tokens::{agent_claims, policy, read_invoice_rule, Signer};
+use serde_json::{json, Value};
+
+const ROOT: u32 = 1;
+const NOW: u64 = 1_767_225_600;
+
+fn signer() -> Signer {
+    Signer::es256("k-1", 3)
+}
+
+fn inline_policy() -> String {
+    policy(&signer().jwks(), &read_invoice_rule(), "enforce")
+}
+
+fn remote_policy(wait_ms: u64) -> String {
+    let mut p: Value = serde_json::from_str(&inline_policy()).unwrap();
+    let provider = p["providers"][0].as_object_mut().unwrap();
+    provider.remove("jwks");
+    provider.insert("jwks_uri".into(), json!("https://idp.example.com/keys.json"));
+    provider.insert("cluster".into(), json!("idp"));
+    provider.insert("jwks_fetch".into(), json!({"wait_ms": wait_ms, "min_refetch_seconds": 10}));
+    p.to_string()
+}
+
+/// A VM configured with `policy` on the mock host, or the refusal's log lines.
+fn vm(policy: &str, setup: impl FnOnce(&Mock)) -> Result<(Vm<Mock>, Mock), Vec<String>> {
+    let mock = Mock::default();
+    mock.state().now_nanos = NOW * 1_000_000_000;
+    mock.state().config = policy.as_bytes().to_vec();
+    setup(&mock);
+    let vm = Vm::new(mock.clone());
+    vm.on_context_create(ROOT, 0);
+    if vm.on_vm_start(ROOT) && vm.on_configure(ROOT) {
+        Ok((vm, mock))
+    } else {
+        Err(mock.state().logs.iter().map(|(_, l)| l.clone()).collect())
+    }
+}
+
+fn started(policy: &str) -> (Vm<Mock>, Mock) {
+    vm(policy, |_| {}).unwrap_or_else(|logs| panic!("{logs:?}"))
+}
+
+fn token() -> String {
+    signer().sign(&agent_claims("agent-7", "invoices:read", NOW as i64))
+}
+
+fn headers(extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    [(":method", "GET"), (":path", "/invoices/7"), (":authority", "api")]
+        .iter()
+        .chain(extra)
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Sends a request on context `id`; the action the filter returned.
+fn request(vm: &Vm<Mock>, mock: &Mock, id: u32, headers: Vec<(String, String)>) -> u32 {
+    {
+        let mut state = mock.state();
+        state.headers = Some(headers.clone());
+        state.response = None;
+        state.changes.clear();
+    }
+    vm.on_context_create(id, ROOT);
+    let announced = headers.iter().filter(|(n, _)| !n.starts_with(':')).count();
+    vm.on_request_headers(id, announced)
+}
+
+fn status(mock: &Mock) -> Option<u16> {
+    mock.state().response.as_ref().map(|(s, _, _)| *s)
+}
+
+fn response_header(mock: &Mock, name: &str) -> Option<String> {
+    let state = mock.state();
+    let (_, headers, _) = state.response.as_ref()?;
+    headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+}
+
+#[test]
+fn header_names_in_any_case_are_found_and_stripped() {
+    let (vm, mock) = started(&inline_policy());
+    let auth = format!("Bearer {}", token());
+    let action = request(&vm, &mock, 2, headers(&[("Authorization", &auth), ("X-Agent-Id", "root")]));
+    assert_eq!(action, CONTINUE, "{:?}", mock.state().logs);
+    let changes = mock.state().changes.clone();
+    assert!(changes.contains(&("authorization".into(), None)), "{changes:?}");
+    assert!(changes.contains(&("x-agent-id".into(), Some("agent-7".into()))), "{changes:?}");
+    assert!(!changes.contains(&("x-agent-id".into(), None)), "replaced in place, not removed: {changes:?}");
+}
+
+#[test]
+fn an_audit_id_is_generated_when_the_host_gives_none() {
+    let (vm, mock) = started(&inline_policy());
+    assert_eq!(request(&vm, &mock, 2, headers(&[])), PAUSE);
+    assert_eq!(status(&mock), Some(401));
+    assert_eq!(response_header(&mock, "x-agent-audit-id").as_deref(), Some("abababababababababababababababab"));
+    assert_eq!(request(&vm, &mock, 3, headers(&[("X-Request-Id", "r-1")])), PAUSE);
+    assert_eq!(response_header(&mock, "x-agent-audit-id").as_deref(), Some("r-1"), "the client's id is kept");
+}
+
+#[test]
+fn the_host_header_is_the_authority_where_the_host_sends_both() {
+    let mut p: Value = serde_json::from_str(&inline_policy()).unwrap();
+    p["rules"][0]["match"]["hosts"] = json!(["api.example.com"]);
+    let (vm, mock) = started(&p.to_string());
+    let auth = format!("Bearer {}", token());
+    let mut sent = headers(&[("Host", "api.example.com"), ("Authorization", &auth)]);
+    sent.retain(|(n, _)| n != ":authority");
+    sent.push((":authority".into(), "kong-server:8000".into()));
+    assert_eq!(request(&vm, &mock, 2, sent), CONTINUE, "{:?}", mock.state().response);
+}
+
+#[test]
+fn a_request_waiting_for_keys_fetches_them_itself_and_is_made_current_for_the_answer() {
+    let (vm, mock) = started(&remote_policy(1000));
+    let auth = format!("Bearer {}", token());
+    assert_eq!(request(&vm, &mock, 2, headers(&[("authorization", &auth)])), PAUSE);
+    assert_eq!(status(&mock), None, "held, not answered");
+    let (token_id, upstream, call_headers) = mock.state().calls.last().cloned().unwrap();
+    assert_eq!(upstream, "idp");
+    assert!(call_headers.contains(&(":path".into(), "/keys.json".into())));
+    // The host answers on the root context: the request is made current, and only it.
+    let body = signer().jwks().to_string().into_bytes();
+    mock.state().call_response = Some((vec![(":status".into(), "200".into())], body.clone()));
+    vm.on_http_call_response(ROOT, token_id, body.len());
+    assert_eq!(mock.state().effective, vec![2]);
+    assert_eq!(mock.state().continued, 1);
+    // Keys are installed for the next request.
+    assert_eq!(request(&vm, &mock, 4, headers(&[("authorization", &auth)])), CONTINUE);
+    // An answer for a request that is gone makes nothing current.
+    assert_eq!(request(&vm, &mock, 5, headers(&[("authorization", "Bearer x.y.z")])), PAUSE);
+    vm.on_delete(5);
+    vm.on_http_call_response(ROOT, 4242, 0);
+    assert_eq!(mock.state().effective, vec![2]);
+}
+
+#[test]
+fn a_waiting_request_is_resumed_by_its_own_callout() {
+    let (vm, mock) = started(&remote_policy(1000));
+    let auth = format!("Bearer {}", token());
+    assert_eq!(request(&vm, &mock, 2, headers(&[("authorization", &auth)])), PAUSE);
+    let (token_id, _, _) = mock.state().calls.last().cloned().unwrap();
+    let body = signer().jwks().to_string().into_bytes();
+    mock.state().call_response = Some((vec![(":status".into(), "200".into())], body.clone()));
+    vm.on_http_call_response(2, token_id, body.len());
+    assert_eq!(mock.state().continued, 1);
+    assert_eq!(status(&mock), None);
+}
+
+#[test]
+fn a_failed_fetch_fails_the_waiting_request_closed() {
+    let (vm, mock) = started(&remote_policy(1000));
+    let auth = format!("Bearer {}", token());
+    assert_eq!(request(&vm, &mock, 2, headers(&[("authorization", &auth)])), PAUSE);
+    let (token_id, _, _) = mock.state().calls.last().cloned().unwrap();
+    mock.state().call_response = None; // a timeout: no headers
+    vm.on_http_call_response(2, token_id, 0);
+    assert_eq!(mock.state().continued, 0);
+    assert_eq!(status(&mock), Some(401));
+    assert!(
+        mock.state().logs.iter().any(|(_, m)| m.contains("\"reason\":\"keys_unavailable\"")),
+        "{:?}",
+        mock.state().logs
+    );
+}
+
+#[test]
+fn without_waiting_an_unknown_kid_still_triggers_an_early_refetch() {
+    let (vm, mock) = started(&remote_policy(0));
+    let auth = format!("Bearer {}", token());
+    assert_eq!(request(&vm, &mock, 2, headers(&[("authorization", &auth)])), PAUSE);
+    assert!(status(&mock).is_some_and(|s| s >= 400), "answered at once");
+    assert!(mock.state().calls.is_empty());
+    vm.on_tick(ROOT);
+    assert_eq!(mock.state().calls.len(), 1, "the next tick fetches early");
+}
+
+#[test]
+fn configure_never_makes_a_callout() {
+    let (_vm, mock) = started(&remote_policy(1000));
+    assert!(mock.state().calls.is_empty());
+    assert_eq!(mock.state().tick_ms, Some(100));
+}
+
+#[test]
+fn mtls_binding_is_refused_where_the_peer_property_fails_and_asked_only_then() {
+    let mut p: Value = serde_json::from_str(&inline_policy()).unwrap();
+    p["rules"][0]["require"]["bind_mtls_peer"] = json!(true);
+    let failing = |m: &Mock| {
+        m.state().properties.insert("connection.uri_san_peer_certificate".into(), Err(INTERNAL_FAILURE));
+    };
+    let logs = vm(&p.to_string(), failing).err().unwrap();
+    let errors: Vec<&String> = logs.iter().filter(|l| l.contains("bind_mtls_peer")).collect();
+    assert_eq!(errors.len(), 1, "{logs:?}");
+    // A policy without it loads on the same host.
+    assert!(vm(&inline_policy(), failing).is_ok());
+}
+
+#[test]
+fn garbage_from_the_host_fails_closed() {
+    let (vm, mock) = started(&inline_policy());
+    mock.state().refuse.insert("clock", 10);
+    assert_eq!(request(&vm, &mock, 2, headers(&[])), PAUSE);
+    assert_eq!(status(&mock), Some(500));
+    mock.state().refuse.clear();
+    mock.state().headers = None;
+    vm.on_context_create(3, ROOT);
+    assert_eq!(vm.on_request_headers(3, 1), PAUSE);
+    assert_eq!(status(&mock), Some(500));
+    // A context the host never created.
+    mock.state().response = None;
+    assert_eq!(vm.on_request_headers(99, 0), PAUSE);
+    assert_eq!(status(&mock), Some(500));
+    // An answer to a callout the filter never made is ignored.
+    vm.on_http_call_response(2, 4242, 10);
+}
+
+#[test]
+fn on_nginx_a_repeated_stripped_header_or_hidden_headers_are_refused() {
+    let (vm, mock) = started(&inline_policy());
+    mock.state().properties.insert("ngx.nginx_version".into(), Ok(b"1.22.1".to_vec()));
+    let auth = format!("Bearer {}", token());
+    let twice = headers(&[("Authorization", &auth), ("x-agent-on-behalf-of", "a"), ("X-Agent-On-Behalf-Of", "b")]);
+    assert_eq!(request(&vm, &mock, 2, twice), PAUSE);
+    assert_eq!(status(&mock), Some(500));
+    // The host said there are more headers than it passed.
+    mock.state().headers = Some(headers(&[("Authorization", &auth)]));
+    mock.state().response = None;
+    vm.on_context_create(3, ROOT);
+    assert_eq!(vm.on_request_headers(3, 101), PAUSE);
+    assert_eq!(status(&mock), Some(500));
+    // Once: emptied in place, then removed (nginx still forwards the name).
+    assert_eq!(request(&vm, &mock, 4, headers(&[("Authorization", &auth), ("x-agent-on-behalf-of", "a")])), CONTINUE);
+    let changes = mock.state().changes.clone();
+    assert!(
+        changes.starts_with(&[
+            ("x-agent-on-behalf-of".into(), Some(String::new())),
+            ("x-agent-on-behalf-of".into(), None)
+        ]),
+        "{changes:?}"
+    );
+}
