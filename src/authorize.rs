@@ -87,7 +87,7 @@ pub fn authorize(policy: &Policy, target: &Target<'_>, token: &VerifiedToken) ->
         Ok(routed) => routed,
         Err(reason) => return Authorization::denied(reason),
     };
-    let facts = Facts { rule, target, token, identifier: task_identifier.as_deref() };
+    let facts = Facts { rule, target, token, identifier: task_identifier.as_deref(), arguments_unknown: false };
     let result = resource_audience(policy, rule, token).and_then(|()| {
         REQUIREMENTS.iter().filter_map(|(_, check)| check(&facts)).find(Result::is_err).unwrap_or(Ok(()))
     });
@@ -103,6 +103,23 @@ fn resource_audience(policy: &Policy, rule: &Rule, token: &VerifiedToken) -> Res
     }
 }
 
+/// Whether some call of `target`'s MCP message, with arguments not known yet, could be
+/// allowed for `token`: the rule that would decide it exists and every requirement that does
+/// not depend on the arguments holds. Human approval is left out: a step-up token can still
+/// satisfy it, so such tools stay visible. For filtering `tools/list` and its kin.
+pub fn could_hold(policy: &Policy, target: &Target<'_>, token: &VerifiedToken) -> bool {
+    let Ok((_, rule, identifier)) = route(policy, target) else { return false };
+    if resource_audience(policy, rule, token).is_err() {
+        return false;
+    }
+    let facts = Facts { rule, target, token, identifier: identifier.as_deref(), arguments_unknown: true };
+    REQUIREMENTS
+        .iter()
+        .filter(|(name, _)| *name != "approval")
+        .filter_map(|(_, check)| check(&facts))
+        .all(|result| result.is_ok())
+}
+
 /// Each requirement of a rule by its name in the policy, in order, and whether it held.
 pub type Explanation = Vec<(&'static str, Result<(), Reason>)>;
 
@@ -111,7 +128,7 @@ pub type Explanation = Vec<(&'static str, Result<(), Reason>)>;
 pub fn explain(policy: &Policy, target: &Target<'_>, token: &VerifiedToken) -> Result<Explanation, Reason> {
     let (_, rule, identifier) = route(policy, target)?;
     resource_audience(policy, rule, token)?;
-    let facts = Facts { rule, target, token, identifier: identifier.as_deref() };
+    let facts = Facts { rule, target, token, identifier: identifier.as_deref(), arguments_unknown: false };
     Ok(REQUIREMENTS.iter().filter_map(|(name, check)| check(&facts).map(|result| (*name, result))).collect())
 }
 
@@ -122,6 +139,9 @@ struct Facts<'a> {
     token: &'a VerifiedToken,
     /// The rule's task identifier, bound from the path.
     identifier: Option<&'a str>,
+    /// The call's arguments are not known yet (filtering a list of tools): requirements on
+    /// them are given the benefit of the doubt.
+    arguments_unknown: bool,
 }
 
 /// A requirement, by its name in the policy; its check gives `None` when the rule does not
@@ -191,7 +211,7 @@ fn delegation(f: &Facts<'_>) -> Option<Result<(), Reason>> {
 
 fn task(f: &Facts<'_>) -> Option<Result<(), Reason>> {
     let required = f.rule.task.as_ref()?;
-    if required.identifier.is_some() && f.identifier.is_none() {
+    if required.identifier.is_some() && f.identifier.is_none() && !f.arguments_unknown {
         // The identifier could not be bound (an argument missing, or not a string or number).
         return Some(Err(Reason::TaskMismatch));
     }
@@ -249,7 +269,7 @@ fn claims(f: &Facts<'_>) -> Option<Result<(), Reason>> {
 
 fn arguments(f: &Facts<'_>) -> Option<Result<(), Reason>> {
     let conditions = &f.rule.arguments;
-    (!conditions.is_empty()).then(|| {
+    (!conditions.is_empty() && !f.arguments_unknown).then(|| {
         let arguments = f.target.mcp.and_then(|call| call.arguments.as_object());
         let holds = conditions.iter().all(|c| c.holds(arguments.and_then(|a| claim(a, &c.key))));
         verdict(holds, Reason::ArgumentMismatch)

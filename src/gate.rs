@@ -131,6 +131,22 @@ pub struct Decision {
     pub shared_cache_hit: bool,
     pub action: Action,
     pub audit: AuditRecord,
+    /// An allowed MCP list call (`tools/list`, ...): the host passes the response body to
+    /// [`Gate::filter_list`], so the agent sees only what it may call.
+    pub list_filter: Option<ListFilter>,
+}
+
+/// What filtering a list response for one agent needs, kept from its request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListFilter {
+    kind: mcp::ListKind,
+    token: Arc<VerifiedToken>,
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    source: Option<String>,
+    peer_uri_san: Option<String>,
+    now: i64,
 }
 
 /// Verified tokens by their text: a reused token costs a lookup, not a signature check nor
@@ -489,7 +505,21 @@ impl Gate {
             }
             _ => self.forward(request.headers, &audit, stripped),
         };
+        let list_filter = match (call.and_then(|c| c.method.as_deref()).and_then(mcp::list_kind), &checked.token) {
+            (Some(kind), Some(token)) if reason.is_none() => Some(ListFilter {
+                kind,
+                token: Arc::clone(token),
+                method: request.method.to_string(),
+                path: request.path.to_string(),
+                headers: request.headers.to_vec(),
+                source: request.source.map(str::to_string),
+                peer_uri_san: request.peer_uri_san.map(str::to_string),
+                now: request.now,
+            }),
+            _ => None,
+        };
         Decision {
+            list_filter,
             allowed: reason.is_none(),
             reason,
             rule: matched.map(|r| r.name.clone()),
@@ -601,7 +631,37 @@ impl Gate {
             shared_cache_hit: false,
             action,
             audit,
+            list_filter: None,
         }
+    }
+
+    /// The response `body` of an allowed list call with only the tools (prompts, resources)
+    /// this agent could call under the policy: one whose rule can never hold for its token is
+    /// removed; one whose rule depends on the arguments stays. `event_stream`: the body is
+    /// `text/event-stream`.
+    pub fn filter_list(&self, filter: &ListFilter, body: &[u8], event_stream: bool) -> Vec<u8> {
+        let keep = |name: &str| {
+            let call = McpCall {
+                id: None,
+                method: Some(filter.kind.call.to_string()),
+                name: Some(name.to_string()),
+                arguments: serde_json::Value::Null,
+            };
+            let target = Target {
+                method: &filter.method,
+                headers: &filter.headers,
+                source: filter.source.as_deref(),
+                peer_uri_san: filter.peer_uri_san.as_deref(),
+                authority: header(&filter.headers, ":authority")
+                    .or_else(|| header(&filter.headers, "host"))
+                    .unwrap_or(""),
+                path: &filter.path,
+                now: filter.now,
+                mcp: Some(&call),
+            };
+            crate::authorize::could_hold(&self.policy, &target, &filter.token)
+        };
+        mcp::filter_list_body(body, event_stream, filter.kind, &keep)
     }
 
     /// Forwarding: forged audit headers out, the real ones in, and the credentials stay at

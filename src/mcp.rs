@@ -251,6 +251,72 @@ pub fn argument_text(arguments: &Value, path: &str) -> Option<String> {
     }
 }
 
+/// A list method whose result the gate filters per agent: the result's array, the call each
+/// item stands for, and the item member that names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListKind {
+    pub items: &'static str,
+    pub call: &'static str,
+    pub name: &'static str,
+}
+
+pub fn list_kind(method: &str) -> Option<ListKind> {
+    let kind = |items, call, name| Some(ListKind { items, call, name });
+    match method {
+        "tools/list" => kind("tools", "tools/call", "name"),
+        "prompts/list" => kind("prompts", "prompts/get", "name"),
+        "resources/list" => kind("resources", "resources/read", "uri"),
+        _ => None,
+    }
+}
+
+/// The list response `body` (one JSON-RPC message, or a `text/event-stream` carrying it)
+/// with only the items `keep` accepts by name; other messages pass unchanged. A body that
+/// cannot be read becomes a JSON-RPC error: an unfiltered list would show every tool.
+pub fn filter_list_body(body: &[u8], event_stream: bool, kind: ListKind, keep: &dyn Fn(&str) -> bool) -> Vec<u8> {
+    if !event_stream {
+        return filter_message(body, kind, keep).unwrap_or_else(|| unfilterable().into_bytes());
+    }
+    let Ok(text) = std::str::from_utf8(body) else { return unfilterable().into_bytes() };
+    let text = text.replace("\r\n", "\n");
+    let mut out = String::with_capacity(text.len());
+    // SSE events end at a blank line; `data:` lines of one event join with newlines.
+    for event in text.split_inclusive("\n\n") {
+        let data: Vec<&str> =
+            event.lines().filter_map(|l| l.strip_prefix("data:")).map(|d| d.strip_prefix(' ').unwrap_or(d)).collect();
+        if data.is_empty() {
+            out.push_str(event);
+            continue;
+        }
+        let Some(filtered) = filter_message(data.join("\n").as_bytes(), kind, keep) else {
+            out.push_str(&format!("data: {}\n\n", unfilterable()));
+            continue;
+        };
+        for line in event.lines().filter(|l| !l.starts_with("data:") && !l.is_empty()) {
+            out.push_str(line);
+            out.push('\n');
+        }
+        out.push_str("data: ");
+        out.push_str(&String::from_utf8_lossy(&filtered));
+        out.push_str("\n\n");
+    }
+    out.into_bytes()
+}
+
+/// One JSON-RPC message with its list filtered; `None` when it is not JSON.
+fn filter_message(json: &[u8], kind: ListKind, keep: &dyn Fn(&str) -> bool) -> Option<Vec<u8>> {
+    let mut message: Value = serde_json::from_slice(json).ok()?;
+    if let Some(items) = message.pointer_mut(&format!("/result/{}", kind.items)).and_then(Value::as_array_mut) {
+        items.retain(|item| item.get(kind.name).and_then(Value::as_str).is_some_and(keep));
+    }
+    serde_json::to_vec(&message).ok()
+}
+
+fn unfilterable() -> String {
+    serde_json::json!({"jsonrpc": "2.0", "id": null, "error": {"code": -32603, "message": "the gateway could not read the list"}})
+        .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,6 +394,29 @@ mod tests {
         assert_eq!(check_headers(&c, &h(&[("mcp-name", "read")])), Err(Reason::McpHeaderMismatch));
         assert_eq!(check_headers(&c, &h(&[("mcp-method", "tools/list")])), Err(Reason::McpHeaderMismatch));
         assert_eq!(check_headers(&c, &h(&[("mcp-name", "pay"), ("mcp-name", "pay")])), Err(Reason::McpHeaderMismatch));
+    }
+
+    #[test]
+    fn lists_keep_only_what_the_agent_may_call() {
+        let kind = list_kind("tools/list").unwrap_or(ListKind { items: "", call: "", name: "" });
+        let keep = |name: &str| name.starts_with("read");
+        let body = br#"{"jsonrpc":"2.0","id":3,"result":{"tools":[{"name":"read_invoice"},{"name":"pay_invoice"},{"title":"nameless"}],"nextCursor":"c"}}"#;
+        let filtered: Value = serde_json::from_slice(&filter_list_body(body, false, kind, &keep)).unwrap_or_default();
+        assert_eq!(filtered["result"]["tools"], serde_json::json!([{"name": "read_invoice"}]));
+        assert_eq!((filtered["id"].clone(), filtered["result"]["nextCursor"].clone()), (3.into(), "c".into()));
+
+        let sse = "event: message\nid: 1\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\n\nevent: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":3,\"result\":{\"tools\":[{\"name\":\"pay_invoice\"},{\"name\":\"read_x\"}]}}\n\n";
+        let out = String::from_utf8(filter_list_body(sse.as_bytes(), true, kind, &keep)).unwrap_or_default();
+        let crlf = String::from_utf8(filter_list_body(sse.replace('\n', "\r\n").as_bytes(), true, kind, &keep));
+        assert_eq!(crlf.as_deref(), Ok(out.as_str()), "CRLF line ends as sse-starlette writes them");
+        assert!(
+            out.contains("notifications/progress") && out.contains("read_x") && !out.contains("pay_invoice"),
+            "{out}"
+        );
+        assert!(out.contains("event: message\nid: 1\n"), "{out}");
+
+        let garbage = String::from_utf8(filter_list_body(b"{not json", false, kind, &keep)).unwrap_or_default();
+        assert!(garbage.contains("-32603") && !garbage.contains("not json"), "{garbage}");
     }
 
     #[test]
