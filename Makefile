@@ -13,7 +13,7 @@ export AGENTGATE_WASM := $(abspath $(WASM))
 FUZZ_SECONDS ?= 60
 # Cargo features of the filter, e.g. FEATURES=es384 (P-384 adds about 100 KiB).
 FEATURES ?=
-# Cargo profile of the filter: release (opt-level z, within the 600 KiB budget) or speed
+# Cargo profile of the filter: release (opt-level z, within the 700 KiB budget) or speed
 # (opt-level 2: about 30 % more requests/s on the hot path, about 760 KB).
 PROFILE ?= release
 # wasm-opt from the npm package binaryen, installed into .tools/.
@@ -27,8 +27,9 @@ WASM_BINDGEN_VERSION := 0.2.130
 WASM_BINDGEN := $(HOME)/.cargo/bin/wasm-bindgen
 EDGE := filters/edge-js
 EDGE_RAW := target/wasm32-unknown-unknown/edge-js/agentgate_edge_js.wasm
-# The size budget of the filter (600 KiB).
-WASM_MAX_BYTES := 614400
+# The size budget of the filter (700 KiB): raised from 600 KiB for MCP call reading, canonical
+# request handling and host crypto (BENCHMARKS.md).
+WASM_MAX_BYTES := 716800
 
 .PHONY: help build demo test lint unit e2e edge-js node-test venv target fuzz clean bench wrk apisix-runtime FORCE
 
@@ -72,7 +73,7 @@ $(WASM): $(WASM_RAW) $(BUILD_FLAGS)
 	cargo run --quiet -p agentgate-wasm-fixup -- fix $(WASM)
 	@size=$$(stat -c %s $(WASM)); echo "$(WASM): $$size bytes (budget $(WASM_MAX_BYTES))"; \
 	  test $$size -le $(WASM_MAX_BYTES) || test -n "$(FEATURES)" || test "$(PROFILE)" != release || \
-	  { echo "$(WASM) is over its 600 KiB budget"; exit 1; }
+	  { echo "$(WASM) is over its 700 KiB budget"; exit 1; }
 
 lint: target
 	@rustup target add wasm32-unknown-unknown >/dev/null 2>&1 || rustup target add wasm32-unknown-unknown
