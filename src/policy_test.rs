@@ -47,6 +47,8 @@ pub struct TestRequest {
     pub source: Option<String>,
     /// The mTLS peer's URI SAN (for `bind_mtls_peer`).
     pub peer_uri_san: Option<String>,
+    /// The body: a JSON value (an MCP call, say) is sent as its JSON text, a string as it is.
+    pub body: Option<Value>,
 }
 
 fn get() -> String {
@@ -143,6 +145,11 @@ pub fn run(policy_json: &str, tests: &str) -> Result<Vec<CaseResult>, String> {
                 format!("Bearer {}", sign(&Value::Object(claims), case.token_header.as_ref())?),
             ));
         }
+        let body = match &case.request.body {
+            Some(Value::String(text)) => Some(text.clone()),
+            Some(json) => Some(json.to_string()),
+            None => None,
+        };
         let request = Request {
             method: &case.request.method,
             path: &case.request.path,
@@ -150,7 +157,7 @@ pub fn run(policy_json: &str, tests: &str) -> Result<Vec<CaseResult>, String> {
             now,
             source: case.request.source.as_deref(),
             peer_uri_san: case.request.peer_uri_san.as_deref(),
-            body: None,
+            body: body.as_deref().map(str::as_bytes),
         };
         let decision = gate.evaluate(&request);
         let status = match &decision.action {

@@ -151,6 +151,11 @@ fn example_policy_passes_its_own_tests() {
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.trim_end().ends_with("15 passed, 0 failed"), "{stdout}");
     assert!(!stdout.contains("FAIL"), "{stdout}");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/mcp-tools");
+    let (code, stdout, stderr) =
+        agentgate(&["test", "--config", &format!("{dir}/policy.json"), &format!("{dir}/policy_tests.json")]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.trim_end().ends_with("7 passed, 0 failed"), "{stdout}");
 }
 
 #[test]
@@ -239,4 +244,43 @@ fn policies_with_remote_keys_are_tested_with_the_test_key_and_evaluated_fail_clo
     let token = Signer::es256("k", 1).sign(&agent_claims("a", "invoices:read", NOW));
     let (code, out) = eval(&file, "/invoices/1", Some(&token));
     assert_eq!((code, out["reason"].clone()), (1, json!("keys_unavailable")), "{out}");
+}
+
+#[test]
+fn eval_reads_an_mcp_body_and_explains_the_argument_conditions() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/mcp-tools");
+    let example = std::fs::read_to_string(format!("{dir}/policy.json")).unwrap();
+    let signer = Signer::eddsa("corp-ed-1", 3);
+    let mut p: Value = serde_json::from_str(&example).unwrap();
+    p["providers"][0]["jwks"] = signer.jwks();
+    let file = write_policy("mcp.json", &p.to_string());
+    let claims = json!({
+        "iss": "https://idp.corp.example", "aud": "https://tools.corp.example/mcp", "iat": NOW, "exp": NOW + 300,
+        "sub": "spiffe://corp.example/agent/invoice-7", "scope": "invoices:pay",
+        "authorization_details": [{"type": "invoice_processing", "actions": ["pay"], "identifier": "42"}]
+    });
+    let body = write_policy(
+        "mcp-call.json",
+        &json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                "params": {"name": "pay_invoice", "arguments": {"invoice_id": "42", "amount": {"value": 900, "currency": "EUR"}}}})
+        .to_string(),
+    );
+    let (config, body, now) = (file.to_string_lossy().to_string(), body.to_string_lossy().to_string(), NOW.to_string());
+    let auth = format!("authorization: Bearer {}", signer.sign(&claims));
+    let (code, stdout, stderr) = agentgate(&[
+        "eval", "--config", &config, "--method", "POST", "--path", "/mcp", "--now", &now, "--header", &auth, "--body",
+        &body,
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    let out: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!((out["rule"].clone(), out["reason"].clone()), (json!("pay-invoice"), json!("argument_mismatch")));
+    assert!(out["checks"]
+        .as_array()
+        .unwrap()
+        .contains(&json!({"requirement": "arguments", "held": false, "reason": "argument_mismatch"})));
+    assert_eq!(out["audit"]["mcp_tool"], "pay_invoice");
+    assert_eq!(out["audit"]["mcp_arguments"], json!({"invoice_id": "42"}));
+    let (code, _, stderr) =
+        agentgate(&["eval", "--config", &config, "--method", "POST", "--path", "/mcp", "--body", "/no/such/file"]);
+    assert_eq!(code, 2, "{stderr}");
 }
