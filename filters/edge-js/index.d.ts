@@ -11,6 +11,8 @@ export interface EvaluateRequest {
   peerUriSan?: string;
   /** Unix seconds; default: the runtime's clock. */
   now?: number;
+  /** The body as text, where `gate.bodyLimit(method, path)` asks for it (MCP routes). */
+  body?: string;
 }
 
 /** One JSON audit record, as the proxy-wasm filter logs it. */
@@ -40,10 +42,17 @@ export interface Decision {
   /** On deny: the answer's body. */
   body: string | null;
   audit: AuditRecord;
+  /**
+   * On an allowed MCP list call (`tools/list`, ...): filters the upstream's response body to
+   * the tools this agent may call. Pass the response through it before answering.
+   */
+  filterList?: (body: string, contentType?: string) => string;
 }
 
 export interface AgentGate {
   evaluate(request: EvaluateRequest): Decision;
+  /** Bytes of body to read for this request (an MCP route), or undefined when headers decide. */
+  bodyLimit(method: string, path: string): number | undefined;
   /** Frees the wasm memory of this gate. */
   free(): void;
 }

@@ -35,7 +35,18 @@ export function createGate(policy) {
       if (typeof now !== 'number' || !Number.isFinite(now)) {
         throw new Error('invalid request: now must be a finite number of Unix seconds');
       }
-      return JSON.parse(gate.evaluateJson(JSON.stringify({ ...request, headers, now })));
+      const result = JSON.parse(gate.evaluateJson(JSON.stringify({ ...request, headers, now })));
+      if (result.listFilter != null) {
+        const handle = result.listFilter;
+        // The caller passes the upstream's list response through this before answering.
+        result.filterList = (body, contentType = 'application/json') =>
+          gate.filterList(handle, body, String(contentType).toLowerCase().startsWith('text/event-stream'));
+      }
+      return result;
+    },
+    /** Bytes of body to read for this request (an MCP route), or undefined: header-only. */
+    bodyLimit(method, path) {
+      return gate.bodyLimit(method, path);
     },
     free() {
       gate.free();

@@ -2,7 +2,9 @@
 //! filter, compiled with wasm-bindgen. Request in as JSON, decision out as JSON; the JS
 //! wrapper (`index.js`) gives it its API. No policy logic here.
 
+use agentgate::gate::ListFilter;
 use agentgate::{Action, Decision, Gate, Request};
+use std::collections::VecDeque;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -47,8 +49,53 @@ pub fn create(policy_json: &str) -> Result<Gate, String> {
     Ok(gate)
 }
 
-/// Decides `request_json` (an [`EdgeRequest`]) and returns the decision as JSON.
-pub fn evaluate(gate: &Gate, request_json: &str) -> Result<String, String> {
+/// A gate and the list filters of its recent `tools/list` decisions, by handle: the caller
+/// passes the response back with the handle. Bounded: a caller that never filters cannot
+/// grow it, and an unknown handle is an error (the caller must not pass the list unfiltered).
+pub struct EdgeGate {
+    gate: Gate,
+    pending: VecDeque<(u32, ListFilter)>,
+    next: u32,
+}
+
+const MAX_PENDING_LISTS: usize = 256;
+
+impl EdgeGate {
+    pub fn new(policy_json: &str) -> Result<EdgeGate, String> {
+        create(policy_json).map(|gate| EdgeGate { gate, pending: VecDeque::new(), next: 1 })
+    }
+
+    /// Decides a request; a list call's decision carries `listFilter`, a handle for
+    /// [`EdgeGate::filter_list`].
+    pub fn evaluate(&mut self, request_json: &str) -> Result<String, String> {
+        let (decision, mut out) = evaluate(&self.gate, request_json)?;
+        if let (Some(filter), Some(object)) = (decision.list_filter, out.as_object_mut()) {
+            let handle = self.next;
+            self.next = self.next.wrapping_add(1).max(1);
+            if self.pending.len() >= MAX_PENDING_LISTS {
+                self.pending.pop_front();
+            }
+            self.pending.push_back((handle, filter));
+            object.insert("listFilter".into(), Value::from(handle));
+        }
+        Ok(out.to_string())
+    }
+
+    /// The list response `body` with only this agent's tools; consumes the handle.
+    pub fn filter_list(&mut self, handle: u32, body: &str, event_stream: bool) -> Result<String, String> {
+        let at = self.pending.iter().position(|(h, _)| *h == handle).ok_or("unknown or expired list filter")?;
+        let (_, filter) = self.pending.remove(at).ok_or("unknown list filter")?;
+        Ok(String::from_utf8_lossy(&self.gate.filter_list(&filter, body.as_bytes(), event_stream)).into_owned())
+    }
+
+    /// The body size to read for this request (MCP routes), or `None`.
+    pub fn body_limit(&self, method: &str, path: &str) -> Option<usize> {
+        self.gate.body_limit(method, path)
+    }
+}
+
+/// Decides `request_json` (an [`EdgeRequest`]): the decision, and its JSON for JS.
+pub fn evaluate(gate: &Gate, request_json: &str) -> Result<(Decision, Value), String> {
     let request: EdgeRequest = serde_json::from_str(request_json).map_err(|e| format!("invalid request: {e}"))?;
     let headers: Vec<(String, String)> =
         request.headers.iter().map(|(name, value)| (name.to_ascii_lowercase(), header_text(value))).collect();
@@ -66,7 +113,8 @@ pub fn evaluate(gate: &Gate, request_json: &str) -> Result<String, String> {
         headers: &headers,
         now,
     });
-    Ok(outcome(&decision).to_string())
+    let out = outcome(&decision);
+    Ok((decision, out))
 }
 
 fn header_text(value: &Value) -> String {
@@ -115,20 +163,31 @@ fn object(pairs: &[(String, String)]) -> Map<String, Value> {
 mod bindings {
     use wasm_bindgen::prelude::*;
 
-    /// A compiled policy. JS: `new Gate(policyJson)`, `gate.evaluateJson(requestJson)`.
+    /// A compiled policy. JS: `new Gate(policyJson)`, `gate.evaluateJson(requestJson)`,
+    /// `gate.filterList(handle, body, eventStream)`, `gate.bodyLimit(method, path)`.
     #[wasm_bindgen(js_name = Gate)]
-    pub struct EdgeGate(agentgate::Gate);
+    pub struct Bound(super::EdgeGate);
 
     #[wasm_bindgen(js_class = Gate)]
-    impl EdgeGate {
+    impl Bound {
         #[wasm_bindgen(constructor)]
-        pub fn new(policy_json: &str) -> Result<EdgeGate, JsError> {
-            super::create(policy_json).map(EdgeGate).map_err(|e| JsError::new(&e))
+        pub fn new(policy_json: &str) -> Result<Bound, JsError> {
+            super::EdgeGate::new(policy_json).map(Bound).map_err(|e| JsError::new(&e))
         }
 
         #[wasm_bindgen(js_name = evaluateJson)]
-        pub fn evaluate_json(&self, request_json: &str) -> Result<String, JsError> {
-            super::evaluate(&self.0, request_json).map_err(|e| JsError::new(&e))
+        pub fn evaluate_json(&mut self, request_json: &str) -> Result<String, JsError> {
+            self.0.evaluate(request_json).map_err(|e| JsError::new(&e))
+        }
+
+        #[wasm_bindgen(js_name = filterList)]
+        pub fn filter_list(&mut self, handle: u32, body: &str, event_stream: bool) -> Result<String, JsError> {
+            self.0.filter_list(handle, body, event_stream).map_err(|e| JsError::new(&e))
+        }
+
+        #[wasm_bindgen(js_name = bodyLimit)]
+        pub fn body_limit(&self, method: &str, path: &str) -> Option<u32> {
+            self.0.body_limit(method, path).map(|n| u32::try_from(n).unwrap_or(u32::MAX))
         }
     }
 }
