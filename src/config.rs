@@ -75,6 +75,30 @@ pub struct PolicyConfig {
     /// `/.well-known/oauth-protected-resource` (and its path-inserted form), named in every
     /// challenge, and tokens for MCP rules must have `resource` as audience (RFC 8707).
     pub resource_metadata: Option<serde_json::Map<String, Value>>,
+    /// Cut off an agent that collects too many denials (behavioural quarantine).
+    pub quarantine: Option<QuarantineConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct QuarantineConfig {
+    /// The window denials are counted in (default 60, at most 3600).
+    pub window_seconds: Option<u64>,
+    /// Counted denials within the window that quarantine the agent (default 5).
+    pub max_denials: Option<u32>,
+    /// How long a quarantine lasts (default 900, at most 86400).
+    pub cool_off_seconds: Option<u64>,
+    /// The reason codes that count (default: no_matching_rule, insufficient_scope,
+    /// task_mismatch, argument_mismatch, agent_not_allowed, delegation_not_allowed,
+    /// rate_limited, replayed, non_canonical_path, mcp_parse_error).
+    pub count: Option<Vec<String>>,
+    /// Agents released from their quarantine at once (one begun under an earlier policy).
+    #[serde(default)]
+    pub release: Vec<String>,
+    /// Denials of a delegated token count against its subject too (default: only the actor).
+    #[serde(default)]
+    pub count_delegators: bool,
 }
 
 /// Where single-use `jti`s are remembered.
@@ -360,6 +384,9 @@ pub struct RequireConfig {
     /// The acting agent must be the mTLS peer: its certificate's URI SAN (a SPIFFE ID).
     #[serde(default)]
     pub bind_mtls_peer: bool,
+    /// Refuse an agent denied more than this many times in the quarantine window (needs
+    /// `quarantine`): risky operations are not for an agent that just strayed.
+    pub max_recent_denials: Option<u32>,
     /// Conditions on an MCP call's `params.arguments` (`path`, dot-separated), e.g.
     /// `{"path": "amount", "lte": 500}`. Only with `match.mcp`.
     pub arguments: Option<Vec<ConditionConfig>>,

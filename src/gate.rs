@@ -10,6 +10,7 @@ use crate::jwks::{KeyRecord, RemoteJwks};
 use crate::keys::Installed;
 use crate::mcp::{self, McpCall};
 use crate::policy::{Policy, Provider};
+use crate::quarantine::{ConductStore, QuarantineEvent, Update};
 use crate::ratelimit::{MemoryLimiter, RateLimit, RateLimiter};
 use crate::reason::Reason;
 use crate::replay::{token_id, GuardError, MemoryGuard, ReplayGuard, ReplayScope};
@@ -134,6 +135,9 @@ pub struct Decision {
     /// An allowed MCP list call (`tools/list`, ...): the host passes the response body to
     /// [`Gate::filter_list`], so the agent sees only what it may call.
     pub list_filter: Option<ListFilter>,
+    /// This request's denial put its agent into quarantine: the host logs
+    /// `agentgate quarantine {json}` and counts it.
+    pub quarantine: Option<QuarantineEvent>,
 }
 
 /// What filtering a list response for one agent needs, kept from its request.
@@ -202,15 +206,43 @@ pub trait SharedState: ReplayGuard + RateLimiter {
 
     /// Remembers that token `id` verified under `stamp`, for the other workers.
     fn record_verified(&self, _id: &CacheId, _stamp: u64) {}
+
+    /// Where quarantine state is kept; `None`: nowhere, and quarantine fails open.
+    fn conduct(&self) -> Option<&dyn ConductStore> {
+        None
+    }
 }
 
-impl SharedState for MemoryState {}
+impl SharedState for MemoryState {
+    fn conduct(&self) -> Option<&dyn ConductStore> {
+        Some(&self.conduct)
+    }
+}
+
+/// Quarantine state in this process: a few fixed keys (see `quarantine`).
+#[derive(Debug, Default)]
+struct MemoryConduct(Mutex<std::collections::HashMap<String, Vec<u8>>>);
+
+impl ConductStore for MemoryConduct {
+    fn load(&self, key: &str) -> Result<Option<Vec<u8>>, GuardError> {
+        Ok(self.0.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned())
+    }
+
+    fn update(&self, key: &str, update: &Update<'_>) -> Result<(), GuardError> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(new) = update(map.get(key).map(Vec::as_slice)) {
+            map.insert(key.to_string(), new);
+        }
+        Ok(())
+    }
+}
 
 /// Shared state in this process only (the CLI, single-worker hosts).
 #[derive(Debug)]
 pub struct MemoryState {
     replay: MemoryGuard,
     limits: MemoryLimiter,
+    conduct: MemoryConduct,
 }
 
 impl ReplayGuard for MemoryState {
@@ -244,6 +276,7 @@ impl Gate {
         let memory = MemoryState {
             replay: MemoryGuard::new(policy.single_use_entries),
             limits: MemoryLimiter::new(policy.single_use_entries),
+            conduct: MemoryConduct::default(),
         };
         Gate { policy, cache: Mutex::new(cache), memory: Arc::new(memory), host_crypto: None }
     }
@@ -391,7 +424,10 @@ impl Gate {
             Some(Ok(call)) => Some(call),
             None => None,
         };
-        if let Err(reason) = self.check_single_use(token, state, now).and_then(|()| check_revoked(&self.policy, token))
+        if let Err(reason) = self
+            .check_single_use(token, state, now)
+            .and_then(|()| check_revoked(&self.policy, token))
+            .and_then(|()| self.check_quarantine(token, state, now))
         {
             return (Authorization::denied(reason), None);
         }
@@ -400,6 +436,12 @@ impl Gate {
         }
         let mut authorization = authorize(&self.policy, &request.target(call), token);
         let rule = authorization.rule.and_then(|i| self.policy.rules.get(i));
+        if let (Ok(()), Some(max)) = (&authorization.result, rule.and_then(|r| r.max_recent_denials)) {
+            if self.recent_denials(token, state, now) > max {
+                authorization.result = Err(Reason::RecentDenials);
+                return (authorization, None);
+            }
+        }
         if let (Ok(()), Some(rule)) = (&authorization.result, rule) {
             if let Err((reason, wait)) = self.check_rate(state, &rule.name, rule.rate_limit.as_ref(), token, now) {
                 authorization.result = Err(reason);
@@ -407,6 +449,45 @@ impl Gate {
             }
         }
         (authorization, None)
+    }
+
+    /// Quarantine holds for every identity of the token (subject and every actor), like the
+    /// kill switch. A store that cannot answer lets the request on to the rules.
+    fn check_quarantine(&self, token: &VerifiedToken, state: &dyn SharedState, now: i64) -> Result<(), Reason> {
+        let (Some(quarantine), Some(store)) = (&self.policy.quarantine, state.conduct()) else { return Ok(()) };
+        let identities: Vec<&str> = token.subject.iter().chain(&token.actors).map(String::as_str).collect();
+        match quarantine.blocks(store, &identities, &self.policy.digest, now) {
+            Ok(true) => Err(Reason::Quarantined),
+            _ => Ok(()),
+        }
+    }
+
+    fn recent_denials(&self, token: &VerifiedToken, state: &dyn SharedState, now: i64) -> u32 {
+        let (Some(quarantine), Some(store), Some(agent)) = (&self.policy.quarantine, state.conduct(), token.agent())
+        else {
+            return 0;
+        };
+        quarantine.recent_denials(store, agent, now).unwrap_or(0)
+    }
+
+    /// Counts a denial of a verified token against its acting agent (and, where the policy
+    /// says so, its subject); the event when it starts a quarantine.
+    fn count_denial(
+        &self,
+        token: &VerifiedToken,
+        reason: Reason,
+        state: &dyn SharedState,
+        now: i64,
+    ) -> Option<QuarantineEvent> {
+        let (quarantine, store) = (self.policy.quarantine.as_ref()?, state.conduct()?);
+        let delegator = token.on_behalf_of().filter(|_| quarantine.count_delegators);
+        let mut event = None;
+        for agent in token.agent().into_iter().chain(delegator) {
+            if let Ok(Some(started)) = quarantine.count(store, agent, reason, &self.policy.digest, now) {
+                event = event.or(Some(started));
+            }
+        }
+        event
     }
 
     /// For tooling (`agentgate eval`): each requirement of the rule the gate applies to
@@ -496,6 +577,13 @@ impl Gate {
             .then(|| strip_tokens(&self.policy.token_sources, request.headers, request.path));
         let mut audit = self.record(request, &checked, matched, dry_run, stripped.as_ref());
         audit.note_mcp(call, &self.policy.audit.log_arguments);
+        // Only a verified token's denials count: garbage in a victim's name counts for no one.
+        let quarantine = match (reason, &checked.token) {
+            (Some(reason), Some(token)) if reason != Reason::Quarantined => {
+                self.count_denial(token, reason, state, request.now)
+            }
+            _ => None,
+        };
         let action = match reason {
             Some(reason) if !dry_run => {
                 audit.status = Some(reason.status());
@@ -520,6 +608,7 @@ impl Gate {
         };
         Decision {
             list_filter,
+            quarantine,
             allowed: reason.is_none(),
             reason,
             rule: matched.map(|r| r.name.clone()),
@@ -632,6 +721,7 @@ impl Gate {
             action,
             audit,
             list_filter: None,
+            quarantine: None,
         }
     }
 

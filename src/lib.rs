@@ -20,6 +20,7 @@ pub mod mcp;
 pub mod pattern;
 pub mod policy;
 pub mod policy_test;
+pub mod quarantine;
 pub mod ratelimit;
 pub mod reason;
 pub mod replay;

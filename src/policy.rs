@@ -11,6 +11,7 @@ use crate::keys::{parse_jwk, Alg, Key, KeySet};
 use crate::mcp::McpMatch;
 use crate::pattern::Pattern;
 use crate::ratelimit::RateLimit;
+use crate::reason::Reason;
 use crate::routes::{param_names, RouteTable};
 use ipnet::IpNet;
 use serde_json::Value;
@@ -46,6 +47,7 @@ pub struct Policy {
     pub mcp_routes: RouteTable,
     pub max_body_bytes: usize,
     pub resource_metadata: Option<ResourceMetadata>,
+    pub quarantine: Option<crate::quarantine::Quarantine>,
 }
 
 /// RFC 9728 protected-resource metadata, ready to serve.
@@ -146,6 +148,7 @@ pub struct Rule {
     pub mcp: Option<McpMatch>,
     /// Conditions on the MCP call's `params.arguments`.
     pub arguments: Vec<Condition>,
+    pub max_recent_denials: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -268,6 +271,13 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
     let token_cache_entries = config.limits.token_cache_entries.unwrap_or(DEFAULT_TOKEN_CACHE_ENTRIES);
     let max_body_bytes = positive("max_body_bytes", config.limits.max_body_bytes, crate::mcp::DEFAULT_MAX_BODY_BYTES)?;
     let resource_metadata = config.resource_metadata.map(compile_resource_metadata).transpose()?;
+    let quarantine = config.quarantine.as_ref().map(compile_quarantine).transpose()?;
+    if let Some(i) = rules.iter().position(|r: &Rule| r.max_recent_denials.is_some()).filter(|_| quarantine.is_none()) {
+        return Err(ConfigError::at(
+            format!("rules[{i}].require.max_recent_denials"),
+            "needs a policy-level quarantine (its window and counted reasons)",
+        ));
+    }
     let single_use_entries =
         positive("single_use_entries", config.limits.single_use_entries, DEFAULT_SINGLE_USE_ENTRIES)?;
     let revoked = Revoked {
@@ -302,6 +312,7 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
         mcp_routes,
         max_body_bytes,
         resource_metadata,
+        quarantine,
     })
 }
 
@@ -339,6 +350,43 @@ fn compile_resource_metadata(raw: serde_json::Map<String, Value>) -> Result<Reso
         url: format!("{scheme}://{authority}{well_known}{suffix}"),
         paths,
         document: Value::Object(raw.clone()).to_string(),
+    })
+}
+
+fn compile_quarantine(raw: &config::QuarantineConfig) -> Result<crate::quarantine::Quarantine, ConfigError> {
+    let within = |field: &str, value: Option<u64>, default: u64, max: u64| match value {
+        None => Ok(default),
+        Some(v) if (1..=max).contains(&v) => Ok(v),
+        Some(_) => Err(ConfigError::at(format!("quarantine.{field}"), format!("must be between 1 and {max}"))),
+    };
+    let seconds = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let count = match &raw.count {
+        None => crate::quarantine::DEFAULT_COUNT.to_vec(),
+        Some(codes) if codes.is_empty() => {
+            return Err(ConfigError::at("quarantine.count", "is empty: omit it for the default reasons"))
+        }
+        Some(codes) => codes
+            .iter()
+            .enumerate()
+            .map(|(j, code)| {
+                Reason::ALL.iter().copied().find(|r| r.code() == code).filter(|r| crate::quarantine::countable(*r)).ok_or_else(
+                    || {
+                        ConfigError::at(
+                            format!("quarantine.count[{j}]"),
+                            format!("{code:?} is not a reason given after a token verified (only those count: an unverified token names nobody)"),
+                        )
+                    },
+                )
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    Ok(crate::quarantine::Quarantine {
+        window_seconds: seconds(within("window_seconds", raw.window_seconds, 60, 3600)?),
+        max_denials: u32::try_from(within("max_denials", raw.max_denials.map(u64::from), 5, 10_000)?).unwrap_or(5),
+        cool_off_seconds: seconds(within("cool_off_seconds", raw.cool_off_seconds, 900, 86_400)?),
+        count,
+        release: raw.release.clone(),
+        count_delegators: raw.count_delegators,
     })
 }
 
@@ -765,6 +813,7 @@ fn compile_rule(at: &str, raw: RuleConfig) -> Result<Rule, ConfigError> {
         bind_mtls_peer: require.bind_mtls_peer,
         mcp,
         arguments,
+        max_recent_denials: require.max_recent_denials,
     })
 }
 

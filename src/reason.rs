@@ -100,6 +100,10 @@ reasons! {
     OutsideTimeWindow => "outside_time_window", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED;
     ClaimMismatch => "claim_mismatch", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED;
     Revoked => "revoked", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED;
+    /// The agent collected too many counted denials and is cut off for the cool-off.
+    Quarantined => "quarantined", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED;
+    /// The rule's `max_recent_denials`: the agent was denied too often in the current window.
+    RecentDenials => "recent_denials", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED;
     RateLimited => "rate_limited", 429, None, "too many requests; retry later";
     NotConfigured => "not_configured", 503, None, "the gateway is not configured";
     HostError => "host_error", 500, None, "the gateway could not evaluate the request";
