@@ -180,6 +180,8 @@ struct Checked {
     cache_hit: bool,
     shared_cache_hit: bool,
     awaiting_keys: Option<usize>,
+    /// The issuer a token that failed verification named, when it is a provider's.
+    claimed_issuer: Option<String>,
     authorization: Authorization,
     /// Seconds to wait, when rate limited.
     retry_after: Option<u64>,
@@ -332,7 +334,7 @@ impl Gate {
 
     /// What shared-cache entries are valid under: this policy and its key sets as installed.
     fn stamp(&self) -> u64 {
-        shared_cache::stamp(&self.policy.digest, self.policy.providers.iter().map(|p| p.keys.current().version))
+        shared_cache::stamp(&self.policy.digest, self.policy.providers.iter().map(|p| p.keys.current().digest))
     }
 
     pub fn policy(&self) -> &Policy {
@@ -345,27 +347,34 @@ impl Gate {
     }
 
     /// Installs the keys of `record` for provider `index` when they are newer than the ones
-    /// in use; returns how many. Verified tokens are forgotten: a key dropped from the set
-    /// must stop verifying at once.
+    /// in use; returns how many. When the key set changed, verified tokens are forgotten: a
+    /// key dropped from the set must stop verifying at once. A refresh that brings the same
+    /// document only extends how long the keys may be used.
     pub fn install_keys(&self, index: usize, record: &KeyRecord) -> Option<usize> {
         let provider = self.policy.providers.get(index)?;
         let remote = provider.remote.as_ref()?;
-        if record.version == provider.keys.current().version {
+        let current = provider.keys.current();
+        if record.version == current.version {
             return None;
         }
         let (keys, usable_until) = record.keys(remote)?;
+        let digest: [u8; 32] = Sha256::digest(record.jwks.as_deref().unwrap_or_default().as_bytes()).into();
         let count = keys.len();
-        provider.keys.install(Installed { keys, usable_until: Some(usable_until), version: record.version });
-        if let Some(cache) = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).as_mut() {
-            cache.clear();
+        provider.keys.install(Installed { keys, usable_until: Some(usable_until), version: record.version, digest });
+        if digest != current.digest {
+            if let Some(cache) = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).as_mut() {
+                cache.clear();
+            }
         }
         Some(count)
     }
 
-    /// The index of the remote provider named by the (unverified) issuer of `token`.
-    fn remote_provider_of(&self, token: &str) -> Option<usize> {
+    /// The provider the (unverified) issuer of `token` names, by index: a token that failed
+    /// after its issuer picked the keys still says whose keys, for the audit record and for
+    /// waiting on a fetch.
+    fn provider_of(&self, token: &str) -> Option<usize> {
         let iss = crate::jws::parse(token, &self.policy.limits).ok()?.claims.iss?;
-        self.policy.providers.iter().position(|p| p.issuer == iss && p.remote.is_some())
+        self.policy.providers.iter().position(|p| p.issuer == iss)
     }
 
     /// Decides `request`, remembering single-use tokens in this process.
@@ -544,10 +553,19 @@ impl Gate {
                 (lookup.verified, Some(lookup.fingerprint.to_string()), lookup.cache_hit, lookup.shared_cache_hit)
             }
         };
-        let awaiting_keys = match (&verified, found) {
-            (Err(Reason::UnknownKid | Reason::KeysUnavailable), Ok(t)) => self.remote_provider_of(t),
+        // Reasons given after the issuer selected a provider's keys.
+        let claimed_provider = match (&verified, found) {
+            (Err(reason), Ok(t))
+                if !matches!(reason, Reason::Malformed | Reason::TokenTooLarge | Reason::UnknownIssuer) =>
+            {
+                self.provider_of(t)
+            }
             _ => None,
         };
+        let awaiting_keys = claimed_provider.filter(|&i| {
+            matches!(verified, Err(Reason::UnknownKid | Reason::KeysUnavailable))
+                && self.policy.providers.get(i).is_some_and(|p| p.remote.is_some())
+        });
         let (token, authorization, retry_after) = match verified {
             Err(reason) => (None, Authorization::denied(reason), None),
             Ok(token) => {
@@ -555,7 +573,17 @@ impl Gate {
                 (Some(token), authorization, retry_after)
             }
         };
-        Checked { token, fingerprint, cache_hit, shared_cache_hit, awaiting_keys, authorization, retry_after }
+        let claimed_issuer = claimed_provider.and_then(|i| self.policy.providers.get(i)).map(|p| p.issuer.clone());
+        Checked {
+            token,
+            fingerprint,
+            cache_hit,
+            shared_cache_hit,
+            awaiting_keys,
+            claimed_issuer,
+            authorization,
+            retry_after,
+        }
     }
 
     /// Decides `request` with a host's shared state (single-use tokens, rate limits).
@@ -652,7 +680,7 @@ impl Gate {
             actors: token.map(|t| t.actors.iter().map(|a| subject(a)).collect()).unwrap_or_default(),
             task_type: matched.and_then(|r| r.task.as_ref()).map(|t| t.kind.clone()),
             task_identifier: checked.authorization.task_identifier.clone(),
-            issuer: token.map(|t| t.issuer.clone()),
+            issuer: token.map(|t| t.issuer.clone()).or_else(|| checked.claimed_issuer.clone()),
             jti: token.and_then(|t| t.jti.clone()),
             token_fingerprint: checked.fingerprint.clone(),
             method: request.method.to_string(),

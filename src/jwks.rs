@@ -230,7 +230,10 @@ fn backoff(failures: u32, refresh_seconds: i64, jitter: f64) -> i64 {
 fn checked_body<'a>(response: Response<'a>, max_bytes: usize) -> Result<&'a [u8], String> {
     match response {
         Err(error) => Err(error),
-        Ok((status, _)) if !(200..300).contains(&status) => Err(format!("the identity provider answered {status}")),
+        Ok((status, body)) if !(200..300).contains(&status) => Err(match proxy_failure(body) {
+            Some(what) => format!("no answer from the identity provider: {what} (the proxy's own {status})"),
+            None => format!("the identity provider answered {status}"),
+        }),
         Ok((_, body)) if body.len() > max_bytes => Err(format!("the response exceeds {max_bytes} bytes")),
         Ok((_, body)) => Ok(body),
     }
@@ -238,6 +241,22 @@ fn checked_body<'a>(response: Response<'a>, max_bytes: usize) -> Result<&'a [u8]
 
 /// The `jwks_uri` of a discovery document, which must be for `issuer` exactly (OpenID
 /// Connect Discovery §4.3, RFC 8414 §3.3): another issuer's document is an impersonation.
+/// What went wrong when the answer is the proxy's own (Envoy answers a callout it could not
+/// deliver with a 503 and one of these bodies), so the log points at the connection, not at
+/// the identity provider.
+fn proxy_failure(body: &[u8]) -> Option<&'static str> {
+    let text = std::str::from_utf8(body.get(..body.len().min(200))?).ok()?;
+    if text.starts_with("upstream connect error") {
+        Some(if text.contains("timeout") { "connection timed out" } else { "no connection (refused or reset)" })
+    } else if text.starts_with("no healthy upstream") {
+        Some("no healthy host in the cluster")
+    } else if text.starts_with("upstream request timeout") {
+        Some("request timed out")
+    } else {
+        None
+    }
+}
+
 fn discovered_jwks_uri(response: Response<'_>, max_bytes: usize, issuer: &str) -> Result<String, String> {
     let body = checked_body(response, max_bytes)?;
     let document: Value = serde_json::from_slice(body).map_err(|e| format!("discovery document: {e}"))?;
@@ -414,6 +433,22 @@ mod tests {
         );
         assert_eq!(found.discovered_uri.as_deref(), Some("https://keys.example.com/jwks"));
         assert!(found.fetching(2), "the lease covers the next step");
+    }
+
+    #[test]
+    fn the_proxys_own_answer_is_named_as_such() {
+        let r = remote(Some("https://idp.example.com/keys"));
+        let (leased, _) = KeyRecord::default().claim(&r, 1, false).unwrap();
+        let refused = b"upstream connect error or disconnect/reset before headers. reset reason: connection failure";
+        let (_, next) = leased.record_response(&r, Stage::Jwks, Ok((503, refused)), 1, 0.0);
+        assert_eq!(
+            next,
+            Next::Failed(
+                "no answer from the identity provider: no connection (refused or reset) (the proxy's own 503)".into()
+            )
+        );
+        let (_, next) = leased.record_response(&r, Stage::Jwks, Ok((503, b"maintenance")), 1, 0.0);
+        assert_eq!(next, Next::Failed("the identity provider answered 503".into()));
     }
 
     #[test]

@@ -319,11 +319,14 @@ pub struct Installed {
     pub usable_until: Option<i64>,
     /// The shared record's version the keys came from (0: none yet, or fixed).
     pub version: u64,
+    /// SHA-256 of the JWKS document the keys came from (zeros for fixed keys): a refresh
+    /// that brings the same document changes nothing that was verified.
+    pub digest: [u8; 32],
 }
 
 impl KeySet {
     pub fn fixed(keys: Vec<Key>) -> KeySet {
-        KeySet { current: RwLock::new(Arc::new(Installed { keys, usable_until: None, version: 0 })) }
+        KeySet { current: RwLock::new(Arc::new(Installed { keys, usable_until: None, version: 0, digest: [0; 32] })) }
     }
 
     pub fn current(&self) -> Arc<Installed> {

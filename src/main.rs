@@ -81,7 +81,11 @@ fn load(path: &Path) -> Result<Gate, String> {
     let json = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let dir = path.parent().unwrap_or(Path::new("."));
     let read = |file: &str| std::fs::read_to_string(dir.join(file)).map_err(|e| format!("{file}: {e}"));
-    Policy::from_json_with(&json, &read).map(Gate::new).map_err(|e| format!("{}: {e}", path.display()))
+    let policy = Policy::from_json_with(&json, &read).map_err(|e| format!("{}: {e}", path.display()))?;
+    for warning in &policy.warnings {
+        eprintln!("{}: warning: {warning}", path.display());
+    }
+    Ok(Gate::new(policy))
 }
 
 fn main() -> ExitCode {

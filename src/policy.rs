@@ -48,6 +48,9 @@ pub struct Policy {
     pub max_body_bytes: usize,
     pub resource_metadata: Option<ResourceMetadata>,
     pub quarantine: Option<crate::quarantine::Quarantine>,
+    /// What was accepted but deserves a look (keys of a `jwks_file` this policy cannot use),
+    /// with their JSON paths: hosts log them, `agentgate check-config` prints them.
+    pub warnings: Vec<String>,
 }
 
 /// RFC 9728 protected-resource metadata, ready to serve.
@@ -211,9 +214,10 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
         return Err(ConfigError::at("providers", "at least one token provider is required"));
     }
     let mut providers: Vec<Provider> = Vec::with_capacity(config.providers.len());
+    let mut warnings = Vec::new();
     for (i, raw) in config.providers.into_iter().enumerate() {
         let at = format!("providers[{i}]");
-        let provider = compile_provider(&at, raw, load)?;
+        let provider = compile_provider(&at, raw, load, &mut warnings)?;
         if providers.iter().any(|p| p.name == provider.name) {
             return Err(ConfigError::at(format!("{at}.name"), format!("duplicate provider name {:?}", provider.name)));
         }
@@ -313,6 +317,7 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
         max_body_bytes,
         resource_metadata,
         quarantine,
+        warnings,
     })
 }
 
@@ -435,7 +440,12 @@ fn compile_audit(
     })
 }
 
-fn compile_provider(at: &str, raw: ProviderConfig, load: FileLoader<'_>) -> Result<Provider, ConfigError> {
+fn compile_provider(
+    at: &str,
+    raw: ProviderConfig,
+    load: FileLoader<'_>,
+    warnings: &mut Vec<String>,
+) -> Result<Provider, ConfigError> {
     non_empty(&format!("{at}.name"), &raw.name)?;
     non_empty(&format!("{at}.issuer"), &raw.issuer)?;
     if raw.audiences.is_empty() {
@@ -470,7 +480,7 @@ fn compile_provider(at: &str, raw: ProviderConfig, load: FileLoader<'_>) -> Resu
             format!("must be at most {}", config::MAX_CLOCK_SKEW_SECONDS),
         ));
     }
-    let (keys, remote) = compile_key_source(at, &raw, &algorithms, load)?;
+    let (keys, remote) = compile_key_source(at, &raw, &algorithms, load, warnings)?;
     if let Some(max) = raw.max_lifetime_seconds {
         let limit =
             if raw.single_use { crate::replay::MAX_SINGLE_USE_LIFETIME_SECONDS } else { config::MAX_LIFETIME_SECONDS };
@@ -535,6 +545,7 @@ fn compile_key_source(
     raw: &ProviderConfig,
     algorithms: &[Alg],
     load: FileLoader<'_>,
+    warnings: &mut Vec<String>,
 ) -> Result<(KeySet, Option<RemoteJwks>), ConfigError> {
     let given: Vec<&str> = [
         ("jwks", raw.jwks.is_some()),
@@ -552,7 +563,7 @@ fn compile_key_source(
     match given.as_slice() {
         ["jwks"] => {
             let jwks = raw.jwks.as_ref().map_or(&[][..], |j| &j.keys[..]);
-            Ok((KeySet::fixed(compile_keys(&format!("{at}.jwks"), jwks, algorithms)?), None))
+            Ok((KeySet::fixed(compile_keys(&format!("{at}.jwks"), jwks, algorithms, None)?), None))
         }
         ["jwks_file"] => {
             let file = raw.jwks_file.as_deref().unwrap_or("");
@@ -560,7 +571,10 @@ fn compile_key_source(
             let text = load(file).map_err(|e| ConfigError::at(&file_at, e))?;
             let set: config::JwksConfig =
                 serde_json::from_str(&text).map_err(|e| ConfigError::at(&file_at, format!("{file}: {e}")))?;
-            Ok((KeySet::fixed(compile_keys(&format!("{file_at}({file})"), &set.keys, algorithms)?), None))
+            // A verbatim copy of the provider's JWKS loads as a fetched one would: keys this
+            // policy cannot use are skipped (and said so), not refused.
+            let keys = compile_keys(&format!("{file_at}({file})"), &set.keys, algorithms, Some(warnings))?;
+            Ok((KeySet::fixed(keys), None))
         }
         ["jwks_uri"] | ["discovery"] => Ok((KeySet::default(), Some(compile_remote(at, raw, algorithms)?))),
         [] => Err(ConfigError::at(at, "needs the provider's keys: jwks (inline), jwks_file, jwks_uri or discovery")),
@@ -631,11 +645,26 @@ fn compile_remote(at: &str, raw: &ProviderConfig, algorithms: &[Alg]) -> Result<
     })
 }
 
-fn compile_keys(at: &str, jwks: &[Value], algorithms: &[Alg]) -> Result<Vec<Key>, ConfigError> {
+/// The keys of a JWKS. With `skipped` (a copy of a provider's document), a key this policy
+/// cannot use is skipped with a warning instead of refusing the policy.
+fn compile_keys(
+    at: &str,
+    jwks: &[Value],
+    algorithms: &[Alg],
+    mut skipped: Option<&mut Vec<String>>,
+) -> Result<Vec<Key>, ConfigError> {
     let mut keys: Vec<Key> = Vec::with_capacity(jwks.len());
     for (k, jwk) in jwks.iter().enumerate() {
         let key_at = format!("{at}.keys[{k}]");
-        let Some(key) = parse_jwk(jwk, algorithms).map_err(|e| ConfigError::at(&key_at, e))? else { continue };
+        let key = match (parse_jwk(jwk, algorithms), skipped.as_deref_mut()) {
+            (Ok(Some(key)), _) => key,
+            (Ok(None), _) => continue,
+            (Err(e), Some(warnings)) => {
+                warnings.push(format!("{key_at}: skipped: {e}"));
+                continue;
+            }
+            (Err(e), None) => return Err(ConfigError::at(&key_at, e)),
+        };
         if key.kid.is_some() && keys.iter().any(|other| other.kid == key.kid) {
             return Err(ConfigError::at(format!("{key_at}.kid"), "duplicate kid in the key set"));
         }

@@ -30,11 +30,11 @@ pub fn bucket_name(id: &CacheId) -> String {
     format!("agentgate/verified/{}", id.first().copied().unwrap_or(0) % SHARDS)
 }
 
-/// The stamp of a policy (its JSON text) with its providers' key-set versions.
-pub fn stamp(policy_digest: &[u8; 32], key_versions: impl Iterator<Item = u64>) -> u64 {
+/// The stamp of a policy (its JSON text) with its providers' key sets (their digests).
+pub fn stamp(policy_digest: &[u8; 32], key_sets: impl Iterator<Item = [u8; 32]>) -> u64 {
     let mut hash = Sha256::new().chain_update(policy_digest);
-    for version in key_versions {
-        hash.update(version.to_le_bytes());
+    for key_set in key_sets {
+        hash.update(key_set);
     }
     let digest = hash.finalize();
     let mut first = [0u8; 8];
@@ -105,8 +105,8 @@ mod tests {
     #[test]
     fn stamps_change_with_the_policy_and_every_key_set() {
         let (a, b) = ([1u8; 32], [2u8; 32]);
-        assert_eq!(stamp(&a, [0, 3].into_iter()), stamp(&a, [0, 3].into_iter()));
-        assert_ne!(stamp(&a, [0, 3].into_iter()), stamp(&b, [0, 3].into_iter()));
-        assert_ne!(stamp(&a, [0, 3].into_iter()), stamp(&a, [0, 4].into_iter()));
+        assert_eq!(stamp(&a, [a, b].into_iter()), stamp(&a, [a, b].into_iter()));
+        assert_ne!(stamp(&a, [a, b].into_iter()), stamp(&b, [a, b].into_iter()));
+        assert_ne!(stamp(&a, [a, b].into_iter()), stamp(&a, [a, a].into_iter()));
     }
 }

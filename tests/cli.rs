@@ -284,3 +284,24 @@ fn eval_reads_an_mcp_body_and_explains_the_argument_conditions() {
         agentgate(&["eval", "--config", &config, "--method", "POST", "--path", "/mcp", "--body", "/no/such/file"]);
     assert_eq!(code, 2, "{stderr}");
 }
+
+#[test]
+fn a_verbatim_copy_of_the_idps_jwks_loads_like_a_fetched_one_with_a_warning() {
+    let (es, rs) = (Signer::es256("es-1", 1), Signer::rs256("rs-1", 2));
+    // The IdP publishes an RS256 key too; this policy trusts only ES256.
+    let document = json!({"keys": [es.jwk(), rs.jwk()]});
+    write_policy("idp-keys.json", &document.to_string());
+    let mut p: Value = serde_json::from_str(&policy(&json!({"keys": []}), &read_invoice_rule(), "enforce")).unwrap();
+    p["providers"][0]["algorithms"] = json!(["ES256"]);
+    provider_file(&mut p, "idp-keys.json");
+    p["providers"][0].as_object_mut().unwrap().remove("jwks");
+    let file = write_policy("copy.json", &p.to_string());
+    let (code, stdout, stderr) = agentgate(&["check-config", &file.to_string_lossy()]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stderr.contains("warning: providers[0].jwks_file(idp-keys.json).keys[1]: skipped:"), "{stderr}");
+    let (code, out) = eval(&file, "/invoices/1", Some(&es.sign(&agent_claims("agent-7", "invoices:read", NOW))));
+    assert_eq!((code, out["decision"].clone()), (0, json!("allow")));
+    // The filter's fetch reads the same document the same way.
+    let fetched = agentgate::jwks::parse_jwks(document.to_string().as_bytes(), &[agentgate::keys::Alg::Es256]);
+    assert_eq!(fetched.map(|keys| keys.len()), Ok(1));
+}
