@@ -30,7 +30,7 @@ EDGE_RAW := target/wasm32-unknown-unknown/edge-js/agentgate_edge_js.wasm
 # The size budget of the filter (600 KiB).
 WASM_MAX_BYTES := 614400
 
-.PHONY: help build demo test lint unit e2e edge-js node-test venv target fuzz clean bench wrk apisix-runtime FORCE
+.PHONY: help build demo test lint unit e2e idp-node edge-js node-test venv target fuzz clean bench wrk apisix-runtime FORCE
 
 help:
 	@echo "make demo   build the filter, run it in Envoy on the demo policy, show the decisions"
@@ -83,8 +83,17 @@ lint: target
 unit:
 	cargo test -p agentgate -p agentgate-proxy-wasm -p agentgate-wasm-fixup
 
-e2e: build venv
+e2e: build venv idp-node
 	cargo test -p agentgate-test-harness
+
+# A real OAuth server for the e2e tests (npm oidc-provider, and npm dpop for client proofs),
+# installed from the committed lockfile into the project (test-harness/idp-node/node_modules),
+# again only when the lockfile changes.
+IDP_NODE := test-harness/idp-node
+$(IDP_NODE)/node_modules/.package-lock.json: $(IDP_NODE)/package-lock.json
+	npm ci --silent --no-audit --no-fund --prefix $(IDP_NODE)
+
+idp-node: $(IDP_NODE)/node_modules/.package-lock.json
 
 test: lint unit e2e node-test apisix-runtime
 
