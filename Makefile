@@ -80,7 +80,8 @@ lint: target
 	cargo clippy --release --target $(WASM_TARGET) -p agentgate-proxy-wasm -- -D warnings
 	cargo clippy --profile edge-js --target wasm32-unknown-unknown -p agentgate-edge-js -- -D warnings
 
-unit:
+# tests/dpop_oidc_provider.rs checks the DPoP module on tokens of the real identity provider.
+unit: idp-node
 	cargo test -p agentgate -p agentgate-proxy-wasm -p agentgate-wasm-fixup
 
 e2e: build venv idp-node
