@@ -57,7 +57,6 @@ server.listen(0, '127.0.0.1', () => {
     features: {
       devInteractions: { enabled: false },
       clientCredentials: { enabled: true },
-      introspection: { enabled: true },
       dPoP: { enabled: true },
       resourceIndicators: {
         enabled: true,
@@ -91,8 +90,6 @@ server.listen(0, '127.0.0.1', () => {
           const requested = ctx.oidc.params.authorization_details;
           return requested === undefined ? undefined : JSON.parse(requested);
         },
-        authorizationDetailsForGrantSource: () => undefined,
-        authorizationDetailsForIntrospection: (ctx, token) => token.rar,
       },
     },
   });
