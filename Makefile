@@ -31,7 +31,7 @@ EDGE_RAW := target/wasm32-unknown-unknown/edge-js/agentgate_edge_js.wasm
 # request handling and host crypto (BENCHMARKS.md).
 WASM_MAX_BYTES := 716800
 
-.PHONY: help build demo test lint unit e2e edge-js node-test venv target fuzz clean bench wrk apisix-runtime FORCE
+.PHONY: help build demo test lint unit e2e idp-node edge-js node-test venv target fuzz clean bench wrk apisix-runtime FORCE
 
 help:
 	@echo "make demo   build the filter, run it in Envoy on the demo policy, show the decisions"
@@ -81,11 +81,21 @@ lint: target
 	cargo clippy --release --target $(WASM_TARGET) -p agentgate-proxy-wasm -- -D warnings
 	cargo clippy --profile edge-js --target wasm32-unknown-unknown -p agentgate-edge-js -- -D warnings
 
-unit:
+# tests/dpop_oidc_provider.rs checks the DPoP module on tokens of the real identity provider.
+unit: idp-node
 	cargo test -p agentgate -p agentgate-proxy-wasm -p agentgate-wasm-fixup
 
-e2e: build venv
+e2e: build venv idp-node
 	cargo test -p agentgate-test-harness
+
+# A real OAuth server for the e2e tests (npm oidc-provider, and npm dpop for client proofs),
+# installed from the committed lockfile into the project (test-harness/idp-node/node_modules),
+# again only when the lockfile changes.
+IDP_NODE := test-harness/idp-node
+$(IDP_NODE)/node_modules/.package-lock.json: $(IDP_NODE)/package-lock.json
+	npm ci --silent --no-audit --no-fund --prefix $(IDP_NODE)
+
+idp-node: $(IDP_NODE)/node_modules/.package-lock.json
 
 test: lint unit e2e node-test apisix-runtime
 

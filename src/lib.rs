@@ -10,6 +10,7 @@ pub mod authorize;
 pub mod canonical;
 pub mod config;
 pub mod context;
+pub mod dpop;
 pub mod extract;
 pub mod gate;
 pub mod host_crypto;

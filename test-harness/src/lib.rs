@@ -6,5 +6,6 @@ pub mod envoy;
 #[cfg(feature = "host")]
 pub mod host;
 pub mod idp;
+pub mod oidc_provider;
 pub mod tokens;
 pub mod upstream;

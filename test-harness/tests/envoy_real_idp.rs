@@ -1,0 +1,143 @@
+//! A real identity provider in front of the real Envoy 1.40: npm `oidc-provider` on loopback
+//! issues RFC 9068 `at+jwt` access tokens (client credentials grant, RFC 8707 resource
+//! indicators, RFC 9396 authorization_details), and agentgate finds its keys through OIDC
+//! discovery via Envoy's `idp` cluster. Tokens minted by the tests themselves only prove that
+//! the gate agrees with its own minter; these come from an independent implementation.
+
+use agentgate_test_harness::envoy::{Envoy, Response};
+use agentgate_test_harness::oidc_provider::{peek, OidcProvider, AGENT, OTHER_RESOURCE, RESOURCE};
+use agentgate_test_harness::tokens::b64;
+use agentgate_test_harness::upstream::Upstream;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+fn policy(issuer: &str) -> String {
+    json!({
+        "providers": [{
+            "name": "oidc-provider",
+            "issuer": issuer,
+            "audiences": [RESOURCE],
+            "algorithms": ["ES256"],
+            "discovery": true,
+            "cluster": "idp",
+            "token_types": ["at+jwt"],
+        }],
+        "rules": [
+            {
+                "name": "read-invoice",
+                "match": {"methods": ["GET"], "path": "/invoices/{id}"},
+                "require": {"scopes": ["invoices:read"]}
+            },
+            {
+                "name": "pay-invoice",
+                "match": {"methods": ["POST"], "path": "/invoices/{id}/pay"},
+                "require": {
+                    "scopes": ["invoices:pay"],
+                    "task": {"type": "invoice_processing", "actions": ["pay"], "identifier": "{id}"}
+                }
+            }
+        ]
+    })
+    .to_string()
+}
+
+fn pay_42() -> Value {
+    json!([{"type": "invoice_processing", "actions": ["pay"], "identifier": "42"}])
+}
+
+/// POST through Envoy's listener (the harness's own client only GETs).
+fn post(envoy: &Envoy, path: &str, token: &str) -> Response {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    let url = format!("http://127.0.0.1:{}{path}", envoy.port);
+    match agent.post(&url).header("authorization", &format!("Bearer {token}")).send("{}") {
+        Ok(mut r) => Response {
+            status: r.status().as_u16(),
+            headers: Vec::new(),
+            body: r.body_mut().read_to_string().unwrap_or_default(),
+        },
+        Err(e) => Response { status: 0, headers: Vec::new(), body: format!("request failed: {e}") },
+    }
+}
+
+fn get(envoy: &Envoy, path: &str, token: &str) -> Response {
+    envoy.get(path, &[("authorization", &format!("Bearer {token}"))])
+}
+
+fn last_reason(envoy: &Envoy) -> Value {
+    envoy.audit_records().last().map_or(Value::Null, |r| r["reason"].clone())
+}
+
+/// The token with one claim changed and the signature kept.
+fn tampered(token: &str, claim: &str, value: Value) -> String {
+    let (_, mut claims) = peek(token);
+    claims[claim] = value;
+    let mut parts: Vec<String> = token.split('.').map(str::to_string).collect();
+    parts[1] = b64(claims.to_string().as_bytes());
+    parts.join(".")
+}
+
+#[test]
+fn tokens_from_oidc_provider_are_checked_with_keys_found_by_discovery() {
+    let idp = OidcProvider::start();
+    let upstream = Upstream::start();
+    let envoy =
+        Envoy::start_with_idp(&policy(&idp.issuer), upstream.port, Some(idp.port)).unwrap_or_else(|e| panic!("{e}"));
+
+    let token = idp.token(AGENT, RESOURCE, "invoices:read invoices:pay", Some(pay_42()));
+    // What the real provider issued: an RFC 9068 JWT access token with RFC 9396 details.
+    let (header, claims) = peek(&token);
+    assert_eq!(header["typ"], "at+jwt", "{header}");
+    assert_eq!(header["alg"], "ES256");
+    assert_eq!(claims["iss"], idp.issuer.as_str());
+    assert_eq!(claims["aud"], RESOURCE);
+    assert_eq!(claims["sub"], AGENT.0);
+    assert_eq!(claims["authorization_details"], pay_42());
+
+    // Allowed, with the audit headers the upstream receives; the keys came by discovery
+    // (the provider's RS256 ID-token key is skipped: the policy allows ES256 only).
+    let read = get(&envoy, "/invoices/42", &token);
+    assert_eq!(read.status, 200, "{}\n{}", read.body, envoy.logs());
+    assert_eq!(read.upstream_header("x-agent-id").as_deref(), Some(AGENT.0));
+    assert_eq!(read.upstream_header("x-agent-rule").as_deref(), Some("read-invoice"));
+    assert_eq!(read.upstream_header("authorization"), None, "the token is not forwarded");
+    assert!(envoy.logs().contains("agentgate: provider oidc-provider: fetched 1 signing keys"), "{}", envoy.logs());
+
+    let pay = post(&envoy, "/invoices/42/pay", &token);
+    assert_eq!(pay.status, 200, "{}\n{}", pay.body, envoy.logs());
+    assert_eq!(pay.upstream_header("x-agent-task-type").as_deref(), Some("invoice_processing"));
+    assert_eq!(pay.upstream_header("x-agent-task-id").as_deref(), Some("42"));
+    let record = envoy.audit_records().last().cloned().unwrap_or(Value::Null);
+    assert_eq!(record["decision"], "allow");
+    assert_eq!(record["issuer"], idp.issuer.as_str());
+    assert_eq!(record["jti"], claims["jti"]);
+
+    // The task names invoice 42: the same token cannot pay invoice 43.
+    assert_eq!(post(&envoy, "/invoices/43/pay", &token).status, 403);
+    assert_eq!(last_reason(&envoy), "task_mismatch");
+
+    // Wrong scope: a genuine token that may only pay cannot read.
+    let pay_only = idp.token(AGENT, RESOURCE, "invoices:pay", Some(pay_42()));
+    assert_eq!(get(&envoy, "/invoices/42", &pay_only).status, 403);
+    assert_eq!(last_reason(&envoy), "insufficient_scope");
+
+    // Tampered: more scope, or another subject, under the provider's signature.
+    let widened =
+        tampered(&idp.token(AGENT, RESOURCE, "invoices:pay", None), "scope", json!("invoices:read invoices:pay"));
+    assert_eq!(get(&envoy, "/invoices/42", &widened).status, 401);
+    assert_eq!(last_reason(&envoy), "bad_signature");
+    assert_eq!(get(&envoy, "/invoices/42", &tampered(&token, "sub", json!("admin-agent"))).status, 401);
+    assert_eq!(last_reason(&envoy), "bad_signature");
+
+    // A genuine token of the same provider for another resource server.
+    let other = idp.token(AGENT, OTHER_RESOURCE, "invoices:read", None);
+    assert_eq!(peek(&other).1["aud"], OTHER_RESOURCE);
+    assert_eq!(get(&envoy, "/invoices/42", &other).status, 401);
+    assert_eq!(last_reason(&envoy), "audience_mismatch");
+
+    // And the first token still works: nothing above was a fluke of the key state.
+    assert_eq!(get(&envoy, "/invoices/42", &token).status, 200);
+}
