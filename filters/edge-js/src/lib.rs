@@ -4,9 +4,9 @@
 
 use agentgate::gate::ListFilter;
 use agentgate::{Action, Decision, Gate, Request};
-use std::collections::VecDeque;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use std::collections::VecDeque;
 
 /// What `gate.evaluate()` takes (camelCase, as JS writes it).
 #[derive(Debug, Deserialize)]
