@@ -48,6 +48,7 @@ fn bench_rules(c: &mut Criterion) {
             peer_uri_san: None,
             mcp: None,
             authority: "api",
+            dpop: false,
             path: &path,
             now: NOW,
         };

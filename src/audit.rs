@@ -129,6 +129,9 @@ pub struct AuditRecord {
     /// `allow` or `deny`: what the policy decided, even when dry run let the request through.
     pub decision: &'static str,
     pub reason: Option<&'static str>,
+    /// The precise check behind `reason`, where it covers several (`dpop_htu_mismatch`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<&'static str>,
     pub rule: Option<String>,
     /// Who acted: the current actor of a delegated token, else the subject.
     pub agent: Option<String>,

@@ -18,11 +18,13 @@ pub struct Authorization {
     pub result: Result<(), Reason>,
     /// The task identifier the rule bound from the path, when it has one.
     pub task_identifier: Option<String>,
+    /// The precise check that failed, where a reason covers several (`dpop_htu_mismatch`).
+    pub detail: Option<&'static str>,
 }
 
 impl Authorization {
     pub fn denied(reason: Reason) -> Authorization {
-        Authorization { rule: None, result: Err(reason), task_identifier: None }
+        Authorization { rule: None, result: Err(reason), task_identifier: None, detail: None }
     }
 }
 
@@ -42,6 +44,8 @@ pub struct Target<'a> {
     pub now: i64,
     /// The MCP message in the body, on an MCP route.
     pub mcp: Option<&'a McpCall>,
+    /// The token is DPoP-bound and its proof for this request verified.
+    pub dpop: bool,
 }
 
 /// The kill switch, checked before any rule: a revoked identity is revoked in every role it
@@ -91,7 +95,7 @@ pub fn authorize(policy: &Policy, target: &Target<'_>, token: &VerifiedToken) ->
     let result = resource_audience(policy, rule, token).and_then(|()| {
         REQUIREMENTS.iter().filter_map(|(_, check)| check(&facts)).find(Result::is_err).unwrap_or(Ok(()))
     });
-    Authorization { rule: Some(index), result, task_identifier }
+    Authorization { rule: Some(index), result, task_identifier, detail: None }
 }
 
 /// RFC 8707: a token for an MCP rule must be for the protected resource the policy's
@@ -151,7 +155,8 @@ type Requirement = (&'static str, fn(&Facts<'_>) -> Option<Result<(), Reason>>);
 /// In order: who and what task first, then proof of possession, then context; human
 /// approval last, so an agent is only sent to get approval for a request that would
 /// otherwise be allowed.
-const REQUIREMENTS: [Requirement; 12] = [
+const REQUIREMENTS: [Requirement; 13] = [
+    ("dpop", dpop),
     ("scopes", scopes),
     ("any_scopes", any_scopes),
     ("agents", agents),
@@ -172,6 +177,11 @@ fn verdict(held: bool, reason: Reason) -> Result<(), Reason> {
     } else {
         Err(reason)
     }
+}
+
+/// Proof of possession by DPoP: the token is bound to a key and the request proved it.
+fn dpop(f: &Facts<'_>) -> Option<Result<(), Reason>> {
+    f.rule.dpop.then(|| verdict(f.target.dpop, Reason::DpopRequired))
 }
 
 fn scopes(f: &Facts<'_>) -> Option<Result<(), Reason>> {

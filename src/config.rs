@@ -77,6 +77,19 @@ pub struct PolicyConfig {
     pub resource_metadata: Option<serde_json::Map<String, Value>>,
     /// Cut off an agent that collects too many denials (behavioural quarantine).
     pub quarantine: Option<QuarantineConfig>,
+    /// How DPoP proofs (RFC 9449) are checked. Tokens bound to a key (`cnf.jkt`) are always
+    /// checked; this only sets the accepted algorithms and the proof's age.
+    pub dpop: Option<DpopConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct DpopConfig {
+    /// Proof algorithms (default ES256, EdDSA, PS256, RS256; never HMAC or none).
+    pub algorithms: Option<Vec<String>>,
+    /// The oldest accepted proof `iat`, in seconds (default 120, at most 600).
+    pub max_age_seconds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -261,6 +274,9 @@ pub struct ProviderConfig {
     /// Accept each `jti` once within its token's lifetime (at most 3600 s).
     #[serde(default)]
     pub single_use: bool,
+    /// Every token of this provider must be DPoP-bound (`cnf.jkt`) and sent with a proof.
+    #[serde(default)]
+    pub require_dpop: bool,
     /// `gateway` (default): once across all workers, or the policy is refused on a host
     /// without shared data; `worker`: accept once per worker VM there.
     #[serde(default)]
@@ -384,6 +400,9 @@ pub struct RequireConfig {
     /// The acting agent must be the mTLS peer: its certificate's URI SAN (a SPIFFE ID).
     #[serde(default)]
     pub bind_mtls_peer: bool,
+    /// The token must be DPoP-bound and come with a valid proof (RFC 9449).
+    #[serde(default)]
+    pub dpop: bool,
     /// Refuse an agent denied more than this many times in the quarantine window (needs
     /// `quarantine`): risky operations are not for an agent that just strayed.
     pub max_recent_denials: Option<u32>,

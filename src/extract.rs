@@ -22,6 +22,11 @@ impl TokenSource {
         TokenSource::Header { name: "authorization".into(), prefix: Some("Bearer ".into()) }
     }
 
+    /// `Authorization: DPoP <token>` (RFC 9449 §7.1), with its proof in the `DPoP` header.
+    pub fn dpop() -> TokenSource {
+        TokenSource::Header { name: "authorization".into(), prefix: Some("DPoP ".into()) }
+    }
+
     pub fn compile(raw: &TokenSourceConfig) -> Result<TokenSource, String> {
         let non_empty =
             |name: &str| if name.trim().is_empty() { Err("name must not be empty".to_string()) } else { Ok(()) };
@@ -70,6 +75,19 @@ impl TokenSource {
             }
         }
     }
+}
+
+/// Whether the token came with the DPoP scheme (any `Authorization: DPoP …`).
+pub fn presented_as_dpop(headers: &[(String, String)]) -> bool {
+    headers.iter().any(|(n, v)| {
+        n.eq_ignore_ascii_case("authorization")
+            && v.trim_start().get(..5).is_some_and(|s| s.eq_ignore_ascii_case("dpop "))
+    })
+}
+
+/// The values of the `DPoP` header (its proofs; more than one is refused).
+pub fn dpop_proofs(headers: &[(String, String)]) -> Vec<&str> {
+    headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case("dpop")).map(|(_, v)| v.trim()).collect()
 }
 
 fn cookie_headers(headers: &[(String, String)]) -> impl Iterator<Item = &(String, String)> {

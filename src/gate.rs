@@ -4,7 +4,7 @@ use crate::audit::{self, AuditRecord, HeaderNames};
 use crate::authorize::{authorize, check_revoked, explain, Authorization, Explanation, Target};
 use crate::canonical::strip_query;
 use crate::config::{ConfigError, Mode};
-use crate::extract::{find_token, strip_tokens};
+use crate::extract::{dpop_proofs, find_token, presented_as_dpop, strip_tokens};
 use crate::host_crypto::HostCrypto;
 use crate::jwks::{KeyRecord, RemoteJwks};
 use crate::keys::Installed;
@@ -44,9 +44,10 @@ pub struct Request<'a> {
 
 impl<'a> Request<'a> {
     /// What the rules look at.
-    fn target<'t>(&'t self, mcp: Option<&'t McpCall>) -> Target<'t> {
+    fn target<'t>(&'t self, mcp: Option<&'t McpCall>, dpop: bool) -> Target<'t> {
         Target {
             mcp,
+            dpop,
             method: self.method,
             headers: self.headers,
             source: self.source,
@@ -268,6 +269,10 @@ impl RateLimiter for MemoryState {
 /// The scope of the policy-wide rate limit (rule names cannot be empty, so no clash).
 const POLICY_SCOPE: &str = "";
 
+/// Where DPoP proof `jti`s are remembered, next to single-use tokens (provider names are
+/// compiled as given; `dpop` in brackets cannot clash with a rule or provider key).
+pub const DPOP_REPLAY_SCOPE: &str = "[dpop]";
+
 impl Gate {
     pub fn from_json(json: &str) -> Result<Gate, ConfigError> {
         Policy::from_json(json).map(Gate::new)
@@ -422,6 +427,7 @@ impl Gate {
     fn authorize_verified(
         &self,
         token: &VerifiedToken,
+        raw: &str,
         request: &Request<'_>,
         mcp: Option<&Result<McpCall, Reason>>,
         state: &dyn SharedState,
@@ -433,6 +439,13 @@ impl Gate {
             Some(Ok(call)) => Some(call),
             None => None,
         };
+        // Proof of possession before anything is counted or spent: a stolen token stops here.
+        let dpop = match self.check_dpop(token, raw, request, state) {
+            Ok(bound) => bound,
+            Err((reason, detail)) => {
+                return (Authorization { detail: Some(detail), ..Authorization::denied(reason) }, None);
+            }
+        };
         if let Err(reason) = self
             .check_single_use(token, state, now)
             .and_then(|()| check_revoked(&self.policy, token))
@@ -443,7 +456,7 @@ impl Gate {
         if let Err((reason, wait)) = self.check_rate(state, POLICY_SCOPE, self.policy.rate_limit.as_ref(), token, now) {
             return (Authorization::denied(reason), wait);
         }
-        let mut authorization = authorize(&self.policy, &request.target(call), token);
+        let mut authorization = authorize(&self.policy, &request.target(call, dpop), token);
         let rule = authorization.rule.and_then(|i| self.policy.rules.get(i));
         if let (Ok(()), Some(max)) = (&authorization.result, rule.and_then(|r| r.max_recent_denials)) {
             if self.recent_denials(token, state, now) > max {
@@ -458,6 +471,54 @@ impl Gate {
             }
         }
         (authorization, None)
+    }
+
+    /// RFC 9449: a token bound to a key (`cnf.jkt`) is accepted only with the DPoP scheme and
+    /// a proof by that key for this request, each proof once; an unbound token is not
+    /// accepted with the DPoP scheme, nor at all where its provider requires binding.
+    /// `Ok(true)`: bound and proven.
+    fn check_dpop(
+        &self,
+        token: &VerifiedToken,
+        raw: &str,
+        request: &Request<'_>,
+        state: &dyn SharedState,
+    ) -> Result<bool, (Reason, &'static str)> {
+        let as_dpop = presented_as_dpop(request.headers);
+        let Some(jkt) = token.cnf_jkt.as_deref() else {
+            if as_dpop {
+                return Err((Reason::DpopBindingMismatch, "dpop_token_not_bound"));
+            }
+            let required = self.policy.providers.get(token.provider_index).is_some_and(|p| p.require_dpop);
+            return if required { Err((Reason::DpopRequired, "dpop_required")) } else { Ok(false) };
+        };
+        if !as_dpop {
+            return Err((Reason::DpopBindingMismatch, "dpop_bound_token_as_bearer"));
+        }
+        let authority = header(request.headers, ":authority").or_else(|| header(request.headers, "host")).unwrap_or("");
+        let target = crate::dpop::DpopRequest {
+            method: request.method,
+            scheme: header(request.headers, ":scheme").unwrap_or("https"),
+            authority,
+            path: request.path,
+        };
+        let options = &self.policy.dpop;
+        let proof = crate::dpop::check(&dpop_proofs(request.headers), &target, raw, Some(jkt), options, request.now)
+            .map_err(|e| {
+                let reason = match e {
+                    crate::dpop::DpopError::TokenNotBound | crate::dpop::DpopError::KeyMismatch => {
+                        Reason::DpopBindingMismatch
+                    }
+                    _ => Reason::DpopProofInvalid,
+                };
+                (reason, e.code())
+            })?;
+        let scope = ReplayScope { provider: DPOP_REPLAY_SCOPE, ring: crate::replay::RING };
+        match state.first_use(scope, &proof.replay_id(), proof.remember_until(options), request.now) {
+            Ok(true) => Ok(true),
+            Ok(false) => Err((Reason::DpopReplayed, "dpop_replayed")),
+            Err(_) => Err((Reason::ReplayStoreUnavailable, "dpop_replay_store_unavailable")),
+        }
     }
 
     /// Quarantine holds for every identity of the token (subject and every actor), like the
@@ -508,7 +569,8 @@ impl Gate {
             find_token(&self.policy.token_sources, request.headers, request.path, self.policy.limits.max_token_bytes)
                 .and_then(|t| self.verified(t, request.now, self.memory.as_ref()).verified)?;
         let call = self.read_mcp(request).transpose()?;
-        explain(&self.policy, &request.target(call.as_ref()), &token)
+        // Offline, a bound token's proof is taken as given: eval explains the rules.
+        explain(&self.policy, &request.target(call.as_ref(), token.cnf_jkt.is_some()), &token)
     }
 
     /// The largest body a host must read for this request and pass as [`Request::body`]:
@@ -569,7 +631,8 @@ impl Gate {
         let (token, authorization, retry_after) = match verified {
             Err(reason) => (None, Authorization::denied(reason), None),
             Ok(token) => {
-                let (authorization, retry_after) = self.authorize_verified(&token, request, mcp, state);
+                let raw = found.unwrap_or_default();
+                let (authorization, retry_after) = self.authorize_verified(&token, raw, request, mcp, state);
                 (Some(token), authorization, retry_after)
             }
         };
@@ -674,6 +737,7 @@ impl Gate {
             audit_id: header(request.headers, audit::REQUEST_ID).map(str::to_string),
             decision: if reason.is_none() { "allow" } else { "deny" },
             reason: reason.map(Reason::code),
+            detail: checked.authorization.detail,
             rule: matched.map(|r| r.name.clone()),
             agent: token.and_then(|t| t.agent().map(subject)),
             on_behalf_of: token.and_then(|t| t.on_behalf_of().map(subject)),
@@ -716,6 +780,10 @@ impl Gate {
             if reason == Reason::InsufficientScope {
                 extra.push(format!("scope=\"{}\"", rule.scopes.join(" ")));
             }
+        }
+        if reason.scheme() == "DPoP" {
+            let algs: Vec<&str> = self.policy.dpop.algorithms.iter().map(|a| a.name()).collect();
+            extra.push(format!("algs=\"{}\"", algs.join(" ")));
         }
         if let Some(metadata) = &self.policy.resource_metadata {
             extra.push(format!("resource_metadata=\"{}\"", metadata.url));
@@ -776,6 +844,8 @@ impl Gate {
                 path: &filter.path,
                 now: filter.now,
                 mcp: Some(&call),
+                // The list call itself passed the proof check a bound token needs.
+                dpop: filter.token.cnf_jkt.is_some(),
             };
             crate::authorize::could_hold(&self.policy, &target, &filter.token)
         };
@@ -790,6 +860,12 @@ impl Gate {
         let mut set = audit.upstream_headers(names);
         if let Some((token_headers, token_rewrites)) = stripped.filter(|_| !self.policy.forward_token) {
             remove.extend(token_headers);
+            // A DPoP proof is a credential too: it stays at the gate with the token.
+            for (name, _) in headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case("dpop")) {
+                if !remove.iter().any(|r| r.eq_ignore_ascii_case(name)) {
+                    remove.push(name.clone());
+                }
+            }
             set.extend(token_rewrites.into_iter().map(|(n, v)| (n.to_string(), v)));
         }
         Action::Continue { remove, set }

@@ -64,6 +64,16 @@ pub struct Claims {
     pub acr: Option<String>,
     #[serde(default, deserialize_with = "numeric_date")]
     pub auth_time: Option<i64>,
+    /// RFC 7800 confirmation: the key (RFC 9449 `jkt`) or certificate (RFC 8705) the token is
+    /// bound to.
+    pub cnf: Option<Confirmation>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Confirmation {
+    pub jkt: Option<String>,
+    #[serde(rename = "x5t#S256")]
+    pub x5t_s256: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -51,6 +51,7 @@ pub struct Policy {
     /// What was accepted but deserves a look (keys of a `jwks_file` this policy cannot use),
     /// with their JSON paths: hosts log them, `agentgate check-config` prints them.
     pub warnings: Vec<String>,
+    pub dpop: crate::dpop::DpopOptions,
 }
 
 /// RFC 9728 protected-resource metadata, ready to serve.
@@ -114,6 +115,8 @@ pub struct Provider {
     pub single_use_ring: Option<i64>,
     /// Where single-use `jti`s must be remembered.
     pub single_use_scope: config::SingleUseScope,
+    /// Every token must be DPoP-bound and come with a proof.
+    pub require_dpop: bool,
     /// A custom claim holding task entries; `None`: `authorization_details`.
     pub task_claim: Option<String>,
 }
@@ -152,6 +155,8 @@ pub struct Rule {
     /// Conditions on the MCP call's `params.arguments`.
     pub arguments: Vec<Condition>,
     pub max_recent_denials: Option<u32>,
+    /// The token must be DPoP-bound, its proof checked.
+    pub dpop: bool,
 }
 
 #[derive(Debug)]
@@ -251,7 +256,7 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
     mcp_routes.finish();
 
     let token_sources = match &config.token_sources {
-        None => vec![TokenSource::bearer()],
+        None => vec![TokenSource::bearer(), TokenSource::dpop()],
         Some(sources) if sources.is_empty() => {
             return Err(ConfigError::at("token_sources", "is empty: omit it for `Authorization: Bearer`"))
         }
@@ -276,6 +281,7 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
     let max_body_bytes = positive("max_body_bytes", config.limits.max_body_bytes, crate::mcp::DEFAULT_MAX_BODY_BYTES)?;
     let resource_metadata = config.resource_metadata.map(compile_resource_metadata).transpose()?;
     let quarantine = config.quarantine.as_ref().map(compile_quarantine).transpose()?;
+    let dpop = compile_dpop(config.dpop.as_ref())?;
     if let Some(i) = rules.iter().position(|r: &Rule| r.max_recent_denials.is_some()).filter(|_| quarantine.is_none()) {
         return Err(ConfigError::at(
             format!("rules[{i}].require.max_recent_denials"),
@@ -318,6 +324,7 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
         resource_metadata,
         quarantine,
         warnings,
+        dpop,
     })
 }
 
@@ -356,6 +363,36 @@ fn compile_resource_metadata(raw: serde_json::Map<String, Value>) -> Result<Reso
         paths,
         document: Value::Object(raw.clone()).to_string(),
     })
+}
+
+fn compile_dpop(raw: Option<&config::DpopConfig>) -> Result<crate::dpop::DpopOptions, ConfigError> {
+    let mut options = crate::dpop::DpopOptions::default();
+    let Some(raw) = raw else { return Ok(options) };
+    if let Some(names) = &raw.algorithms {
+        if names.is_empty() {
+            return Err(ConfigError::at("dpop.algorithms", "is empty: omit it for the defaults"));
+        }
+        options.algorithms = names
+            .iter()
+            .enumerate()
+            .map(|(j, name)| {
+                Alg::from_name(name).filter(|a| !a.is_symmetric()).ok_or_else(|| {
+                    ConfigError::at(
+                        format!("dpop.algorithms[{j}]"),
+                        format!("{name:?} is not an asymmetric JWS algorithm"),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+    }
+    match raw.max_age_seconds {
+        Some(v) if !(1..=600).contains(&v) => {
+            return Err(ConfigError::at("dpop.max_age_seconds", "must be between 1 and 600"))
+        }
+        Some(v) => options.max_age_seconds = i64::try_from(v).unwrap_or(120),
+        None => {}
+    }
+    Ok(options)
 }
 
 fn compile_quarantine(raw: &config::QuarantineConfig) -> Result<crate::quarantine::Quarantine, ConfigError> {
@@ -535,6 +572,7 @@ fn compile_provider(
         subjects,
         single_use_ring,
         single_use_scope: raw.single_use_scope,
+        require_dpop: raw.require_dpop,
         task_claim: raw.task_claim.filter(|name| name != "authorization_details"),
     })
 }
@@ -843,6 +881,7 @@ fn compile_rule(at: &str, raw: RuleConfig) -> Result<Rule, ConfigError> {
         mcp,
         arguments,
         max_recent_denials: require.max_recent_denials,
+        dpop: require.dpop,
     })
 }
 

@@ -68,6 +68,16 @@ reasons! {
     TypeNotAllowed => "type_not_allowed", 401, Some(INVALID_TOKEN), TOKEN_INVALID;
     SubjectNotAllowed => "subject_not_allowed", 401, Some(INVALID_TOKEN), TOKEN_INVALID;
     MissingJti => "missing_jti", 401, Some(INVALID_TOKEN), TOKEN_INVALID;
+    /// The provider or rule wants DPoP-bound tokens (RFC 9449), and this one is not, or came
+    /// without the DPoP scheme.
+    DpopRequired => "dpop_required", 401, Some(INVALID_TOKEN), TOKEN_INVALID;
+    /// The DPoP proof fails a check of RFC 9449 §4.3 (the audit record's `detail` says which).
+    DpopProofInvalid => "dpop_proof_invalid", 401, Some("invalid_dpop_proof"), "the DPoP proof is invalid";
+    /// A DPoP proof presented again.
+    DpopReplayed => "dpop_replayed", 401, Some("invalid_dpop_proof"), "the DPoP proof is invalid";
+    /// A DPoP-bound token sent as Bearer, an unbound one sent as DPoP, or a proof by another
+    /// key than the token's `cnf.jkt`.
+    DpopBindingMismatch => "dpop_binding_mismatch", 401, Some(INVALID_TOKEN), TOKEN_INVALID;
     Replayed => "replayed", 401, Some(INVALID_TOKEN), TOKEN_INVALID;
     /// Fail closed: without a working replay store, single-use tokens cannot be accepted.
     ReplayStoreUnavailable => "replay_store_unavailable", 503, None, "the gateway cannot accept single-use tokens right now";
@@ -123,13 +133,24 @@ impl Reason {
         format!("agentgate.denied.{}", self.code())
     }
 
+    /// The authentication scheme of this reason's challenge: DPoP (RFC 9449 §7.1) for
+    /// proof-of-possession failures, Bearer (RFC 6750) otherwise.
+    pub const fn scheme(self) -> &'static str {
+        match self {
+            Reason::DpopRequired | Reason::DpopProofInvalid | Reason::DpopReplayed | Reason::DpopBindingMismatch => {
+                "DPoP"
+            }
+            _ => "Bearer",
+        }
+    }
+
     /// The `WWW-Authenticate` challenge for this reason (RFC 6750 section 3), if it is one
-    /// of the bearer-token errors.
+    /// of the token errors.
     pub fn challenge(self) -> Option<String> {
-        let spec = self.spec();
+        let (spec, scheme) = (self.spec(), self.scheme());
         match (spec.status, spec.error) {
-            (401, None) => Some("Bearer".to_string()),
-            (_, Some(error)) => Some(format!("Bearer error=\"{error}\", error_description=\"{}\"", spec.description)),
+            (401, None) => Some(scheme.to_string()),
+            (_, Some(error)) => Some(format!("{scheme} error=\"{error}\", error_description=\"{}\"", spec.description)),
             _ => None,
         }
     }

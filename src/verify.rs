@@ -20,6 +20,8 @@ pub struct VerifiedToken {
     pub scopes: Vec<String>,
     /// `aud`, for rules that need a particular resource (MCP, RFC 8707).
     pub audiences: Vec<String>,
+    /// `cnf.jkt`: the token is DPoP-bound to this key thumbprint (RFC 9449).
+    pub cnf_jkt: Option<String>,
     pub issued_at: Option<i64>,
     pub not_before: Option<i64>,
     pub expires_at: i64,
@@ -290,6 +292,7 @@ fn accept(
         jti: claims.jti,
         scopes,
         audiences: claims.aud.as_ref().map(|aud| aud.to_vec()).unwrap_or_default(),
+        cnf_jkt: claims.cnf.as_ref().and_then(|c| c.jkt.clone()),
         issued_at: claims.iat,
         not_before: claims.nbf,
         expires_at,

@@ -48,6 +48,7 @@ fn provider(jwks: &Value) -> Provider {
         subjects: None,
         single_use_ring: None,
         single_use_scope: Default::default(),
+        require_dpop: false,
         task_claim: None,
     }
 }
