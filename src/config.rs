@@ -77,9 +77,22 @@ pub struct PolicyConfig {
     pub resource_metadata: Option<serde_json::Map<String, Value>>,
     /// Cut off an agent that collects too many denials (behavioural quarantine).
     pub quarantine: Option<QuarantineConfig>,
+    /// This gate is a fleet's front tier: it verifies and decides nothing, and only sets a
+    /// header naming the token's acting agent (read without verification) for the proxy's
+    /// consistent-hash load balancing, so that each agent's requests reach the back-tier
+    /// instance that holds its state. The back tier decides.
+    pub front_tier: Option<FrontTierConfig>,
     /// How DPoP proofs (RFC 9449) are checked. Tokens bound to a key (`cnf.jkt`) are always
     /// checked; this only sets the accepted algorithms and the proof's age.
     pub dpop: Option<DpopConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct FrontTierConfig {
+    /// The header set for the hash policy (default `x-agent-route`); a client's own is removed.
+    pub routing_header: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -591,6 +591,24 @@ impl Gate {
         Some(mcp::parse(body).and_then(|call| mcp::check_headers(&call, request.headers).map(|()| call)))
     }
 
+    /// A front tier's only work: name the acting agent of the token — read, not verified:
+    /// routing is not trust; a forged token lands somewhere and is refused there, a genuine
+    /// one always lands on its owner — in `header`, for the proxy's hash policy.
+    fn route(&self, request: &Request<'_>, header: &str) -> Action {
+        let remove =
+            request.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(header)).map(|(n, _)| n.clone()).collect();
+        let agent =
+            find_token(&self.policy.token_sources, request.headers, request.path, self.policy.limits.max_token_bytes)
+                .ok()
+                .and_then(|token| crate::jws::parse(token, &self.policy.limits).ok())
+                .and_then(|parsed| {
+                    let actor = parsed.claims.act.as_ref().and_then(|a| a.sub.clone());
+                    actor.or(parsed.claims.sub)
+                });
+        let set = agent.map(|agent| vec![(header.to_string(), audit::header_value(&agent))]).unwrap_or_default();
+        Action::Continue { remove, set }
+    }
+
     /// RFC 9728: the protected-resource metadata document, served by the gate itself.
     fn metadata_response(&self, request: &Request<'_>) -> Option<Action> {
         let metadata = self.policy.resource_metadata.as_ref()?;
@@ -651,6 +669,9 @@ impl Gate {
 
     /// Decides `request` with a host's shared state (single-use tokens, rate limits).
     pub fn evaluate_with(&self, request: &Request<'_>, state: &dyn SharedState) -> Decision {
+        if let Some(header) = &self.policy.front_tier {
+            return self.served(request, self.route(request, header));
+        }
         if let Some(action) = self.metadata_response(request) {
             return self.served(request, action);
         }
@@ -793,7 +814,8 @@ impl Gate {
         Action::deny_full(&self.policy.audit.headers, reason, audit_id, extra.as_deref(), retry_after, body)
     }
 
-    /// A request the gate answered itself without deciding anything (the RFC 9728 document).
+    /// A request the gate handled without deciding anything (the RFC 9728 document, a front
+    /// tier's routing).
     fn served(&self, request: &Request<'_>, action: Action) -> Decision {
         let audit = AuditRecord {
             time: request.now,
@@ -802,7 +824,7 @@ impl Gate {
             method: request.method.to_string(),
             path: strip_query(request.path).to_string(),
             source: request.source.map(str::to_string),
-            status: Some(200),
+            status: matches!(action, Action::Respond { .. }).then_some(200),
             ..AuditRecord::default()
         };
         Decision {

@@ -52,6 +52,8 @@ pub struct Policy {
     /// with their JSON paths: hosts log them, `agentgate check-config` prints them.
     pub warnings: Vec<String>,
     pub dpop: crate::dpop::DpopOptions,
+    /// The routing header of a front-tier gate; `None` for a gate that decides.
+    pub front_tier: Option<String>,
 }
 
 /// RFC 9728 protected-resource metadata, ready to serve.
@@ -282,6 +284,21 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
     let resource_metadata = config.resource_metadata.map(compile_resource_metadata).transpose()?;
     let quarantine = config.quarantine.as_ref().map(compile_quarantine).transpose()?;
     let dpop = compile_dpop(config.dpop.as_ref())?;
+    let front_tier = match &config.front_tier {
+        None => None,
+        Some(front) => {
+            let name = front.routing_header.clone().unwrap_or_else(|| "x-agent-route".into());
+            let valid =
+                !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !valid {
+                return Err(ConfigError::at(
+                    "front_tier.routing_header",
+                    "must be a lower-case header name (a-z, 0-9, '-')",
+                ));
+            }
+            Some(name)
+        }
+    };
     if let Some(i) = rules.iter().position(|r: &Rule| r.max_recent_denials.is_some()).filter(|_| quarantine.is_none()) {
         return Err(ConfigError::at(
             format!("rules[{i}].require.max_recent_denials"),
@@ -325,6 +342,7 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
         quarantine,
         warnings,
         dpop,
+        front_tier,
     })
 }
 
