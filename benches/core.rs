@@ -77,6 +77,7 @@ fn bench_decision(c: &mut Criterion) {
         now: NOW,
         source: None,
         peer_uri_san: None,
+        peer_certificate_sha256: None,
         body: None,
     };
     assert!(gate.evaluate(&request).allowed);

@@ -287,6 +287,10 @@ pub struct ProviderConfig {
     /// Accept each `jti` once within its token's lifetime (at most 3600 s).
     #[serde(default)]
     pub single_use: bool,
+    /// Accept RFC 8705 certificate-bound tokens (`cnf["x5t#S256"]`): hosts then read the
+    /// client certificate's SHA-256 on every request. Without it such a token is refused.
+    #[serde(default)]
+    pub certificate_bound: bool,
     /// Every token of this provider must be DPoP-bound (`cnf.jkt`) and sent with a proof.
     #[serde(default)]
     pub require_dpop: bool,

@@ -16,6 +16,7 @@ use crate::reason::Reason;
 use crate::replay::{token_id, GuardError, MemoryGuard, ReplayGuard, ReplayScope};
 use crate::shared_cache::{self, CacheId};
 use crate::verify::{check_time_in, verify_untimed_as, Signature, VerifiedToken};
+use base64ct::Encoding;
 use lru::LruCache;
 use sha2::{Digest, Sha256};
 use std::num::NonZeroUsize;
@@ -37,6 +38,10 @@ pub struct Request<'a> {
     /// The mTLS peer certificate's URI SAN, for `bind_mtls_peer`; hosts fill it when
     /// `policy().needs_peer`.
     pub peer_uri_san: Option<&'a str>,
+    /// The client certificate's SHA-256 in hex (Envoy's
+    /// `connection.sha256_peer_certificate_digest`), for certificate-bound tokens; hosts fill
+    /// it when `policy().needs_peer_certificate`.
+    pub peer_certificate_sha256: Option<&'a str>,
     /// The request body, read by hosts where [`Gate::body_limit`] asks for it (MCP routes);
     /// `None` counts as empty there.
     pub body: Option<&'a [u8]>,
@@ -440,6 +445,12 @@ impl Gate {
             None => None,
         };
         // Proof of possession before anything is counted or spent: a stolen token stops here.
+        if let Err(detail) = self.check_certificate(token, request) {
+            return (
+                Authorization { detail: Some(detail), ..Authorization::denied(Reason::CertificateMismatch) },
+                None,
+            );
+        }
         let dpop = match self.check_dpop(token, raw, request, state) {
             Ok(bound) => bound,
             Err((reason, detail)) => {
@@ -471,6 +482,23 @@ impl Gate {
             }
         }
         (authorization, None)
+    }
+
+    /// RFC 8705: a token bound to a certificate is accepted only on a connection whose client
+    /// certificate has that SHA-256, and only where its provider says such tokens are checked.
+    fn check_certificate(&self, token: &VerifiedToken, request: &Request<'_>) -> Result<(), &'static str> {
+        let Some(bound) = token.cnf_x5t.as_deref() else { return Ok(()) };
+        if !self.policy.providers.get(token.provider_index).is_some_and(|p| p.certificate_bound) {
+            return Err("certificate_binding_not_enabled");
+        }
+        let presented = request.peer_certificate_sha256.and_then(decode_hex).ok_or("no_client_certificate")?;
+        let expected =
+            base64ct::Base64UrlUnpadded::decode_vec(bound).map_err(|_| "certificate_thumbprint_malformed")?;
+        if presented == expected {
+            Ok(())
+        } else {
+            Err("certificate_thumbprint_mismatch")
+        }
     }
 
     /// RFC 9449: a token bound to a key (`cnf.jkt`) is accepted only with the DPoP scheme and
@@ -896,6 +924,13 @@ impl Gate {
 
 /// Headers to remove and to rewrite so that no token reaches the upstream.
 type StrippedTokens = (Vec<String>, Vec<(&'static str, String)>);
+
+/// Bytes from hex (either case); `None` for anything else.
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    let digits: Vec<u32> = text.chars().map(|c| c.to_digit(16)).collect::<Option<_>>()?;
+    (digits.len() % 2 == 0)
+        .then(|| digits.chunks_exact(2).map(|p| (p.iter().fold(0, |acc, d| acc * 16 + d)) as u8).collect())
+}
 
 /// The first value of header `name`, compared case-insensitively.
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {

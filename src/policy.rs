@@ -39,6 +39,9 @@ pub struct Policy {
     pub rate_limit: Option<RateLimit>,
     /// Some rule binds the agent to the mTLS peer: hosts fetch the peer's URI SAN only then.
     pub needs_peer: bool,
+    /// Some provider accepts certificate-bound tokens: hosts fetch the client certificate's
+    /// SHA-256 (Envoy's `connection.sha256_peer_certificate_digest`) only then.
+    pub needs_peer_certificate: bool,
     pub forward_token: bool,
     pub audit: AuditSettings,
     /// SHA-256 of the policy's text: what the shared token cache's entries are valid under.
@@ -119,6 +122,8 @@ pub struct Provider {
     pub single_use_scope: config::SingleUseScope,
     /// Every token must be DPoP-bound and come with a proof.
     pub require_dpop: bool,
+    /// RFC 8705 certificate-bound tokens are checked (else refused).
+    pub certificate_bound: bool,
     /// A custom claim holding task entries; `None`: `authorization_details`.
     pub task_claim: Option<String>,
 }
@@ -317,6 +322,7 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
     let needs_host = rules.iter().any(|r: &Rule| r.hosts.is_some());
     let needs_claims = rules.iter().any(|r: &Rule| !r.claims.is_empty());
     let needs_peer = rules.iter().any(|r: &Rule| r.bind_mtls_peer);
+    let needs_peer_certificate = providers.iter().any(|p| p.certificate_bound);
     Ok(Policy {
         mode: config.mode,
         providers,
@@ -333,6 +339,7 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
         needs_claims,
         rate_limit: rate_limit("rate_limit", config.rate_limit.as_ref())?,
         needs_peer,
+        needs_peer_certificate,
         forward_token: config.forward_token,
         audit,
         digest: [0; 32],
@@ -591,6 +598,7 @@ fn compile_provider(
         single_use_ring,
         single_use_scope: raw.single_use_scope,
         require_dpop: raw.require_dpop,
+        certificate_bound: raw.certificate_bound,
         task_claim: raw.task_claim.filter(|name| name != "authorization_details"),
     })
 }

@@ -22,6 +22,8 @@ pub struct VerifiedToken {
     pub audiences: Vec<String>,
     /// `cnf.jkt`: the token is DPoP-bound to this key thumbprint (RFC 9449).
     pub cnf_jkt: Option<String>,
+    /// `cnf["x5t#S256"]`: the token is bound to this client certificate (RFC 8705).
+    pub cnf_x5t: Option<String>,
     pub issued_at: Option<i64>,
     pub not_before: Option<i64>,
     pub expires_at: i64,
@@ -293,6 +295,7 @@ fn accept(
         scopes,
         audiences: claims.aud.as_ref().map(|aud| aud.to_vec()).unwrap_or_default(),
         cnf_jkt: claims.cnf.as_ref().and_then(|c| c.jkt.clone()),
+        cnf_x5t: claims.cnf.as_ref().and_then(|c| c.x5t_s256.clone()),
         issued_at: claims.iat,
         not_before: claims.nbf,
         expires_at,

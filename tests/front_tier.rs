@@ -26,6 +26,7 @@ fn route(gate: &Gate, headers: &[(&str, &str)]) -> (Vec<String>, Vec<(String, St
         now: NOW,
         source: None,
         peer_uri_san: None,
+        peer_certificate_sha256: None,
         body: None,
     });
     assert!(d.allowed && d.reason.is_none(), "a front tier refuses nothing");

@@ -107,6 +107,7 @@ pub fn evaluate(gate: &Gate, request_json: &str) -> Result<(Decision, Value), St
     let decision = gate.evaluate(&Request {
         source: request.source_ip.as_deref(),
         peer_uri_san: request.peer_uri_san.as_deref(),
+        peer_certificate_sha256: None,
         body: request.body.as_deref().map(str::as_bytes),
         method: &request.method,
         path: &request.path,

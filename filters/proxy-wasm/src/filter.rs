@@ -77,6 +77,7 @@ pub fn decide(host: &dyn Host, shared: &Shared, announced: usize, nginx: bool, m
     let request = Request {
         source: source.as_deref(),
         peer_uri_san: peer.as_deref(),
+        peer_certificate_sha256: None,
         body: None,
         method: pseudo(":method"),
         path: pseudo(":path"),
