@@ -49,6 +49,7 @@ fn bench_rules(c: &mut Criterion) {
             mcp: None,
             authority: "api",
             dpop: false,
+            txn: None,
             path: &path,
             now: NOW,
         };

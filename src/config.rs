@@ -87,6 +87,18 @@ pub struct PolicyConfig {
     pub dpop: Option<DpopConfig>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct TransactionTokenConfig {
+    /// Every one of these must be in the Txn-Token's `scope`.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Conditions on the Txn-Token's claims (`path`, dot-separated).
+    #[serde(default)]
+    pub claims: Vec<ConditionConfig>,
+}
+
 #[derive(Debug, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
@@ -287,6 +299,10 @@ pub struct ProviderConfig {
     /// Accept each `jti` once within its token's lifetime (at most 3600 s).
     #[serde(default)]
     pub single_use: bool,
+    /// This provider is a transaction-token service (draft-ietf-oauth-transaction-tokens): its
+    /// tokens (`typ` `txntoken+jwt`) come in the `Txn-Token` header, never as access tokens.
+    #[serde(default)]
+    pub transaction_tokens: bool,
     /// Accept RFC 8705 certificate-bound tokens (`cnf["x5t#S256"]`): hosts then read the
     /// client certificate's SHA-256 on every request. Without it such a token is refused.
     #[serde(default)]
@@ -420,6 +436,9 @@ pub struct RequireConfig {
     /// The token must be DPoP-bound and come with a valid proof (RFC 9449).
     #[serde(default)]
     pub dpop: bool,
+    /// A valid `Txn-Token` from a transaction-token provider must come along, with these
+    /// scopes and conditions on its claims (`tctx.*`, `rctx.*`, `req_wl`, ...).
+    pub transaction_token: Option<TransactionTokenConfig>,
     /// Refuse an agent denied more than this many times in the quarantine window (needs
     /// `quarantine`): risky operations are not for an agent that just strayed.
     pub max_recent_denials: Option<u32>,

@@ -49,10 +49,11 @@ pub struct Request<'a> {
 
 impl<'a> Request<'a> {
     /// What the rules look at.
-    fn target<'t>(&'t self, mcp: Option<&'t McpCall>, dpop: bool) -> Target<'t> {
+    fn target<'t>(&'t self, mcp: Option<&'t McpCall>, dpop: bool, txn: Option<&'t VerifiedToken>) -> Target<'t> {
         Target {
             mcp,
             dpop,
+            txn,
             method: self.method,
             headers: self.headers,
             source: self.source,
@@ -188,6 +189,8 @@ struct Checked {
     awaiting_keys: Option<usize>,
     /// The issuer a token that failed verification named, when it is a provider's.
     claimed_issuer: Option<String>,
+    /// The `txn` of a valid Txn-Token that came along: one agent task across every hop.
+    txn: Option<String>,
     authorization: Authorization,
     /// Seconds to wait, when rate limited.
     retry_after: Option<u64>,
@@ -429,12 +432,14 @@ impl Gate {
     /// Everything after verification, in order: single use, the kill switch, the policy-wide
     /// rate limit, the rules, the matched rule's rate limit. A replayed, revoked or limited
     /// token is still recorded with who it names. The `u64` is the wait when rate limited.
+    #[allow(clippy::too_many_arguments)]
     fn authorize_verified(
         &self,
         token: &VerifiedToken,
         raw: &str,
         request: &Request<'_>,
         mcp: Option<&Result<McpCall, Reason>>,
+        txn: Option<&VerifiedToken>,
         state: &dyn SharedState,
     ) -> (Authorization, Option<u64>) {
         let now = request.now;
@@ -467,7 +472,7 @@ impl Gate {
         if let Err((reason, wait)) = self.check_rate(state, POLICY_SCOPE, self.policy.rate_limit.as_ref(), token, now) {
             return (Authorization::denied(reason), wait);
         }
-        let mut authorization = authorize(&self.policy, &request.target(call, dpop), token);
+        let mut authorization = authorize(&self.policy, &request.target(call, dpop, txn), token);
         let rule = authorization.rule.and_then(|i| self.policy.rules.get(i));
         if let (Ok(()), Some(max)) = (&authorization.result, rule.and_then(|r| r.max_recent_denials)) {
             if self.recent_denials(token, state, now) > max {
@@ -482,6 +487,29 @@ impl Gate {
             }
         }
         (authorization, None)
+    }
+
+    /// The `Txn-Token` that came along (draft-ietf-oauth-transaction-tokens), verified like an
+    /// access token but only from a transaction-token provider; `None` without one.
+    fn transaction_token(
+        &self,
+        request: &Request<'_>,
+        state: &dyn SharedState,
+    ) -> Option<Result<Arc<VerifiedToken>, Reason>> {
+        let mut values = request.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case("txn-token"));
+        let (_, first) = values.next()?;
+        if values.next().is_some() {
+            return Some(Err(Reason::MultipleTokens));
+        }
+        let verified = self.verified(first.trim(), request.now, state).verified;
+        Some(verified.and_then(|t| {
+            let from_service = self.policy.providers.get(t.provider_index).is_some_and(|p| p.transaction_tokens);
+            if from_service {
+                Ok(t)
+            } else {
+                Err(Reason::TypeNotAllowed)
+            }
+        }))
     }
 
     /// RFC 8705: a token bound to a certificate is accepted only on a connection whose client
@@ -598,7 +626,8 @@ impl Gate {
                 .and_then(|t| self.verified(t, request.now, self.memory.as_ref()).verified)?;
         let call = self.read_mcp(request).transpose()?;
         // Offline, a bound token's proof is taken as given: eval explains the rules.
-        explain(&self.policy, &request.target(call.as_ref(), token.cnf_jkt.is_some()), &token)
+        let txn = self.transaction_token(request, self.memory.as_ref()).and_then(Result::ok);
+        explain(&self.policy, &request.target(call.as_ref(), token.cnf_jkt.is_some(), txn.as_deref()), &token)
     }
 
     /// The largest body a host must read for this request and pass as [`Request::body`]:
@@ -661,6 +690,16 @@ impl Gate {
                 (lookup.verified, Some(lookup.fingerprint.to_string()), lookup.cache_hit, lookup.shared_cache_hit)
             }
         };
+        // A Txn-Token is no access token.
+        let verified = verified.and_then(|t| {
+            let txn_provider = self.policy.providers.get(t.provider_index).is_some_and(|p| p.transaction_tokens);
+            if txn_provider {
+                Err(Reason::TypeNotAllowed)
+            } else {
+                Ok(t)
+            }
+        });
+        let txn = self.transaction_token(request, state).and_then(Result::ok);
         // Reasons given after the issuer selected a provider's keys.
         let claimed_provider = match (&verified, found) {
             (Err(reason), Ok(t))
@@ -678,11 +717,13 @@ impl Gate {
             Err(reason) => (None, Authorization::denied(reason), None),
             Ok(token) => {
                 let raw = found.unwrap_or_default();
-                let (authorization, retry_after) = self.authorize_verified(&token, raw, request, mcp, state);
+                let (authorization, retry_after) =
+                    self.authorize_verified(&token, raw, request, mcp, txn.as_deref(), state);
                 (Some(token), authorization, retry_after)
             }
         };
         let claimed_issuer = claimed_provider.and_then(|i| self.policy.providers.get(i)).map(|p| p.issuer.clone());
+        let txn = txn.and_then(|t| t.claims.as_ref()?.get("txn")?.as_str().map(str::to_string));
         Checked {
             token,
             fingerprint,
@@ -690,6 +731,7 @@ impl Gate {
             shared_cache_hit,
             awaiting_keys,
             claimed_issuer,
+            txn,
             authorization,
             retry_after,
         }
@@ -794,6 +836,7 @@ impl Gate {
             task_type: matched.and_then(|r| r.task.as_ref()).map(|t| t.kind.clone()),
             task_identifier: checked.authorization.task_identifier.clone(),
             issuer: token.map(|t| t.issuer.clone()).or_else(|| checked.claimed_issuer.clone()),
+            txn: checked.txn.clone(),
             jti: token.and_then(|t| t.jti.clone()),
             token_fingerprint: checked.fingerprint.clone(),
             method: request.method.to_string(),
@@ -896,6 +939,7 @@ impl Gate {
                 mcp: Some(&call),
                 // The list call itself passed the proof check a bound token needs.
                 dpop: filter.token.cnf_jkt.is_some(),
+                txn: None,
             };
             crate::authorize::could_hold(&self.policy, &target, &filter.token)
         };

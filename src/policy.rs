@@ -124,6 +124,8 @@ pub struct Provider {
     pub require_dpop: bool,
     /// RFC 8705 certificate-bound tokens are checked (else refused).
     pub certificate_bound: bool,
+    /// Issues Txn-Tokens, accepted only in the `Txn-Token` header.
+    pub transaction_tokens: bool,
     /// A custom claim holding task entries; `None`: `authorization_details`.
     pub task_claim: Option<String>,
 }
@@ -164,6 +166,8 @@ pub struct Rule {
     pub max_recent_denials: Option<u32>,
     /// The token must be DPoP-bound, its proof checked.
     pub dpop: bool,
+    /// A Txn-Token must come along: its scopes and claim conditions.
+    pub transaction_token: Option<(Vec<String>, Vec<Condition>)>,
 }
 
 #[derive(Debug)]
@@ -323,6 +327,16 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
     let needs_claims = rules.iter().any(|r: &Rule| !r.claims.is_empty());
     let needs_peer = rules.iter().any(|r: &Rule| r.bind_mtls_peer);
     let needs_peer_certificate = providers.iter().any(|p| p.certificate_bound);
+    if let Some(i) = rules
+        .iter()
+        .position(|r: &Rule| r.transaction_token.is_some())
+        .filter(|_| !providers.iter().any(|p| p.transaction_tokens))
+    {
+        return Err(ConfigError::at(
+            format!("rules[{i}].require.transaction_token"),
+            "needs a provider with \"transaction_tokens\": true (the transaction-token service)",
+        ));
+    }
     Ok(Policy {
         mode: config.mode,
         providers,
@@ -599,6 +613,7 @@ fn compile_provider(
         single_use_scope: raw.single_use_scope,
         require_dpop: raw.require_dpop,
         certificate_bound: raw.certificate_bound,
+        transaction_tokens: raw.transaction_tokens,
         task_claim: raw.task_claim.filter(|name| name != "authorization_details"),
     })
 }
@@ -868,6 +883,22 @@ fn compile_rule(at: &str, raw: RuleConfig) -> Result<Rule, ConfigError> {
         ));
     }
     let mcp = raw.matcher.mcp.as_ref().map(|m| compile_mcp(&format!("{at}.match.mcp"), m)).transpose()?;
+    let transaction_token = match &require.transaction_token {
+        None => None,
+        Some(txn) => {
+            scope_list(&format!("{at}.require.transaction_token.scopes"), &txn.scopes)?;
+            let claims = txn
+                .claims
+                .iter()
+                .enumerate()
+                .map(|(j, c)| {
+                    Condition::compile(c, "path")
+                        .map_err(|e| ConfigError::at(format!("{at}.require.transaction_token.claims[{j}]"), e))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Some((txn.scopes.clone(), claims))
+        }
+    };
     let source_cidrs = match &require.source_cidrs {
         None => None,
         Some(list) if list.is_empty() => {
@@ -908,6 +939,7 @@ fn compile_rule(at: &str, raw: RuleConfig) -> Result<Rule, ConfigError> {
         arguments,
         max_recent_denials: require.max_recent_denials,
         dpop: require.dpop,
+        transaction_token,
     })
 }
 

@@ -161,7 +161,13 @@ pub fn verify_untimed_as(policy: &Policy, token: &str, signature: Signature<'_>)
         check_signature(provider, &parsed, host)?;
     }
     check_header(provider, &parsed.header)?;
-    let all_claims = if policy.needs_claims {
+    // A Txn-Token is its own type, whatever `token_types` lists.
+    if provider.transaction_tokens
+        && parsed.header.typ.as_deref().map(normalize_type).as_deref() != Some("txntoken+jwt")
+    {
+        return Err(Reason::TypeNotAllowed);
+    }
+    let all_claims = if policy.needs_claims || provider.transaction_tokens {
         Some(
             serde_json::from_slice::<serde_json::Map<String, Value>>(&parsed.claims_json)
                 .map_err(|_| Reason::Malformed)?,
