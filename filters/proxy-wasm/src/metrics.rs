@@ -11,6 +11,8 @@ pub struct Metrics {
     dry_run_denied: Option<u32>,
     cache_hits: Option<u32>,
     cache_misses: Option<u32>,
+    /// Tokens another worker verified (the shared cache): no signature checked here.
+    shared_hits: Option<u32>,
     denied: Vec<(Reason, u32)>,
     /// Per rule, in policy order: (allowed, denied).
     rules: Vec<(Option<u32>, Option<u32>)>,
@@ -29,6 +31,7 @@ impl Metrics {
             dry_run_denied: counter("agentgate.dry_run.denied"),
             cache_hits: counter("agentgate.token_cache.hit"),
             cache_misses: counter("agentgate.token_cache.miss"),
+            shared_hits: counter("agentgate.token_cache.shared_hit"),
             denied: Reason::ALL.iter().filter_map(|&r| counter(&r.metric()).map(|id| (r, id))).collect(),
             rules: rules
                 .iter()
@@ -62,8 +65,12 @@ impl Metrics {
         }
     }
 
-    pub fn count_cache(&self, host: &dyn Host, hit: bool) {
+    /// A local miss that another worker verified is a miss and a shared hit.
+    pub fn count_cache(&self, host: &dyn Host, hit: bool, shared_hit: bool) {
         bump(host, if hit { self.cache_hits } else { self.cache_misses });
+        if shared_hit {
+            bump(host, self.shared_hits);
+        }
     }
 
     pub fn count_rule(&self, host: &dyn Host, index: Option<usize>, allowed: bool) {

@@ -72,7 +72,7 @@ fn request(vm: &Vm<Mock>, mock: &Mock, id: u32, headers: Vec<(String, String)>) 
     }
     vm.on_context_create(id, ROOT);
     let announced = headers.iter().filter(|(n, _)| !n.starts_with(':')).count();
-    vm.on_request_headers(id, announced)
+    vm.on_request_headers(id, announced, true)
 }
 
 fn status(mock: &Mock) -> Option<u16> {
@@ -214,11 +214,11 @@ fn garbage_from_the_host_fails_closed() {
     mock.state().refuse.clear();
     mock.state().headers = None;
     vm.on_context_create(3, ROOT);
-    assert_eq!(vm.on_request_headers(3, 1), PAUSE);
+    assert_eq!(vm.on_request_headers(3, 1, true), PAUSE);
     assert_eq!(status(&mock), Some(500));
     // A context the host never created.
     mock.state().response = None;
-    assert_eq!(vm.on_request_headers(99, 0), PAUSE);
+    assert_eq!(vm.on_request_headers(99, 0, true), PAUSE);
     assert_eq!(status(&mock), Some(500));
     // An answer to a callout the filter never made is ignored.
     vm.on_http_call_response(2, 4242, 10);
@@ -236,7 +236,7 @@ fn on_nginx_a_repeated_stripped_header_or_hidden_headers_are_refused() {
     mock.state().headers = Some(headers(&[("Authorization", &auth)]));
     mock.state().response = None;
     vm.on_context_create(3, ROOT);
-    assert_eq!(vm.on_request_headers(3, 101), PAUSE);
+    assert_eq!(vm.on_request_headers(3, 101, true), PAUSE);
     assert_eq!(status(&mock), Some(500));
     // Once: emptied in place, then removed (nginx still forwards the name).
     assert_eq!(request(&vm, &mock, 4, headers(&[("Authorization", &auth), ("x-agent-on-behalf-of", "a")])), CONTINUE);
