@@ -484,7 +484,11 @@ impl Gate {
             Some(reason) if !dry_run => {
                 audit.status = Some(reason.status());
                 // An MCP client gets a JSON-RPC error for its request id, with the HTTP status.
-                let body = mcp.as_ref().map(|m| mcp::error_body(m.as_ref().ok().and_then(|c| c.id.as_ref()), reason));
+                let body = mcp.as_ref().map(|m| {
+                    let id =
+                        m.as_ref().ok().and_then(|c| c.id.clone()).or_else(|| request.body.and_then(mcp::request_id));
+                    mcp::error_body(id.as_ref(), reason)
+                });
                 self.denial(reason, matched, checked.retry_after, audit.audit_id.as_deref(), body)
             }
             _ => self.forward(request.headers, &audit, stripped),
