@@ -474,11 +474,15 @@ impl Host {
         let outcome = match step {
             Step::Answered(outcome) => outcome,
             Step::Forwarded => Outcome::Continued { upstream_headers: upstream(profile, &state.request_headers) },
-            Step::Parked => return Ok(Outcome::Paused { context }),
-            Step::Pending => {
-                return Err(HostError::Trap(format!(
-                    "{profile:?}: the filter paused request {context} with nothing pending: it would never end"
-                )))
+            // Envoy and Kong hold a request paused with nothing pending until the client
+            // leaves (Kong: a yield nothing resumes); APISIX crashed already (see `step`).
+            Step::Parked | Step::Pending => {
+                if let Step::Pending = step {
+                    let headers = std::mem::take(&mut state.request_headers);
+                    state.parked.insert(context, headers);
+                    state.current = ROOT_CONTEXT;
+                }
+                return Ok(Outcome::Paused { context });
             }
         };
         self.finish(context)?;
