@@ -151,3 +151,30 @@ fn on_kong_a_body_nginx_wrote_to_a_file_is_refused_not_forwarded() {
     let logs = host.logs().join("\n");
     assert!(logs.contains("client_body_buffer_size"), "says what to raise: {logs}");
 }
+
+#[test]
+fn tool_calls_are_counted_per_tool_within_a_bound() {
+    let mut p: Value = serde_json::from_str(&mcp_policy()).unwrap_or_default();
+    if let Some(rules) = p["rules"].as_array_mut() {
+        rules.push(json!({"name": "t-tools", "match": {"path": "/mcp", "mcp": {"tool": "t-*"}},
+                          "require": {"scopes": ["invoices:pay"]}}));
+    }
+    let mut host = Host::new(&p.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(post(&mut host, "envoy", &call(1, 100), &[]).status(), 200);
+    assert_eq!(post(&mut host, "envoy", &call(2, 900), &[]).status(), 403);
+    assert_eq!(host.metric("agentgate.mcp.pay_invoice.allowed"), Some(1));
+    assert_eq!(host.metric("agentgate.mcp.pay_invoice.denied"), Some(1));
+    // A tool no rule matches is not named in a counter (clients choose tool names).
+    let unknown = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "evil.tool"}});
+    assert_eq!(post(&mut host, "envoy", unknown.to_string().as_bytes(), &[]).status(), 403);
+    assert_eq!(host.metric("agentgate.mcp._other.denied"), Some(1));
+    assert_eq!(host.metric("agentgate.mcp.evil_tool.denied"), None);
+    // At most 64 tools by name per VM (pay_invoice and _other are two of them).
+    for n in 0..70 {
+        let named = json!({"jsonrpc": "2.0", "id": n, "method": "tools/call", "params": {"name": format!("t-{n}")}});
+        assert_eq!(post(&mut host, "envoy", named.to_string().as_bytes(), &[]).status(), 200, "t-{n}");
+    }
+    assert_eq!(host.metric("agentgate.mcp.t-61.allowed"), Some(1));
+    assert_eq!(host.metric("agentgate.mcp.t-62.allowed"), None);
+    assert_eq!(host.metric("agentgate.mcp._other.allowed"), Some(8));
+}

@@ -138,6 +138,10 @@ pub fn decide(host: &dyn Host, shared: &Shared, context: &Context<'_>, body: Opt
     if decision.audit.issuer.is_some() {
         metrics.count_cache(host, decision.cache_hit, decision.shared_cache_hit);
     }
+    if let (Some("tools/call"), Some(tool)) = (decision.audit.mcp_method.as_deref(), decision.audit.mcp_tool.as_deref())
+    {
+        metrics.count_tool(host, tool, decision.rule_index.is_some(), decision.allowed);
+    }
     Step::Done(apply(host, &decision.action, nginx))
 }
 
