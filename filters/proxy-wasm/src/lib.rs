@@ -183,7 +183,7 @@ impl<H: Host> Vm<H> {
     /// 503 that says so.
     fn refuse(&self, root: u32, message: &str) -> bool {
         let message = format!("agentgate: {message}");
-        if self.refusal.borrow().as_deref() != Some(message.as_str()) {
+        if self.started.get() || self.refusal.borrow().as_deref() != Some(message.as_str()) {
             let answer = if self.started.get() { "" } else { "; every request of this route is answered 503" };
             self.host.log(Level::Error, &format!("{message}{answer}"));
             *self.refusal.borrow_mut() = Some(message);
