@@ -319,9 +319,16 @@ impl Gate {
     /// before, else verified — without the signature check when another worker verified it
     /// under the same policy and keys (`state`'s shared cache).
     fn verified(&self, token: &str, now: i64, state: &dyn SharedState) -> Lookup {
-        let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(seen) = cache.as_mut().and_then(|cache| cache.get(token).cloned()) {
-            drop(cache);
+        // No lock is held across a host call (shared data, host crypto): a call that traps
+        // ends the wasm call without unwinding, and a lock left taken would stop every later
+        // request of the VM.
+        let seen = self
+            .cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_mut()
+            .and_then(|c| c.get(token).cloned());
+        if let Some(seen) = seen {
             let verified = check_time_in(&self.policy, &seen.token, now).map(|()| seen.token);
             return Lookup { verified, fingerprint: seen.fingerprint, cache_hit: true, shared_cache_hit: false };
         }
@@ -333,14 +340,13 @@ impl Gate {
             if shared_cache_hit { Signature::CheckedElsewhere } else { Signature::Check(self.host_crypto.as_ref()) };
         let verified = verify_untimed_as(&self.policy, token, signature).map(Arc::new);
         if let Ok(verified) = &verified {
-            if let Some(cache) = cache.as_mut() {
+            if let Some(cache) = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).as_mut() {
                 cache.put(token.into(), Seen { token: Arc::clone(verified), fingerprint: Arc::clone(&fingerprint) });
             }
             if !shared_cache_hit {
                 state.record_verified(&id, stamp);
             }
         }
-        drop(cache);
         let verified = verified.and_then(|t| check_time_in(&self.policy, &t, now).map(|()| t));
         Lookup { verified, fingerprint, cache_hit: false, shared_cache_hit }
     }
@@ -770,7 +776,11 @@ impl Gate {
             Some(reason) if !dry_run => {
                 audit.status = Some(reason.status());
                 // An MCP client gets a JSON-RPC error for its request id, with the HTTP status.
-                let body = mcp.as_ref().map(|m| mcp::error_body(m.as_ref().ok().and_then(|c| c.id.as_ref()), reason));
+                let body = mcp.as_ref().map(|m| {
+                    let id =
+                        m.as_ref().ok().and_then(|c| c.id.clone()).or_else(|| request.body.and_then(mcp::request_id));
+                    mcp::error_body(id.as_ref(), reason)
+                });
                 self.denial(reason, matched, checked.retry_after, audit.audit_id.as_deref(), body)
             }
             _ => self.forward(request.headers, &audit, stripped),

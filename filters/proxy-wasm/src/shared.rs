@@ -1,11 +1,12 @@
 //! State every worker VM of a proxy shares: proxy-wasm shared data, updated with
-//! compare-and-swap.
+//! compare-and-swap: single-use `jti`s, rate-limit slots, and which tokens a worker verified.
 
 use crate::host::{Host, CAS_MISMATCH};
 use agentgate::ratelimit::{admit_in_slot, slot_key, RateLimit, RateLimiter};
 use agentgate::replay::{
     bucket_key, bucket_name, record_in_bucket, GuardError, ReplayGuard, ReplayScope, TokenId, SHARDS,
 };
+use agentgate::shared_cache::{self, CacheId};
 use agentgate::Gate;
 
 /// Single-use `jti`s and rate-limit buckets in the host's shared data, so every worker VM
@@ -34,7 +35,22 @@ pub fn update_shared<T>(
     Err(GuardError::Unavailable)
 }
 
-impl agentgate::gate::SharedState for SharedDataGuard<'_> {}
+/// The verified-token cache's second level: a token one worker verified costs the others a
+/// lookup instead of a signature check (every other check still runs).
+impl agentgate::gate::SharedState for SharedDataGuard<'_> {
+    fn verified_elsewhere(&self, id: &CacheId, stamp: u64) -> bool {
+        let bucket = self.0.get_shared_data(&shared_cache::bucket_name(id)).ok().and_then(|(bytes, _)| bytes);
+        shared_cache::contains(bucket.as_deref(), id, stamp)
+    }
+
+    fn record_verified(&self, id: &CacheId, stamp: u64) {
+        // A bucket two workers create at once may lose one entry (a later miss that
+        // verifies again): unlike a single-use record, nothing depends on it being kept.
+        let _ = update_shared(self.0, &shared_cache::bucket_name(id), |bucket| {
+            Ok((shared_cache::insert(bucket, id, stamp), ()))
+        });
+    }
+}
 
 impl ReplayGuard for SharedDataGuard<'_> {
     fn first_use(&self, scope: ReplayScope<'_>, id: &TokenId, expires_at: i64, _now: i64) -> Result<bool, GuardError> {
