@@ -55,6 +55,8 @@ pub struct Policy {
     /// with their JSON paths: hosts log them, `agentgate check-config` prints them.
     pub warnings: Vec<String>,
     pub dpop: crate::dpop::DpopOptions,
+    /// The policy has a `dpop` section.
+    pub dpop_configured: bool,
     /// The routing header of a front-tier gate; `None` for a gate that decides.
     pub front_tier: Option<String>,
 }
@@ -219,6 +221,12 @@ impl Policy {
             .any(|p| p.single_use_ring.is_some() && p.single_use_scope == config::SingleUseScope::Gateway)
     }
 
+    /// Whether DPoP-bound tokens are expected: a provider or rule requires them, or the
+    /// policy sets how proofs are checked. Hosts prepare the proof replay store then.
+    pub fn expects_dpop(&self) -> bool {
+        self.dpop_configured || self.providers.iter().any(|p| p.require_dpop) || self.rules.iter().any(|r| r.dpop)
+    }
+
     /// The provider whose `issuer` is exactly `iss`.
     pub fn provider_for(&self, iss: &str) -> Option<&Provider> {
         self.providers.iter().find(|p| p.issuer == iss)
@@ -363,6 +371,7 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
         quarantine,
         warnings,
         dpop,
+        dpop_configured: config.dpop.is_some(),
         front_tier,
     })
 }

@@ -60,3 +60,36 @@ fn a_second_worker_verifies_no_signature_for_a_token_the_first_verified() {
     assert_eq!(get(&mut second, &forged).status(), 401);
     assert_eq!(process.metric("agentgate.token_cache.shared_hit"), Some(1));
 }
+
+#[test]
+fn an_agent_straying_on_two_workers_is_quarantined_on_both_and_garbage_never_counts() {
+    let process = Process::new();
+    let mut p: Value = serde_json::from_str(&policy(&signer().jwks(), &read_invoice_rule(), "enforce")).unwrap_or_default();
+    p["quarantine"] = json!({"window_seconds": 60, "max_denials": 3, "cool_off_seconds": 900});
+    let p = p.to_string();
+    let mut first = Host::in_process(&p, &process).unwrap_or_else(|e| panic!("{e}"));
+    let mut second = Host::in_process(&p, &process).unwrap_or_else(|e| panic!("{e}"));
+    let now = first.now();
+    // A forged token in the victim's name, many times, on both workers: no count.
+    let forged = Signer::es256("es-shared", 99).sign(&agent_claims("victim", "invoices:read", now));
+    for _ in 0..5 {
+        assert_eq!(get(&mut first, &forged).status(), 401);
+        assert_eq!(get(&mut second, &forged).status(), 401);
+    }
+    assert_eq!(get(&mut second, &signer().sign(&agent_claims("victim", "invoices:read", now))).status(), 200);
+    // agent-7 asks without the scope: two denials on one worker, one on the other.
+    let no_scope = signer().sign(&agent_claims("agent-7", "invoices:list", now));
+    assert_eq!(get(&mut first, &no_scope).status(), 403);
+    assert_eq!(get(&mut first, &no_scope).status(), 403);
+    assert_eq!(get(&mut second, &no_scope).status(), 403);
+    assert_eq!(process.metric("agentgate.quarantine.started"), Some(1));
+    let logs = second.logs().join("\n");
+    assert!(logs.contains("agentgate quarantine {\"agent\":\"agent-7\""), "{logs}");
+    // Now even a token that would be allowed is refused, on either worker.
+    let good = signer().sign(&agent_claims("agent-7", "invoices:read", now));
+    for host in [&mut first, &mut second] {
+        let refused = get(host, &good);
+        assert_eq!(refused.status(), 403, "{refused:?}");
+    }
+    assert!(first.logs().join("\n").contains("\"reason\":\"quarantined\""));
+}

@@ -44,7 +44,7 @@ impl Capabilities {
             timers: host.set_tick_period(tick_ms),
             shared_data: host.get_shared_data("agentgate.probe").map_or_else(|status| !lacking(status), |_| true),
             // No connection at configure time: a host with the property says NotFound.
-            peer_certificates: gate.policy().needs_peer
+            peer_certificates: (gate.policy().needs_peer || gate.policy().needs_peer_certificate)
                 && host
                     .get_property(&["connection", "uri_san_peer_certificate"])
                     .map_or_else(|status| !lacking(status), |_| true),
@@ -90,6 +90,9 @@ impl Capabilities {
         }
         if policy.needs_peer && !self.peer_certificates {
             return Some("a rule binds tokens to the mTLS peer (bind_mtls_peer), but this host exposes no peer-certificate properties".into());
+        }
+        if policy.needs_peer_certificate && !self.peer_certificates {
+            return Some("a provider accepts certificate-bound tokens (certificate_bound), but this host exposes no peer-certificate properties".into());
         }
         None
     }

@@ -96,12 +96,13 @@ pub fn decide(host: &dyn Host, shared: &Shared, context: &Context<'_>, body: Opt
     // The client address goes into every audit record; the peer certificate only when a rule reads it.
     let source = property(host, true, &["source", "address"]);
     let peer = property(host, policy.needs_peer, &["connection", "uri_san_peer_certificate"]);
+    // RFC 8705: the client certificate's SHA-256, only where a provider checks certificate-bound tokens.
+    let certificate = property(host, policy.needs_peer_certificate, &["connection", "sha256_peer_certificate_digest"]);
     let now = seconds(now_ms);
     let request = Request {
         source: source.as_deref(),
         peer_uri_san: peer.as_deref(),
-        peer_certificate_sha256: None,
-        body: None,
+        peer_certificate_sha256: certificate.as_deref(),
         method: pseudo(":method"),
         path: pseudo(":path"),
         headers: &seen,
@@ -132,6 +133,10 @@ pub fn decide(host: &dyn Host, shared: &Shared, context: &Context<'_>, body: Opt
         }
     }
     host.log(policy.audit.log_level.into(), &format!("agentgate audit {}", decision.audit.to_json()));
+    if let Some(event) = &decision.quarantine {
+        host.log(Level::Warn, &format!("agentgate quarantine {}", event.to_json()));
+        metrics.count_quarantine(host);
+    }
     metrics.count(host, decision.reason, decision.dry_run);
     metrics.count_rule(host, decision.rule_index, decision.allowed);
     if policy.audit.filter_state {

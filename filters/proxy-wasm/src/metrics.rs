@@ -23,6 +23,8 @@ pub struct Metrics {
     cache_misses: Option<u32>,
     /// Tokens another worker verified (the shared cache): no signature checked here.
     shared_hits: Option<u32>,
+    /// Agents put into quarantine by this VM's requests.
+    quarantines: Option<u32>,
     denied: Vec<(Reason, u32)>,
     /// Per rule, in policy order: (allowed, denied).
     rules: Vec<(Option<u32>, Option<u32>)>,
@@ -44,6 +46,7 @@ impl Metrics {
             cache_hits: counter("agentgate.token_cache.hit"),
             cache_misses: counter("agentgate.token_cache.miss"),
             shared_hits: counter("agentgate.token_cache.shared_hit"),
+            quarantines: counter("agentgate.quarantine.started"),
             denied: Reason::ALL.iter().filter_map(|&r| counter(&r.metric()).map(|id| (r, id))).collect(),
             rules: rules
                 .iter()
@@ -105,6 +108,10 @@ impl Metrics {
     }
 
     /// A local miss that another worker verified is a miss and a shared hit.
+    pub fn count_quarantine(&self, host: &dyn Host) {
+        bump(host, self.quarantines);
+    }
+
     pub fn count_cache(&self, host: &dyn Host, hit: bool, shared_hit: bool) {
         bump(host, if hit { self.cache_hits } else { self.cache_misses });
         if shared_hit {
