@@ -118,6 +118,15 @@ impl Envoy {
 
     /// Starts Envoy whose `idp` cluster reaches a test identity provider on `idp_port`.
     pub fn start_with_idp(policy: &str, upstream_port: u16, idp_port: Option<u16>) -> Result<Envoy, String> {
+        Envoy::start_full(policy, upstream_port, idp_port, 1)
+    }
+
+    /// Starts Envoy with `workers` worker threads (each its own wasm VM; shared data between them).
+    pub fn start_workers(policy: &str, upstream_port: u16, workers: u32) -> Result<Envoy, String> {
+        Envoy::start_full(policy, upstream_port, None, workers)
+    }
+
+    fn start_full(policy: &str, upstream_port: u16, idp_port: Option<u16>, workers: u32) -> Result<Envoy, String> {
         check_prerequisites();
         let dir = scratch_dir();
         let config = dir.join("envoy.yaml");
@@ -128,9 +137,8 @@ impl Envoy {
         let child = Command::new(envoy_binary())
             .arg("-c")
             .arg(&config)
+            .args(["--concurrency", &workers.to_string()])
             .args([
-                "--concurrency",
-                "1",
                 "--disable-hot-restart",
                 "-l",
                 "warning",

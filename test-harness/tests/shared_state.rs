@@ -64,7 +64,8 @@ fn a_second_worker_verifies_no_signature_for_a_token_the_first_verified() {
 #[test]
 fn an_agent_straying_on_two_workers_is_quarantined_on_both_and_garbage_never_counts() {
     let process = Process::new();
-    let mut p: Value = serde_json::from_str(&policy(&signer().jwks(), &read_invoice_rule(), "enforce")).unwrap_or_default();
+    let mut p: Value =
+        serde_json::from_str(&policy(&signer().jwks(), &read_invoice_rule(), "enforce")).unwrap_or_default();
     p["quarantine"] = json!({"window_seconds": 60, "max_denials": 3, "cool_off_seconds": 900});
     let p = p.to_string();
     let mut first = Host::in_process(&p, &process).unwrap_or_else(|e| panic!("{e}"));
