@@ -45,6 +45,11 @@ impl Fleet {
     /// Starts `size` back instances on `back_policy` (in parallel), then the front on
     /// `front_policy` (which should hold `"front_tier": {}`).
     pub fn start(size: usize, back_policy: &str, front_policy: &str) -> Result<Fleet, String> {
+        Fleet::start_with(size, back_policy, front_policy, "RING_HASH")
+    }
+
+    /// [`Fleet::start`] with the front's consistent hash `lb_policy`: `RING_HASH` or `MAGLEV`.
+    pub fn start_with(size: usize, back_policy: &str, front_policy: &str, lb_policy: &str) -> Result<Fleet, String> {
         let upstream = Upstream::start();
         let filter_dir = scratch_dir();
         write_filter_config(&filter_dir, 1, back_policy);
@@ -68,7 +73,7 @@ impl Fleet {
             return Err(e);
         }
         let back_ports: Vec<(u16, u16)> = backs.iter().map(|b| (b.port, b.admin_port)).collect();
-        let front = Envoy::start_config(&front_config(front_policy, &back_ports)).inspect_err(|_| {
+        let front = Envoy::start_config(&front_config(front_policy, &back_ports, lb_policy)).inspect_err(|_| {
             let _ = std::fs::remove_dir_all(&filter_dir);
         })?;
         let round_robin_port = front.listener_port("round_robin").ok_or("the front has no round_robin listener")?;
@@ -155,7 +160,7 @@ pub fn served_by(response: &Response) -> Option<usize> {
     response.header("server")?.strip_prefix("agentgate-back-")?.parse().ok()
 }
 
-fn front_config(policy: &str, backs: &[(u16, u16)]) -> String {
+fn front_config(policy: &str, backs: &[(u16, u16)], lb_policy: &str) -> String {
     let endpoints: Vec<Value> = backs
         .iter()
         .map(|(port, admin_port)| {
@@ -174,6 +179,7 @@ fn front_config(policy: &str, backs: &[(u16, u16)]) -> String {
             ("ROUND_ROBIN_PORT", "0".to_string()),
             ("ADMIN_PORT", "0".to_string()),
             ("BACK_ENDPOINTS", Value::Array(endpoints).to_string()),
+            ("LB_POLICY", lb_policy.to_string()),
         ],
     )
 }
