@@ -31,11 +31,12 @@ EDGE_RAW := target/wasm32-unknown-unknown/edge-js/agentgate_edge_js.wasm
 # request handling and host crypto (BENCHMARKS.md).
 WASM_MAX_BYTES := 716800
 
-.PHONY: help build demo test lint unit e2e idp-node edge-js node-test venv target fuzz clean bench wrk apisix-runtime FORCE
+.PHONY: help build demo test fleet lint unit e2e idp-node edge-js node-test venv target fuzz clean bench wrk apisix-runtime FORCE
 
 help:
 	@echo "make demo   build the filter, run it in Envoy on the demo policy, show the decisions"
 	@echo "make test   lints, native tests, the filter in real Envoy and on degraded hosts, the JS build under Node"
+	@echo "make fleet  one front and three back-tier Envoys on loopback: replay, rate limit, revocation, a killed instance (docs/fleet.md)"
 	@echo "make build  the release filter at $(WASM) (PROFILE=speed: faster, larger; FEATURES=es384)"
 	@echo "make edge-js  the npm package for JS edge runtimes in $(EDGE) (wasm-bindgen)"
 	@echo "make bench  agentgate vs Envoy's jwt_authn+RBAC, no-op wasm and no filter (wrk), criterion, per-request cost in wasm"
@@ -127,6 +128,11 @@ edge-js: $(WASM_OPT)
 # Node's built-in test runner on the package (Node 20).
 node-test: edge-js
 	node --test $(EDGE)/test/*.test.mjs
+
+# The fleet simulation, long version, with its numbers (docs/fleet.md); `make test` runs the
+# short one (test-harness/tests/fleet.rs).
+fleet: build venv
+	cargo test -p agentgate-test-harness --test fleet -- --ignored --nocapture
 
 demo: build venv
 	cargo run --quiet -p agentgate-test-harness --bin demo
