@@ -531,7 +531,7 @@ fn an_agent_straying_across_two_workers_is_quarantined_after_max_denials_in_all(
     let signer = Signer::es256("es-1", 1);
     let mut p: Value =
         serde_json::from_str(&policy(&signer.jwks(), &read_invoice_rule(), "enforce")).unwrap_or_default();
-    p["quarantine"] = json!({"window_seconds": 60, "max_denials": 4, "cool_off_seconds": 2});
+    p["quarantine"] = json!({"window_seconds": 60, "max_denials": 4, "cool_off_seconds": 3});
     let upstream = Upstream::start();
     let envoy = Envoy::start_workers(&p.to_string(), upstream.port, 2).unwrap_or_else(|e| panic!("{e}"));
     // New connections spread over the workers; try agents until one's denials landed on both.
@@ -540,7 +540,8 @@ fn an_agent_straying_across_two_workers_is_quarantined_after_max_denials_in_all(
         let stray = bearer(&signer.sign(&agent_claims(&agent, "invoices:list", now())));
         let good = bearer(&signer.sign(&agent_claims(&agent, "invoices:read", now())));
         for _ in 0..4 {
-            assert_eq!(envoy.raw(&raw_request("GET", "/invoices/42", &[("authorization", &stray)])), 403);
+            // A new connection each time, so the kernel spreads them over the workers.
+            assert_eq!(envoy.get("/invoices/42", &[("authorization", &stray), ("connection", "close")]).status, 403);
         }
         let mut threads = audit_threads(&envoy, &agent);
         threads.sort();
@@ -550,15 +551,16 @@ fn an_agent_straying_across_two_workers_is_quarantined_after_max_denials_in_all(
         }
         // Counted together: the fourth denial, on either worker, quarantined the agent everywhere.
         for _ in 0..4 {
-            assert_eq!(envoy.raw(&raw_request("GET", "/invoices/42", &[("authorization", &good)])), 403);
+            let got = envoy.get("/invoices/42", &[("authorization", &good), ("connection", "close")]).status;
+            assert_eq!(got, 403, "{}", envoy.logs());
         }
         let reasons: Vec<Value> =
             envoy.audit_records().iter().filter(|r| r["agent"] == agent).map(|r| r["reason"].clone()).collect();
         assert_eq!(reasons.iter().filter(|r| **r == json!("quarantined")).count(), 4, "{reasons:?}");
         assert!(envoy.logs().contains(&format!("agentgate quarantine {{\"agent\":\"{agent}\"")));
         // The cool-off ends.
-        std::thread::sleep(std::time::Duration::from_millis(2200));
-        assert_eq!(envoy.raw(&raw_request("GET", "/invoices/42", &[("authorization", &good)])), 200);
+        std::thread::sleep(std::time::Duration::from_millis(3100));
+        assert_eq!(envoy.get("/invoices/42", &[("authorization", &good)]).status, 200);
         return;
     }
     panic!("no agent's requests reached both workers");
