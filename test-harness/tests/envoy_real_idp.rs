@@ -5,7 +5,7 @@
 //! the gate agrees with its own minter; these come from an independent implementation.
 
 use agentgate_test_harness::envoy::{Envoy, Response};
-use agentgate_test_harness::oidc_provider::{peek, OidcProvider, AGENT, OTHER_RESOURCE, RESOURCE};
+use agentgate_test_harness::oidc_provider::{peek, OidcProvider, AGENT, DPOP_AGENT, OTHER_RESOURCE, RESOURCE};
 use agentgate_test_harness::tokens::b64;
 use agentgate_test_harness::upstream::Upstream;
 use serde_json::{json, Value};
@@ -140,4 +140,52 @@ fn tokens_from_oidc_provider_are_checked_with_keys_found_by_discovery() {
 
     // And the first token still works: nothing above was a fluke of the key state.
     assert_eq!(get(&envoy, "/invoices/42", &token).status, 200);
+}
+
+#[test]
+fn a_dpop_bound_token_from_oidc_provider_is_useless_without_its_key_in_envoy() {
+    let idp = OidcProvider::start();
+    let upstream = Upstream::start();
+    let envoy =
+        Envoy::start_with_idp(&policy(&idp.issuer), upstream.port, Some(idp.port)).unwrap_or_else(|e| panic!("{e}"));
+    // Envoy's :scheme and :authority for this plain listener: the URL the client uses.
+    let url = |path: &str| format!("http://127.0.0.1:{}{path}", envoy.port);
+    let answer = idp.client(&json!({
+        "client_id": DPOP_AGENT.0, "client_secret": DPOP_AGENT.1, "resource": RESOURCE,
+        "scope": "invoices:read", "dpop": "ES256",
+        "proofs": [{"htm": "GET", "htu": url("/invoices/42")}, {"htm": "GET", "htu": url("/invoices/43")}],
+    }));
+    assert_eq!(answer["status"], 200, "{answer}\n{}", idp.logs());
+    let token = answer["token"]["access_token"].as_str().unwrap_or_default().to_string();
+    let proof = |i: usize| answer["proofs"][i].as_str().unwrap_or_default().to_string();
+    let dpop = format!("DPoP {token}");
+
+    let ok = envoy.get("/invoices/42", &[("authorization", &dpop), ("dpop", &proof(0))]);
+    assert_eq!(ok.status, 200, "{}\n{}", ok.body, envoy.logs());
+    assert_eq!(ok.upstream_header("dpop"), None, "the proof stays at the gate");
+    assert_eq!(ok.upstream_header("authorization"), None);
+
+    // The same proof again, a proof for another URL, the token as Bearer, a thief's own key.
+    let replayed = envoy.get("/invoices/42", &[("authorization", &dpop), ("dpop", &proof(0))]);
+    assert_eq!(replayed.status, 401);
+    assert!(replayed.header("www-authenticate").is_some_and(|c| c.starts_with("DPoP error=\"invalid_dpop_proof\"")));
+    assert_eq!(envoy.get("/invoices/42", &[("authorization", &dpop), ("dpop", &proof(1))]).status, 401);
+    assert_eq!(envoy.get("/invoices/42", &[("authorization", &format!("Bearer {token}"))]).status, 401);
+    let thief = idp.client(
+        &json!({"dpop": "ES256", "proofs": [{"htm": "GET", "htu": url("/invoices/42"), "access_token": token}]}),
+    );
+    let stolen = thief["proofs"][0].as_str().unwrap_or_default();
+    assert_eq!(envoy.get("/invoices/42", &[("authorization", &dpop), ("dpop", stolen)]).status, 401);
+
+    let details: Vec<Value> = envoy.audit_records().iter().map(|r| r["detail"].clone()).collect();
+    assert_eq!(
+        details,
+        [
+            Value::Null,
+            json!("dpop_replayed"),
+            json!("dpop_htu_mismatch"),
+            json!("dpop_bound_token_as_bearer"),
+            json!("dpop_key_mismatch")
+        ]
+    );
 }
