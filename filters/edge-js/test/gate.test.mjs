@@ -2,7 +2,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
-import { createGate } from '../node.js';
+import { checkPolicy, createGate } from '../node.js';
 import { es256 } from './sign.mjs';
 
 const shared = JSON.parse(readFileSync(new URL('../../../tests/cases/decisions.json', import.meta.url)));
@@ -20,12 +20,20 @@ test('a bad policy is refused with the JSON path of what is wrong', () => {
   assert.throws(() => createGate('{"providers": ['), /invalid policy/);
 });
 
-test('a policy that fetches keys is refused: this build cannot fetch', () => {
+test('a policy that fetches keys needs a gate that fetches them (or is given them)', () => {
   const policy = structuredClone(shared.policy);
   delete policy.providers[0].jwks;
   policy.providers[0].jwks_uri = 'https://idp.example.com/keys.json';
-  policy.providers[0].cluster = 'idp';
-  assert.throws(() => createGate(policy), /fetches its keys .*jwks/);
+  assert.throws(() => createGate(policy), /providers\[0\]\.jwks_uri: provider "corp-idp" fetches its keys: .*keys: 'fetch'/);
+  assert.deepEqual(checkPolicy(policy).path, 'providers[0].jwks_uri');
+  assert.equal(checkPolicy(policy, { keys: 'manual' }), null, 'no cluster needed at the edge');
+  const gate = createGate(policy, { keys: 'manual' });
+  const request = { method: 'GET', path: '/invoices/42', headers: { authorization: bearer(claims()) }, now };
+  assert.equal(gate.evaluate(request).reason, 'keys_unavailable');
+  assert.equal(gate.setKeys('corp-idp', shared.policy.providers[0].jwks, now), 1);
+  assert.equal(gate.evaluate(request).decision, 'allow');
+  assert.throws(() => gate.setKeys('nobody', shared.policy.providers[0].jwks, now), /no provider "nobody"/);
+  assert.throws(() => gate.setKeys('corp-idp', { keys: [] }, now), /not set: no usable signing key/);
 });
 
 test('fetch Headers, the source address and the runtime clock are taken as they come', () => {
