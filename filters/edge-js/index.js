@@ -83,7 +83,7 @@ export function createGate(policy, options = {}) {
     setKeys(provider, jwks, now = clock()) {
       return gate.setKeys(provider, typeof jwks === 'string' ? jwks : JSON.stringify(jwks), now);
     },
-    /** Runs the key fetches that are due and waits for them (`keys: 'fetch'`). */
+    /** Runs the key fetches that are due and waits for them and those in flight (`keys: 'fetch'`). */
     async refreshKeys() {
       if (fetcher) await fetcher.refresh();
     },

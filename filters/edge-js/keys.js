@@ -85,9 +85,10 @@ export class KeyFetcher {
     return evaluate({ ...request, now: request.now ?? this.clock() });
   }
 
-  /** Runs the fetches that are due now and waits for them (a scheduled job, a health check). */
+  /** Runs the fetches that are due now and waits for them and those in flight (a cron job, a health check). */
   async refresh() {
-    await Promise.all(this.start(this.clock()));
+    this.start(this.clock());
+    await Promise.all(this.inflight.values());
   }
 }
 
