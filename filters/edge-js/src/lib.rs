@@ -227,7 +227,9 @@ impl EdgeGate {
         let (updated, next) = record.record_response(remote, stage, answer, now, jitter);
         *record = updated;
         let out = match next {
-            Next::Fetch(fetch) => json!({"fetch": fetch_json(provider, remote, record, &fetch), "updated": null, "error": null}),
+            Next::Fetch(fetch) => {
+                json!({"fetch": fetch_json(provider, remote, record, &fetch), "updated": null, "error": null})
+            }
             Next::Updated(count) => {
                 self.gate.install_keys(index, record);
                 json!({"fetch": null, "updated": count, "error": null})
