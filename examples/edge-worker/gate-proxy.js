@@ -31,7 +31,8 @@ export function gateProxy(gate, { origin, fetch = globalThis.fetch.bind(globalTh
       return new Response(decision.body, { status: decision.status, headers: decision.headers });
     }
     const headers = new Headers(request.headers);
-    headers.delete('host');
+    // The runtime's fetch sets these for what is sent (an MCP body is sent as the gate read it).
+    for (const name of ['host', 'content-length', 'transfer-encoding']) headers.delete(name);
     for (const name of decision.removeHeaders) headers.delete(name);
     for (const [name, value] of Object.entries(decision.headers)) {
       // A token in the query is taken out of the path too (`:path`).

@@ -12,6 +12,8 @@ export default {
     // fetch, on the provider's schedule; inline keys work as they are.
     handle ??= gateProxy(createGate(env.POLICY, { keys: 'fetch' }), { origin: env.ORIGIN_URL });
     return handle(request, {
+      // Set by Cloudflare's edge. workerd on its own passes on whatever a client wrote there:
+      // behind another proxy, take the address from what that proxy sets (for source_cidrs).
       clientAddress: request.headers.get('cf-connecting-ip') ?? undefined,
       waitUntil: (promise) => ctx.waitUntil(promise),
     });

@@ -52,7 +52,8 @@ export class KeyFetcher {
     const controller = new AbortController();
     const timer = setTimeout(() => controller.abort(new Error(`no answer within ${timeoutMs} ms`)), timeoutMs);
     try {
-      const response = await this.fetch(url, { headers: { accept: 'application/json' }, signal: controller.signal });
+      // Redirects are not followed, as in Envoy: the provider's keys are where the policy says.
+      const response = await this.fetch(url, { headers: { accept: 'application/json' }, redirect: 'manual', signal: controller.signal });
       return { status: response.status, body: await readAtMost(response, maxBytes + 1) };
     } catch (e) {
       return { error: `${url}: ${e?.message ?? e}` };
