@@ -102,3 +102,18 @@ test('single use across isolates cannot be kept here: refused unless per isolate
   assert.equal(gate.evaluate({ method: 'GET', path: '/invoices/42', headers: { authorization: token }, now }).decision, 'allow');
   assert.equal(gate.evaluate({ method: 'GET', path: '/invoices/42', headers: { authorization: token }, now }).reason, 'replayed');
 });
+
+test('explain: each requirement of the matched rule and whether it held, or why no rule was reached', () => {
+  const gate = createGate(shared.policy);
+  const pay = (scope, identifier) => gate.explain({ method: 'POST', path: '/invoices/42/pay', now,
+    headers: { authorization: bearer(claims({ scope, authorization_details: [{ type: 'invoice_processing', actions: ['pay'], identifier }] })) } });
+  assert.deepEqual(pay('invoices:pay', '42'), { checks: [
+    { requirement: 'scopes', held: true, reason: null },
+    { requirement: 'task', held: true, reason: null },
+  ], reason: null });
+  assert.deepEqual(pay('invoices:read', '43').checks.map((c) => [c.requirement, c.held, c.reason]),
+    [['scopes', false, 'insufficient_scope'], ['task', false, 'task_mismatch']]);
+  assert.deepEqual(gate.explain({ method: 'GET', path: '/invoices/42', now }), { checks: null, reason: 'missing_token' });
+  assert.equal(gate.explain({ method: 'GET', path: '/invoices/..;/x', now, headers: { authorization: bearer(claims()) } }).reason,
+    'non_canonical_path');
+});
