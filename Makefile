@@ -31,11 +31,12 @@ EDGE_RAW := target/wasm32-unknown-unknown/edge-js/agentgate_edge_js.wasm
 # request handling and host crypto (BENCHMARKS.md).
 WASM_MAX_BYTES := 716800
 
-.PHONY: help build demo test lint unit e2e idp-node edge-js node-test edge-runtimes edge-runtimes-install chromium venv target fuzz clean bench wrk apisix-runtime FORCE
+.PHONY: help build demo test fleet lint unit e2e idp-node edge-js node-test edge-runtimes edge-runtimes-install chromium venv target fuzz clean bench wrk apisix-runtime FORCE
 
 help:
 	@echo "make demo   build the filter, run it in Envoy on the demo policy, show the decisions"
 	@echo "make test   lints, native tests, the filter in real Envoy and on degraded hosts, the JS build under Node"
+	@echo "make fleet  one front and three back-tier Envoys on loopback: replay, rate limit, revocation, a killed instance (docs/fleet.md)"
 	@echo "make build  the release filter at $(WASM) (PROFILE=speed: faster, larger; FEATURES=es384)"
 	@echo "make edge-js  the npm package for JS edge runtimes in $(EDGE) (wasm-bindgen)"
 	@echo "make edge-runtimes  the edge package in workerd, Deno and the playground in Chromium"
@@ -148,6 +149,11 @@ chromium:
 # workerd, and the playground in headless Chromium (a few seconds once installed).
 edge-runtimes: edge-js edge-runtimes-install chromium
 	node --test $(EDGE_RUNTIMES)/*.test.mjs
+
+# The fleet simulation, long version, with its numbers (docs/fleet.md); `make test` runs the
+# short one (test-harness/tests/fleet.rs).
+fleet: build venv
+	cargo test -p agentgate-test-harness --test fleet -- --ignored --nocapture
 
 demo: build venv
 	cargo run --quiet -p agentgate-test-harness --bin demo

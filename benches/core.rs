@@ -49,6 +49,7 @@ fn bench_rules(c: &mut Criterion) {
             mcp: None,
             authority: "api",
             dpop: false,
+            txn: None,
             path: &path,
             now: NOW,
         };
@@ -77,6 +78,7 @@ fn bench_decision(c: &mut Criterion) {
         now: NOW,
         source: None,
         peer_uri_san: None,
+        peer_certificate_sha256: None,
         body: None,
     };
     assert!(gate.evaluate(&request).allowed);

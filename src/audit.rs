@@ -144,6 +144,9 @@ pub struct AuditRecord {
     /// The task identifier the matched rule bound from the path.
     pub task_identifier: Option<String>,
     pub issuer: Option<String>,
+    /// The transaction id (`txn`) of a valid Txn-Token that came along.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub txn: Option<String>,
     pub jti: Option<String>,
     /// The first 8 bytes of the token's SHA-256, hex: ties records of one token together
     /// without revealing it.

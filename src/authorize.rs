@@ -46,6 +46,8 @@ pub struct Target<'a> {
     pub mcp: Option<&'a McpCall>,
     /// The token is DPoP-bound and its proof for this request verified.
     pub dpop: bool,
+    /// The valid Txn-Token that came along, if any.
+    pub txn: Option<&'a VerifiedToken>,
 }
 
 /// The kill switch, checked before any rule: a revoked identity is revoked in every role it
@@ -155,8 +157,9 @@ type Requirement = (&'static str, fn(&Facts<'_>) -> Option<Result<(), Reason>>);
 /// In order: who and what task first, then proof of possession, then context; human
 /// approval last, so an agent is only sent to get approval for a request that would
 /// otherwise be allowed.
-const REQUIREMENTS: [Requirement; 13] = [
+const REQUIREMENTS: [Requirement; 14] = [
     ("dpop", dpop),
+    ("transaction_token", transaction_token),
     ("scopes", scopes),
     ("any_scopes", any_scopes),
     ("agents", agents),
@@ -182,6 +185,16 @@ fn verdict(held: bool, reason: Reason) -> Result<(), Reason> {
 /// Proof of possession by DPoP: the token is bound to a key and the request proved it.
 fn dpop(f: &Facts<'_>) -> Option<Result<(), Reason>> {
     f.rule.dpop.then(|| verdict(f.target.dpop, Reason::DpopRequired))
+}
+
+/// A valid Txn-Token alongside, with the rule's scopes and claim conditions.
+fn transaction_token(f: &Facts<'_>) -> Option<Result<(), Reason>> {
+    let (scopes, conditions) = f.rule.transaction_token.as_ref()?;
+    let holds = f.target.txn.is_some_and(|txn| {
+        scopes.iter().all(|s| txn.scopes.contains(s))
+            && conditions.iter().all(|c| c.holds(txn.claims.as_ref().and_then(|claims| claim(claims, &c.key))))
+    });
+    Some(verdict(holds, Reason::TransactionTokenRequired))
 }
 
 fn scopes(f: &Facts<'_>) -> Option<Result<(), Reason>> {

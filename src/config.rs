@@ -77,9 +77,34 @@ pub struct PolicyConfig {
     pub resource_metadata: Option<serde_json::Map<String, Value>>,
     /// Cut off an agent that collects too many denials (behavioural quarantine).
     pub quarantine: Option<QuarantineConfig>,
+    /// This gate is a fleet's front tier: it verifies and decides nothing, and only sets a
+    /// header naming the token's acting agent (read without verification) for the proxy's
+    /// consistent-hash load balancing, so that each agent's requests reach the back-tier
+    /// instance that holds its state. The back tier decides.
+    pub front_tier: Option<FrontTierConfig>,
     /// How DPoP proofs (RFC 9449) are checked. Tokens bound to a key (`cnf.jkt`) are always
     /// checked; this only sets the accepted algorithms and the proof's age.
     pub dpop: Option<DpopConfig>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct TransactionTokenConfig {
+    /// Every one of these must be in the Txn-Token's `scope`.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Conditions on the Txn-Token's claims (`path`, dot-separated).
+    #[serde(default)]
+    pub claims: Vec<ConditionConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct FrontTierConfig {
+    /// The header set for the hash policy (default `x-agent-route`); a client's own is removed.
+    pub routing_header: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -274,6 +299,14 @@ pub struct ProviderConfig {
     /// Accept each `jti` once within its token's lifetime (at most 3600 s).
     #[serde(default)]
     pub single_use: bool,
+    /// This provider is a transaction-token service (draft-ietf-oauth-transaction-tokens): its
+    /// tokens (`typ` `txntoken+jwt`) come in the `Txn-Token` header, never as access tokens.
+    #[serde(default)]
+    pub transaction_tokens: bool,
+    /// Accept RFC 8705 certificate-bound tokens (`cnf["x5t#S256"]`): hosts then read the
+    /// client certificate's SHA-256 on every request. Without it such a token is refused.
+    #[serde(default)]
+    pub certificate_bound: bool,
     /// Every token of this provider must be DPoP-bound (`cnf.jkt`) and sent with a proof.
     #[serde(default)]
     pub require_dpop: bool,
@@ -403,6 +436,9 @@ pub struct RequireConfig {
     /// The token must be DPoP-bound and come with a valid proof (RFC 9449).
     #[serde(default)]
     pub dpop: bool,
+    /// A valid `Txn-Token` from a transaction-token provider must come along, with these
+    /// scopes and conditions on its claims (`tctx.*`, `rctx.*`, `req_wl`, ...).
+    pub transaction_token: Option<TransactionTokenConfig>,
     /// Refuse an agent denied more than this many times in the quarantine window (needs
     /// `quarantine`): risky operations are not for an agent that just strayed.
     pub max_recent_denials: Option<u32>,

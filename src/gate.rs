@@ -16,6 +16,7 @@ use crate::reason::Reason;
 use crate::replay::{token_id, GuardError, MemoryGuard, ReplayGuard, ReplayScope};
 use crate::shared_cache::{self, CacheId};
 use crate::verify::{check_time_in, verify_untimed_as, Signature, VerifiedToken};
+use base64ct::Encoding;
 use lru::LruCache;
 use sha2::{Digest, Sha256};
 use std::num::NonZeroUsize;
@@ -37,6 +38,10 @@ pub struct Request<'a> {
     /// The mTLS peer certificate's URI SAN, for `bind_mtls_peer`; hosts fill it when
     /// `policy().needs_peer`.
     pub peer_uri_san: Option<&'a str>,
+    /// The client certificate's SHA-256 in hex (Envoy's
+    /// `connection.sha256_peer_certificate_digest`), for certificate-bound tokens; hosts fill
+    /// it when `policy().needs_peer_certificate`.
+    pub peer_certificate_sha256: Option<&'a str>,
     /// The request body, read by hosts where [`Gate::body_limit`] asks for it (MCP routes);
     /// `None` counts as empty there.
     pub body: Option<&'a [u8]>,
@@ -44,10 +49,11 @@ pub struct Request<'a> {
 
 impl<'a> Request<'a> {
     /// What the rules look at.
-    fn target<'t>(&'t self, mcp: Option<&'t McpCall>, dpop: bool) -> Target<'t> {
+    fn target<'t>(&'t self, mcp: Option<&'t McpCall>, dpop: bool, txn: Option<&'t VerifiedToken>) -> Target<'t> {
         Target {
             mcp,
             dpop,
+            txn,
             method: self.method,
             headers: self.headers,
             source: self.source,
@@ -183,6 +189,8 @@ struct Checked {
     awaiting_keys: Option<usize>,
     /// The issuer a token that failed verification named, when it is a provider's.
     claimed_issuer: Option<String>,
+    /// The `txn` of a valid Txn-Token that came along: one agent task across every hop.
+    txn: Option<String>,
     authorization: Authorization,
     /// Seconds to wait, when rate limited.
     retry_after: Option<u64>,
@@ -311,9 +319,16 @@ impl Gate {
     /// before, else verified — without the signature check when another worker verified it
     /// under the same policy and keys (`state`'s shared cache).
     fn verified(&self, token: &str, now: i64, state: &dyn SharedState) -> Lookup {
-        let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(seen) = cache.as_mut().and_then(|cache| cache.get(token).cloned()) {
-            drop(cache);
+        // No lock is held across a host call (shared data, host crypto): a call that traps
+        // ends the wasm call without unwinding, and a lock left taken would stop every later
+        // request of the VM.
+        let seen = self
+            .cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_mut()
+            .and_then(|c| c.get(token).cloned());
+        if let Some(seen) = seen {
             let verified = check_time_in(&self.policy, &seen.token, now).map(|()| seen.token);
             return Lookup { verified, fingerprint: seen.fingerprint, cache_hit: true, shared_cache_hit: false };
         }
@@ -325,14 +340,13 @@ impl Gate {
             if shared_cache_hit { Signature::CheckedElsewhere } else { Signature::Check(self.host_crypto.as_ref()) };
         let verified = verify_untimed_as(&self.policy, token, signature).map(Arc::new);
         if let Ok(verified) = &verified {
-            if let Some(cache) = cache.as_mut() {
+            if let Some(cache) = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).as_mut() {
                 cache.put(token.into(), Seen { token: Arc::clone(verified), fingerprint: Arc::clone(&fingerprint) });
             }
             if !shared_cache_hit {
                 state.record_verified(&id, stamp);
             }
         }
-        drop(cache);
         let verified = verified.and_then(|t| check_time_in(&self.policy, &t, now).map(|()| t));
         Lookup { verified, fingerprint, cache_hit: false, shared_cache_hit }
     }
@@ -424,12 +438,14 @@ impl Gate {
     /// Everything after verification, in order: single use, the kill switch, the policy-wide
     /// rate limit, the rules, the matched rule's rate limit. A replayed, revoked or limited
     /// token is still recorded with who it names. The `u64` is the wait when rate limited.
+    #[allow(clippy::too_many_arguments)]
     fn authorize_verified(
         &self,
         token: &VerifiedToken,
         raw: &str,
         request: &Request<'_>,
         mcp: Option<&Result<McpCall, Reason>>,
+        txn: Option<&VerifiedToken>,
         state: &dyn SharedState,
     ) -> (Authorization, Option<u64>) {
         let now = request.now;
@@ -440,6 +456,12 @@ impl Gate {
             None => None,
         };
         // Proof of possession before anything is counted or spent: a stolen token stops here.
+        if let Err(detail) = self.check_certificate(token, request) {
+            return (
+                Authorization { detail: Some(detail), ..Authorization::denied(Reason::CertificateMismatch) },
+                None,
+            );
+        }
         let dpop = match self.check_dpop(token, raw, request, state) {
             Ok(bound) => bound,
             Err((reason, detail)) => {
@@ -456,7 +478,7 @@ impl Gate {
         if let Err((reason, wait)) = self.check_rate(state, POLICY_SCOPE, self.policy.rate_limit.as_ref(), token, now) {
             return (Authorization::denied(reason), wait);
         }
-        let mut authorization = authorize(&self.policy, &request.target(call, dpop), token);
+        let mut authorization = authorize(&self.policy, &request.target(call, dpop, txn), token);
         let rule = authorization.rule.and_then(|i| self.policy.rules.get(i));
         if let (Ok(()), Some(max)) = (&authorization.result, rule.and_then(|r| r.max_recent_denials)) {
             if self.recent_denials(token, state, now) > max {
@@ -471,6 +493,46 @@ impl Gate {
             }
         }
         (authorization, None)
+    }
+
+    /// The `Txn-Token` that came along (draft-ietf-oauth-transaction-tokens), verified like an
+    /// access token but only from a transaction-token provider; `None` without one.
+    fn transaction_token(
+        &self,
+        request: &Request<'_>,
+        state: &dyn SharedState,
+    ) -> Option<Result<Arc<VerifiedToken>, Reason>> {
+        let mut values = request.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case("txn-token"));
+        let (_, first) = values.next()?;
+        if values.next().is_some() {
+            return Some(Err(Reason::MultipleTokens));
+        }
+        let verified = self.verified(first.trim(), request.now, state).verified;
+        Some(verified.and_then(|t| {
+            let from_service = self.policy.providers.get(t.provider_index).is_some_and(|p| p.transaction_tokens);
+            if from_service {
+                Ok(t)
+            } else {
+                Err(Reason::TypeNotAllowed)
+            }
+        }))
+    }
+
+    /// RFC 8705: a token bound to a certificate is accepted only on a connection whose client
+    /// certificate has that SHA-256, and only where its provider says such tokens are checked.
+    fn check_certificate(&self, token: &VerifiedToken, request: &Request<'_>) -> Result<(), &'static str> {
+        let Some(bound) = token.cnf_x5t.as_deref() else { return Ok(()) };
+        if !self.policy.providers.get(token.provider_index).is_some_and(|p| p.certificate_bound) {
+            return Err("certificate_binding_not_enabled");
+        }
+        let presented = request.peer_certificate_sha256.and_then(decode_hex).ok_or("no_client_certificate")?;
+        let expected =
+            base64ct::Base64UrlUnpadded::decode_vec(bound).map_err(|_| "certificate_thumbprint_malformed")?;
+        if presented == expected {
+            Ok(())
+        } else {
+            Err("certificate_thumbprint_mismatch")
+        }
     }
 
     /// RFC 9449: a token bound to a key (`cnf.jkt`) is accepted only with the DPoP scheme and
@@ -570,7 +632,8 @@ impl Gate {
                 .and_then(|t| self.verified(t, request.now, self.memory.as_ref()).verified)?;
         let call = self.read_mcp(request).transpose()?;
         // Offline, a bound token's proof is taken as given: eval explains the rules.
-        explain(&self.policy, &request.target(call.as_ref(), token.cnf_jkt.is_some()), &token)
+        let txn = self.transaction_token(request, self.memory.as_ref()).and_then(Result::ok);
+        explain(&self.policy, &request.target(call.as_ref(), token.cnf_jkt.is_some(), txn.as_deref()), &token)
     }
 
     /// The largest body a host must read for this request and pass as [`Request::body`]:
@@ -589,6 +652,24 @@ impl Gate {
             return Some(Err(Reason::BodyTooLarge));
         }
         Some(mcp::parse(body).and_then(|call| mcp::check_headers(&call, request.headers).map(|()| call)))
+    }
+
+    /// A front tier's only work: name the acting agent of the token — read, not verified:
+    /// routing is not trust; a forged token lands somewhere and is refused there, a genuine
+    /// one always lands on its owner — in `header`, for the proxy's hash policy.
+    fn route(&self, request: &Request<'_>, header: &str) -> Action {
+        let remove =
+            request.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(header)).map(|(n, _)| n.clone()).collect();
+        let agent =
+            find_token(&self.policy.token_sources, request.headers, request.path, self.policy.limits.max_token_bytes)
+                .ok()
+                .and_then(|token| crate::jws::parse(token, &self.policy.limits).ok())
+                .and_then(|parsed| {
+                    let actor = parsed.claims.act.as_ref().and_then(|a| a.sub.clone());
+                    actor.or(parsed.claims.sub)
+                });
+        let set = agent.map(|agent| vec![(header.to_string(), audit::header_value(&agent))]).unwrap_or_default();
+        Action::Continue { remove, set }
     }
 
     /// RFC 9728: the protected-resource metadata document, served by the gate itself.
@@ -615,6 +696,16 @@ impl Gate {
                 (lookup.verified, Some(lookup.fingerprint.to_string()), lookup.cache_hit, lookup.shared_cache_hit)
             }
         };
+        // A Txn-Token is no access token.
+        let verified = verified.and_then(|t| {
+            let txn_provider = self.policy.providers.get(t.provider_index).is_some_and(|p| p.transaction_tokens);
+            if txn_provider {
+                Err(Reason::TypeNotAllowed)
+            } else {
+                Ok(t)
+            }
+        });
+        let txn = self.transaction_token(request, state).and_then(Result::ok);
         // Reasons given after the issuer selected a provider's keys.
         let claimed_provider = match (&verified, found) {
             (Err(reason), Ok(t))
@@ -632,11 +723,13 @@ impl Gate {
             Err(reason) => (None, Authorization::denied(reason), None),
             Ok(token) => {
                 let raw = found.unwrap_or_default();
-                let (authorization, retry_after) = self.authorize_verified(&token, raw, request, mcp, state);
+                let (authorization, retry_after) =
+                    self.authorize_verified(&token, raw, request, mcp, txn.as_deref(), state);
                 (Some(token), authorization, retry_after)
             }
         };
         let claimed_issuer = claimed_provider.and_then(|i| self.policy.providers.get(i)).map(|p| p.issuer.clone());
+        let txn = txn.and_then(|t| t.claims.as_ref()?.get("txn")?.as_str().map(str::to_string));
         Checked {
             token,
             fingerprint,
@@ -644,6 +737,7 @@ impl Gate {
             shared_cache_hit,
             awaiting_keys,
             claimed_issuer,
+            txn,
             authorization,
             retry_after,
         }
@@ -651,6 +745,9 @@ impl Gate {
 
     /// Decides `request` with a host's shared state (single-use tokens, rate limits).
     pub fn evaluate_with(&self, request: &Request<'_>, state: &dyn SharedState) -> Decision {
+        if let Some(header) = &self.policy.front_tier {
+            return self.served(request, self.route(request, header));
+        }
         if let Some(action) = self.metadata_response(request) {
             return self.served(request, action);
         }
@@ -679,7 +776,11 @@ impl Gate {
             Some(reason) if !dry_run => {
                 audit.status = Some(reason.status());
                 // An MCP client gets a JSON-RPC error for its request id, with the HTTP status.
-                let body = mcp.as_ref().map(|m| mcp::error_body(m.as_ref().ok().and_then(|c| c.id.as_ref()), reason));
+                let body = mcp.as_ref().map(|m| {
+                    let id =
+                        m.as_ref().ok().and_then(|c| c.id.clone()).or_else(|| request.body.and_then(mcp::request_id));
+                    mcp::error_body(id.as_ref(), reason)
+                });
                 self.denial(reason, matched, checked.retry_after, audit.audit_id.as_deref(), body)
             }
             _ => self.forward(request.headers, &audit, stripped),
@@ -745,6 +846,7 @@ impl Gate {
             task_type: matched.and_then(|r| r.task.as_ref()).map(|t| t.kind.clone()),
             task_identifier: checked.authorization.task_identifier.clone(),
             issuer: token.map(|t| t.issuer.clone()).or_else(|| checked.claimed_issuer.clone()),
+            txn: checked.txn.clone(),
             jti: token.and_then(|t| t.jti.clone()),
             token_fingerprint: checked.fingerprint.clone(),
             method: request.method.to_string(),
@@ -793,7 +895,8 @@ impl Gate {
         Action::deny_full(&self.policy.audit.headers, reason, audit_id, extra.as_deref(), retry_after, body)
     }
 
-    /// A request the gate answered itself without deciding anything (the RFC 9728 document).
+    /// A request the gate handled without deciding anything (the RFC 9728 document, a front
+    /// tier's routing).
     fn served(&self, request: &Request<'_>, action: Action) -> Decision {
         let audit = AuditRecord {
             time: request.now,
@@ -802,7 +905,7 @@ impl Gate {
             method: request.method.to_string(),
             path: strip_query(request.path).to_string(),
             source: request.source.map(str::to_string),
-            status: Some(200),
+            status: matches!(action, Action::Respond { .. }).then_some(200),
             ..AuditRecord::default()
         };
         Decision {
@@ -846,6 +949,7 @@ impl Gate {
                 mcp: Some(&call),
                 // The list call itself passed the proof check a bound token needs.
                 dpop: filter.token.cnf_jkt.is_some(),
+                txn: None,
             };
             crate::authorize::could_hold(&self.policy, &target, &filter.token)
         };
@@ -874,6 +978,13 @@ impl Gate {
 
 /// Headers to remove and to rewrite so that no token reaches the upstream.
 type StrippedTokens = (Vec<String>, Vec<(&'static str, String)>);
+
+/// Bytes from hex (either case); `None` for anything else.
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    let digits: Vec<u32> = text.chars().map(|c| c.to_digit(16)).collect::<Option<_>>()?;
+    (digits.len() % 2 == 0)
+        .then(|| digits.chunks_exact(2).map(|p| (p.iter().fold(0, |acc, d| acc * 16 + d)) as u8).collect())
+}
 
 /// The first value of header `name`, compared case-insensitively.
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {

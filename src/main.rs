@@ -158,6 +158,7 @@ fn main() -> ExitCode {
                 now,
                 source: source.as_deref(),
                 peer_uri_san: peer_uri_san.as_deref(),
+                peer_certificate_sha256: None,
                 body: body.as_deref(),
             };
             let decision = gate.evaluate(&request);

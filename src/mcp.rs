@@ -86,6 +86,19 @@ pub fn parse(body: &[u8]) -> Result<McpCall, Reason> {
     Ok(McpCall { id, method, name, arguments })
 }
 
+/// The `id` of a message refused as not JSON-RPC (`mcp_invalid_request`) or for its
+/// headers, when the body is one JSON object with an id of the right type: the client's
+/// error then answers its request. A body that is not (strict) JSON has none (null).
+pub fn request_id(body: &[u8]) -> Option<Value> {
+    if nesting(body) > MAX_DEPTH {
+        return None;
+    }
+    match serde_json::from_slice::<Strict>(body).ok()?.0 {
+        Value::Object(message) => message.get("id").filter(|id| id.is_string() || id.is_number()).cloned(),
+        _ => None,
+    }
+}
+
 /// The deepest nesting of arrays and objects in `json`, strings skipped.
 fn nesting(json: &[u8]) -> usize {
     let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
@@ -341,6 +354,16 @@ mod tests {
         assert_eq!(note.map(|c| c.id), Ok(None));
         let response = call(r#"{"jsonrpc":"2.0","id":1,"result":{}}"#);
         assert_eq!(response.map(|c| c.method), Ok(None));
+    }
+
+    #[test]
+    fn a_refused_message_keeps_its_id_only_when_it_is_strict_json_with_a_valid_id() {
+        assert_eq!(request_id(br#"{"jsonrpc":"1.0","id":9,"method":"tools/call"}"#), Some(9.into()));
+        assert_eq!(request_id(br#"{"jsonrpc":"2.0","id":"r-1","params":"x"}"#), Some("r-1".into()));
+        assert_eq!(request_id(br#"{"jsonrpc":"2.0","id":1,"id":2}"#), None, "which one?");
+        assert_eq!(request_id(br#"{"jsonrpc":"2.0","id":{"a":1}}"#), None);
+        assert_eq!(request_id(b"[1]"), None);
+        assert_eq!(request_id(b"{"), None);
     }
 
     #[test]

@@ -39,6 +39,9 @@ pub struct Policy {
     pub rate_limit: Option<RateLimit>,
     /// Some rule binds the agent to the mTLS peer: hosts fetch the peer's URI SAN only then.
     pub needs_peer: bool,
+    /// Some provider accepts certificate-bound tokens: hosts fetch the client certificate's
+    /// SHA-256 (Envoy's `connection.sha256_peer_certificate_digest`) only then.
+    pub needs_peer_certificate: bool,
     pub forward_token: bool,
     pub audit: AuditSettings,
     /// SHA-256 of the policy's text: what the shared token cache's entries are valid under.
@@ -52,6 +55,10 @@ pub struct Policy {
     /// with their JSON paths: hosts log them, `agentgate check-config` prints them.
     pub warnings: Vec<String>,
     pub dpop: crate::dpop::DpopOptions,
+    /// The policy has a `dpop` section.
+    pub dpop_configured: bool,
+    /// The routing header of a front-tier gate; `None` for a gate that decides.
+    pub front_tier: Option<String>,
 }
 
 /// RFC 9728 protected-resource metadata, ready to serve.
@@ -117,6 +124,10 @@ pub struct Provider {
     pub single_use_scope: config::SingleUseScope,
     /// Every token must be DPoP-bound and come with a proof.
     pub require_dpop: bool,
+    /// RFC 8705 certificate-bound tokens are checked (else refused).
+    pub certificate_bound: bool,
+    /// Issues Txn-Tokens, accepted only in the `Txn-Token` header.
+    pub transaction_tokens: bool,
     /// A custom claim holding task entries; `None`: `authorization_details`.
     pub task_claim: Option<String>,
 }
@@ -157,6 +168,8 @@ pub struct Rule {
     pub max_recent_denials: Option<u32>,
     /// The token must be DPoP-bound, its proof checked.
     pub dpop: bool,
+    /// A Txn-Token must come along: its scopes and claim conditions.
+    pub transaction_token: Option<(Vec<String>, Vec<Condition>)>,
 }
 
 #[derive(Debug)]
@@ -206,6 +219,12 @@ impl Policy {
         self.providers
             .iter()
             .any(|p| p.single_use_ring.is_some() && p.single_use_scope == config::SingleUseScope::Gateway)
+    }
+
+    /// Whether DPoP-bound tokens are expected: a provider or rule requires them, or the
+    /// policy sets how proofs are checked. Hosts prepare the proof replay store then.
+    pub fn expects_dpop(&self) -> bool {
+        self.dpop_configured || self.providers.iter().any(|p| p.require_dpop) || self.rules.iter().any(|r| r.dpop)
     }
 
     /// The provider whose `issuer` is exactly `iss`.
@@ -282,6 +301,21 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
     let resource_metadata = config.resource_metadata.map(compile_resource_metadata).transpose()?;
     let quarantine = config.quarantine.as_ref().map(compile_quarantine).transpose()?;
     let dpop = compile_dpop(config.dpop.as_ref())?;
+    let front_tier = match &config.front_tier {
+        None => None,
+        Some(front) => {
+            let name = front.routing_header.clone().unwrap_or_else(|| "x-agent-route".into());
+            let valid =
+                !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !valid {
+                return Err(ConfigError::at(
+                    "front_tier.routing_header",
+                    "must be a lower-case header name (a-z, 0-9, '-')",
+                ));
+            }
+            Some(name)
+        }
+    };
     if let Some(i) = rules.iter().position(|r: &Rule| r.max_recent_denials.is_some()).filter(|_| quarantine.is_none()) {
         return Err(ConfigError::at(
             format!("rules[{i}].require.max_recent_denials"),
@@ -300,6 +334,17 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
     let needs_host = rules.iter().any(|r: &Rule| r.hosts.is_some());
     let needs_claims = rules.iter().any(|r: &Rule| !r.claims.is_empty());
     let needs_peer = rules.iter().any(|r: &Rule| r.bind_mtls_peer);
+    let needs_peer_certificate = providers.iter().any(|p| p.certificate_bound);
+    if let Some(i) = rules
+        .iter()
+        .position(|r: &Rule| r.transaction_token.is_some())
+        .filter(|_| !providers.iter().any(|p| p.transaction_tokens))
+    {
+        return Err(ConfigError::at(
+            format!("rules[{i}].require.transaction_token"),
+            "needs a provider with \"transaction_tokens\": true (the transaction-token service)",
+        ));
+    }
     Ok(Policy {
         mode: config.mode,
         providers,
@@ -316,6 +361,7 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
         needs_claims,
         rate_limit: rate_limit("rate_limit", config.rate_limit.as_ref())?,
         needs_peer,
+        needs_peer_certificate,
         forward_token: config.forward_token,
         audit,
         digest: [0; 32],
@@ -325,6 +371,8 @@ fn compile(config: PolicyConfig, load: FileLoader<'_>) -> Result<Policy, ConfigE
         quarantine,
         warnings,
         dpop,
+        dpop_configured: config.dpop.is_some(),
+        front_tier,
     })
 }
 
@@ -573,6 +621,8 @@ fn compile_provider(
         single_use_ring,
         single_use_scope: raw.single_use_scope,
         require_dpop: raw.require_dpop,
+        certificate_bound: raw.certificate_bound,
+        transaction_tokens: raw.transaction_tokens,
         task_claim: raw.task_claim.filter(|name| name != "authorization_details"),
     })
 }
@@ -842,6 +892,22 @@ fn compile_rule(at: &str, raw: RuleConfig) -> Result<Rule, ConfigError> {
         ));
     }
     let mcp = raw.matcher.mcp.as_ref().map(|m| compile_mcp(&format!("{at}.match.mcp"), m)).transpose()?;
+    let transaction_token = match &require.transaction_token {
+        None => None,
+        Some(txn) => {
+            scope_list(&format!("{at}.require.transaction_token.scopes"), &txn.scopes)?;
+            let claims = txn
+                .claims
+                .iter()
+                .enumerate()
+                .map(|(j, c)| {
+                    Condition::compile(c, "path")
+                        .map_err(|e| ConfigError::at(format!("{at}.require.transaction_token.claims[{j}]"), e))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Some((txn.scopes.clone(), claims))
+        }
+    };
     let source_cidrs = match &require.source_cidrs {
         None => None,
         Some(list) if list.is_empty() => {
@@ -882,6 +948,7 @@ fn compile_rule(at: &str, raw: RuleConfig) -> Result<Rule, ConfigError> {
         arguments,
         max_recent_denials: require.max_recent_denials,
         dpop: require.dpop,
+        transaction_token,
     })
 }
 

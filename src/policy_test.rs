@@ -157,6 +157,7 @@ pub fn run(policy_json: &str, tests: &str) -> Result<Vec<CaseResult>, String> {
             now,
             source: case.request.source.as_deref(),
             peer_uri_san: case.request.peer_uri_san.as_deref(),
+            peer_certificate_sha256: None,
             body: body.as_deref().map(str::as_bytes),
         };
         let decision = gate.evaluate(&request);

@@ -75,6 +75,11 @@ reasons! {
     DpopProofInvalid => "dpop_proof_invalid", 401, Some("invalid_dpop_proof"), "the DPoP proof is invalid";
     /// A DPoP proof presented again.
     DpopReplayed => "dpop_replayed", 401, Some("invalid_dpop_proof"), "the DPoP proof is invalid";
+    /// The rule wants a valid Txn-Token (with its scopes and claims) alongside, and there is
+    /// none, or it fails (`detail` says how).
+    TransactionTokenRequired => "transaction_token_required", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED;
+    /// RFC 8705: a certificate-bound token on a connection without that client certificate.
+    CertificateMismatch => "certificate_mismatch", 401, Some(INVALID_TOKEN), TOKEN_INVALID;
     /// A DPoP-bound token sent as Bearer, an unbound one sent as DPoP, or a proof by another
     /// key than the token's `cnf.jkt`.
     DpopBindingMismatch => "dpop_binding_mismatch", 401, Some(INVALID_TOKEN), TOKEN_INVALID;

@@ -22,6 +22,8 @@ pub struct VerifiedToken {
     pub audiences: Vec<String>,
     /// `cnf.jkt`: the token is DPoP-bound to this key thumbprint (RFC 9449).
     pub cnf_jkt: Option<String>,
+    /// `cnf["x5t#S256"]`: the token is bound to this client certificate (RFC 8705).
+    pub cnf_x5t: Option<String>,
     pub issued_at: Option<i64>,
     pub not_before: Option<i64>,
     pub expires_at: i64,
@@ -159,7 +161,13 @@ pub fn verify_untimed_as(policy: &Policy, token: &str, signature: Signature<'_>)
         check_signature(provider, &parsed, host)?;
     }
     check_header(provider, &parsed.header)?;
-    let all_claims = if policy.needs_claims {
+    // A Txn-Token is its own type, whatever `token_types` lists.
+    if provider.transaction_tokens
+        && parsed.header.typ.as_deref().map(normalize_type).as_deref() != Some("txntoken+jwt")
+    {
+        return Err(Reason::TypeNotAllowed);
+    }
+    let all_claims = if policy.needs_claims || provider.transaction_tokens {
         Some(
             serde_json::from_slice::<serde_json::Map<String, Value>>(&parsed.claims_json)
                 .map_err(|_| Reason::Malformed)?,
@@ -293,6 +301,7 @@ fn accept(
         scopes,
         audiences: claims.aud.as_ref().map(|aud| aud.to_vec()).unwrap_or_default(),
         cnf_jkt: claims.cnf.as_ref().and_then(|c| c.jkt.clone()),
+        cnf_x5t: claims.cnf.as_ref().and_then(|c| c.x5t_s256.clone()),
         issued_at: claims.iat,
         not_before: claims.nbf,
         expires_at,

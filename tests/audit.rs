@@ -47,6 +47,7 @@ fn eval(gate: &Gate, path: &str, headers: &[(&str, &str)]) -> Decision {
         now: NOW,
         source: Some("203.0.113.9:5123"),
         peer_uri_san: None,
+        peer_certificate_sha256: None,
         body: None,
     })
 }

@@ -29,7 +29,16 @@ fn token_with(scope: &str, edit: impl FnOnce(&mut Value)) -> String {
 
 fn request(gate: &Gate, method: &str, path: &str, headers: &[(&str, &str)]) -> Decision {
     let headers: Vec<(String, String)> = headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
-    gate.evaluate(&Request { method, path, headers: &headers, now: NOW, source: None, peer_uri_san: None, body: None })
+    gate.evaluate(&Request {
+        method,
+        path,
+        headers: &headers,
+        now: NOW,
+        source: None,
+        peer_uri_san: None,
+        peer_certificate_sha256: None,
+        body: None,
+    })
 }
 
 fn call(gate: &Gate, method: &str, path: &str, token: &str) -> Decision {
@@ -335,6 +344,7 @@ fn explain_routes_exactly_as_the_gate() {
             now: NOW,
             source: None,
             peer_uri_san: None,
+            peer_certificate_sha256: None,
             body: None,
         })
     };

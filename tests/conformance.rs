@@ -49,6 +49,8 @@ fn provider(jwks: &Value) -> Provider {
         single_use_ring: None,
         single_use_scope: Default::default(),
         require_dpop: false,
+        certificate_bound: false,
+        transaction_tokens: false,
         task_claim: None,
     }
 }

@@ -54,6 +54,7 @@ fn every_shared_case_decides_as_expected() {
         let decision = gate.evaluate(&Request {
             source: None,
             peer_uri_san: None,
+            peer_certificate_sha256: None,
             body: None,
             method: request["method"].as_str().unwrap_or_default(),
             path: request["path"].as_str().unwrap_or_default(),

@@ -7,6 +7,7 @@
 use agentgate::dpop::{ath, jwk_thumbprint};
 use agentgate::{Action, Decision, Gate, Reason, Request};
 use agentgate_test_harness::tokens::{agent_claims, policy, read_invoice_rule, Signer};
+use base64ct::Encoding;
 use serde_json::{json, Value};
 
 const NOW: i64 = 1_800_000_000;
@@ -61,6 +62,7 @@ fn get(gate: &Gate, authorization: &str, dpop: Option<&str>) -> Decision {
         now: NOW,
         source: None,
         peer_uri_san: None,
+        peer_certificate_sha256: None,
         body: None,
     })
 }
@@ -144,4 +146,46 @@ fn unbound_tokens_are_bearer_only_and_a_provider_can_require_binding() {
     assert!(get(&strict, &format!("DPoP {token}"), Some(&proof(&client, &token, "b-1", URL))).allowed);
     let rule = gate(|p| p["rules"][0]["require"]["dpop"] = json!(true));
     assert_eq!(get(&rule, &format!("Bearer {plain}"), None).reason, Some(Reason::DpopRequired));
+}
+
+/// RFC 8705 certificate-bound tokens.
+fn cert_request(gate: &Gate, token: &str, digest: Option<&str>) -> Decision {
+    let headers = vec![("authorization".to_string(), format!("Bearer {token}"))];
+    gate.evaluate(&Request {
+        method: "GET",
+        path: "/invoices/42",
+        headers: &headers,
+        now: NOW,
+        source: None,
+        peer_uri_san: None,
+        peer_certificate_sha256: digest,
+        body: None,
+    })
+}
+
+#[test]
+fn a_certificate_bound_token_needs_its_certificate() {
+    // x5t#S256 is the base64url SHA-256 of the certificate; Envoy gives the same digest in hex.
+    let digest = [0xabu8; 32];
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let x5t = base64ct::Base64UrlUnpadded::encode_string(&digest);
+    let mut claims = agent_claims("agent-7", "invoices:read", NOW);
+    claims["cnf"] = json!({"x5t#S256": x5t});
+    let token = issuer().sign(&claims);
+    let checked = gate(|p| p["providers"][0]["certificate_bound"] = json!(true));
+    assert!(checked.policy().needs_peer_certificate);
+    assert!(cert_request(&checked, &token, Some(&hex)).allowed);
+    assert!(cert_request(&checked, &token, Some(&hex.to_uppercase())).allowed);
+    for (digest, detail) in [
+        (None, "no_client_certificate"),
+        (Some("00".repeat(32)), "certificate_thumbprint_mismatch"),
+        (Some("zz".into()), "no_client_certificate"),
+    ] {
+        let d = cert_request(&checked, &token, digest.as_deref());
+        assert_eq!((d.reason, d.audit.detail), (Some(Reason::CertificateMismatch), Some(detail)));
+        assert!(challenge(&d).starts_with(r#"Bearer error="invalid_token""#));
+    }
+    // A provider that does not check certificate binding refuses such tokens outright.
+    let unchecked = gate(|_| {});
+    assert_eq!(cert_request(&unchecked, &token, Some(&hex)).audit.detail, Some("certificate_binding_not_enabled"));
 }

@@ -35,6 +35,7 @@ fn eval(gate: &Gate, token: &str) -> Decision {
         now: NOW,
         source: None,
         peer_uri_san: None,
+        peer_certificate_sha256: None,
         body: None,
     })
 }

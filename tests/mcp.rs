@@ -63,6 +63,7 @@ fn post(gate: &Gate, token: Option<&str>, body: &str, extra: &[(&str, &str)]) ->
         now: NOW,
         source: None,
         peer_uri_san: None,
+        peer_certificate_sha256: None,
         body: Some(body.as_bytes()),
     })
 }
@@ -224,6 +225,7 @@ fn the_protected_resource_metadata_is_served_at_both_well_known_paths() {
             now: NOW,
             source: None,
             peer_uri_san: None,
+            peer_certificate_sha256: None,
             body: None,
         });
         let Action::Respond { status, body, .. } = &d.action else { panic!("{path} forwarded") };

@@ -34,7 +34,16 @@ fn eval(gate: &Gate, method: &str, authority: &str, path: &str, token: &str) -> 
         (":authority".to_string(), authority.to_string()),
         ("authorization".to_string(), format!("Bearer {token}")),
     ];
-    gate.evaluate(&Request { method, path, headers: &headers, now: NOW, source: None, peer_uri_san: None, body: None })
+    gate.evaluate(&Request {
+        method,
+        path,
+        headers: &headers,
+        now: NOW,
+        source: None,
+        peer_uri_san: None,
+        peer_certificate_sha256: None,
+        body: None,
+    })
 }
 
 fn reason(gate: &Gate, path: &str, token: &str) -> Option<Reason> {
@@ -256,8 +265,17 @@ fn eval_from(
 ) -> Option<Reason> {
     let mut headers = vec![("authorization".to_string(), format!("Bearer {token}"))];
     headers.extend(extra.iter().map(|(n, v)| (n.to_string(), v.to_string())));
-    gate.evaluate(&Request { method: "GET", path, headers: &headers, now, source, peer_uri_san: None, body: None })
-        .reason
+    gate.evaluate(&Request {
+        method: "GET",
+        path,
+        headers: &headers,
+        now,
+        source,
+        peer_uri_san: None,
+        peer_certificate_sha256: None,
+        body: None,
+    })
+    .reason
 }
 
 #[test]
@@ -395,6 +413,7 @@ fn bind_mtls_peer_requires_the_agent_to_be_the_tls_peer() {
             now: NOW,
             source: None,
             peer_uri_san: peer,
+            peer_certificate_sha256: None,
             body: None,
         })
         .reason

@@ -58,6 +58,7 @@ fn get(gate: &Gate, store: &Store, token: &str, now: i64) -> Decision {
         now,
         source: None,
         peer_uri_san: None,
+        peer_certificate_sha256: None,
         body: None,
     };
     gate.evaluate_with(&request, store)

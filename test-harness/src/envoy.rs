@@ -42,7 +42,8 @@ pub fn render_config(policy: &str, upstream_port: u16, idp_port: Option<u16>) ->
         .replace("${IDP_PORT}", &idp_port.unwrap_or(9).to_string())
 }
 
-fn scratch_dir() -> PathBuf {
+/// A fresh directory under the system's temporary directory.
+pub fn scratch_dir() -> PathBuf {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
         "agentgate-envoy-{}-{}",
@@ -76,7 +77,8 @@ pub fn validate(policy: &str) -> (bool, String) {
 }
 
 pub struct Envoy {
-    child: Child,
+    /// Behind a lock so that a test can kill an Envoy that other threads are using.
+    child: std::sync::Mutex<Child>,
     dir: PathBuf,
     pub port: u16,
     pub admin_port: u16,
@@ -118,19 +120,33 @@ impl Envoy {
 
     /// Starts Envoy whose `idp` cluster reaches a test identity provider on `idp_port`.
     pub fn start_with_idp(policy: &str, upstream_port: u16, idp_port: Option<u16>) -> Result<Envoy, String> {
+        Envoy::start_config(&render_config(policy, upstream_port, idp_port))
+    }
+
+    /// Starts Envoy with `workers` worker threads (each its own wasm VM; shared data between them).
+    pub fn start_workers(policy: &str, upstream_port: u16, workers: u32) -> Result<Envoy, String> {
+        Envoy::start_config_with(&render_config(policy, upstream_port, None), workers)
+    }
+
+    /// Starts Envoy on a complete config (YAML text) and waits until it serves; `port` is its
+    /// first listener's.
+    pub fn start_config(config_text: &str) -> Result<Envoy, String> {
+        Envoy::start_config_with(config_text, 1)
+    }
+
+    fn start_config_with(config_text: &str, workers: u32) -> Result<Envoy, String> {
         check_prerequisites();
         let dir = scratch_dir();
         let config = dir.join("envoy.yaml");
-        std::fs::write(&config, render_config(policy, upstream_port, idp_port)).map_err(|e| e.to_string())?;
+        std::fs::write(&config, config_text).map_err(|e| e.to_string())?;
         let admin_file = dir.join("admin-address");
         let log = std::fs::File::create(dir.join("envoy.log")).map_err(|e| e.to_string())?;
         let access_log = std::fs::File::create(dir.join("access.log")).map_err(|e| e.to_string())?;
         let child = Command::new(envoy_binary())
             .arg("-c")
             .arg(&config)
+            .args(["--concurrency", &workers.to_string()])
             .args([
-                "--concurrency",
-                "1",
                 "--disable-hot-restart",
                 "-l",
                 "warning",
@@ -154,7 +170,7 @@ impl Envoy {
             .timeout_global(Some(Duration::from_secs(10)))
             .build()
             .into();
-        let mut envoy = Envoy { child, dir, port: 0, admin_port: 0, agent };
+        let mut envoy = Envoy { child: std::sync::Mutex::new(child), dir, port: 0, admin_port: 0, agent };
         envoy.wait_ready(&admin_file)?;
         Ok(envoy)
     }
@@ -162,7 +178,7 @@ impl Envoy {
     fn wait_ready(&mut self, admin_file: &Path) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Ok(Some(status)) = self.child().try_wait() {
                 return Err(format!("envoy exited with {status}:\n{}", self.logs()));
             }
             let admin = std::fs::read_to_string(admin_file).unwrap_or_default();
@@ -203,6 +219,19 @@ impl Envoy {
     /// GET `path` through Envoy's listener.
     pub fn get(&self, path: &str, headers: &[(&str, &str)]) -> Response {
         self.request(&format!("http://127.0.0.1:{}{path}", self.port), headers)
+    }
+
+    /// GET `path` through another of Envoy's listeners (see [`Envoy::listener_port`]).
+    pub fn get_at(&self, port: u16, path: &str, headers: &[(&str, &str)]) -> Response {
+        self.request(&format!("http://127.0.0.1:{port}{path}"), headers)
+    }
+
+    /// The port of the listener called `name`.
+    pub fn listener_port(&self, name: &str) -> Option<u16> {
+        let listeners = self.admin("/listeners?format=json").json();
+        let statuses = listeners["listener_statuses"].as_array()?;
+        let listener = statuses.iter().find(|l| l["name"] == name)?;
+        listener_port(&serde_json::json!({"listener_statuses": [listener]}))
     }
 
     /// Sends `request` (raw HTTP/1.1, any bytes) to Envoy's listener; the status of the
@@ -253,9 +282,21 @@ impl Envoy {
         }
     }
 
+    /// Kills the Envoy process at once (SIGKILL: no draining, its memory is lost); its logs
+    /// stay readable until the value is dropped.
+    pub fn kill(&self) {
+        let mut child = self.child();
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    fn child(&self) -> std::sync::MutexGuard<'_, Child> {
+        self.child.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Whether the Envoy process is still running.
     pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        matches!(self.child().try_wait(), Ok(None))
     }
 }
 
@@ -266,8 +307,7 @@ fn listener_port(listeners: &Value) -> Option<u16> {
 
 impl Drop for Envoy {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -24,6 +24,7 @@ const INTERNAL_FAILURE: i32 = 10;
 const UNIMPLEMENTED: i32 = 12;
 const MAP_REQUEST_HEADERS: i32 = 0;
 const MAP_HTTP_CALL_RESPONSE_HEADERS: i32 = 6;
+const BUFFER_HTTP_REQUEST_BODY: i32 = 0;
 const BUFFER_HTTP_CALL_RESPONSE_BODY: i32 = 4;
 const BUFFER_VM_CONFIGURATION: i32 = 6;
 const BUFFER_PLUGIN_CONFIGURATION: i32 = 7;
@@ -123,10 +124,12 @@ type Headers = Vec<(String, String)>;
 /// Which host the harness behaves as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Profile {
-    /// Envoy 1.40 (and, with calls taken away by [`Host::lacking`], the APISIX-like host).
+    /// Envoy 1.40 (and, with calls taken away by [`Host::lacking`], weaker hosts).
     Envoy,
     /// Kong's ngx_wasm_module as observed (`../shared/notes/kong.md`): see [`Host::kong`].
     Kong,
+    /// APISIX's wasm-nginx-module as observed and read (apisix.md): see [`Host::apisix`].
+    Apisix,
 }
 
 /// The callback the host is in, for hosts that allow a call only in some of them.
@@ -136,6 +139,7 @@ pub enum Callback {
     Configure,
     Tick,
     RequestHeaders,
+    RequestBody,
     CallResponse,
     Other,
 }
@@ -169,6 +173,23 @@ pub const KONG_SERVER_NAME: &str = "kong.internal:8000";
 /// ngx_wasm_module passes at most this many request headers (pseudo-headers first).
 pub const KONG_MAX_HEADERS: usize = 100;
 
+/// Kong's `client_body_buffer_size` (8k): nginx writes a larger body to a file, which
+/// ngx_wasm_module cannot hand to a filter.
+pub const KONG_BODY_BUFFER_BYTES: usize = 8192;
+
+/// The nginx version APISIX's host reports as the `nginx_version` variable.
+pub const APISIX_NGINX_VERSION: &str = "1.21.4";
+
+/// What wasm-nginx-module logs for a write to an nginx variable that was not declared
+/// (`proxy_set_property` then answers NotFound).
+pub fn apisix_set_variable_error(name: &str) -> String {
+    format!("[error] variable \"{name}\" not found for writing; maybe it is a built-in variable that is not changeable or you forgot to use \"set ${name} '';\" in the config file to define it first")
+}
+
+/// What APISIX answers when its wasm plugin could not be configured (its own error page).
+pub const APISIX_CONFIGURE_FAILED: &str =
+    "<html><head><title>503 Service Temporarily Unavailable</title></head></html>";
+
 struct State {
     profile: Profile,
     phase: Callback,
@@ -193,6 +214,12 @@ struct State {
 
     /// Host calls this host answers with Unimplemented, as weaker hosts do.
     lacking: Vec<&'static str>,
+    /// The request body as the host holds it now (what `proxy_get_buffer_bytes` returns).
+    request_body: Vec<u8>,
+    /// APISIX: the nginx variables its properties are (declared ones only; reset per request).
+    ngx_vars: HashMap<String, Vec<u8>>,
+    /// APISIX: whether `proxy_on_configure` succeeded (it runs at the first request).
+    configured: bool,
     /// Headers of requests the filter paused, by context id.
     parked: HashMap<i32, Vec<Header>>,
     /// How paused requests ended, once the filter resumed or answered them.
@@ -217,14 +244,14 @@ fn engine_and_module() -> Result<&'static (Engine, Module), HostError> {
         .map_err(|e| HostError::Setup(e.clone()))
 }
 
-/// What APISIX's wasm host (wasm-nginx-module) answers Unimplemented to, for [`Host::lacking`].
-pub const APISIX_LACKS: &[&str] = &[
+/// What APISIX's wasm host (wasm-nginx-module) answers Unimplemented to (src/http/
+/// ngx_http_wasm_api.c): the clock, ticks, shared data. Its metrics calls answer Ok and do
+/// nothing (the id is not even written), which [`Host::apisix`] models apart.
+pub const APISIX_UNIMPLEMENTED: &[&str] = &[
     "proxy_get_current_time_nanoseconds",
     "proxy_set_tick_period_milliseconds",
     "proxy_get_shared_data",
     "proxy_set_shared_data",
-    "proxy_define_metric",
-    "proxy_increment_metric",
 ];
 
 /// One VM running the filter with one root context (one Envoy worker).
@@ -233,6 +260,17 @@ pub struct Host {
     instance: Instance,
     memory: Memory,
     next_context: i32,
+}
+
+/// What a request callback's return came to, on the host in use.
+enum Step {
+    Answered(Outcome),
+    /// Continued: on to the next step (the body, the upstream).
+    Forwarded,
+    /// Waiting for a callout it made.
+    Parked,
+    /// Paused with nothing pending.
+    Pending,
 }
 
 fn trap(e: wasmtime::Error) -> HostError {
@@ -269,6 +307,24 @@ impl Host {
         Host::start(policy, &Process::new(), &[], Profile::Kong)
     }
 
+    /// A VM on a host that behaves as APISIX's wasm-nginx-module (newest, read in its source
+    /// and seen in apisix.md): no `proxy_on_vm_start`; the root context created and
+    /// configured at the first request, with no request current (property, header and
+    /// callout calls answer BadArgument there), a failed configuration answered 503 by APISIX
+    /// and tried again at the next request; no proxy-wasm clock, ticks nor shared data
+    /// ([`APISIX_UNIMPLEMENTED`]); metrics calls Ok and doing nothing; properties are nginx
+    /// variables: a dotted path (`source.address`) is not found, `nginx_version` is, and a
+    /// write to a variable nginx.conf did not declare logs an error and answers NotFound
+    /// (only `wasm_process_req_body` and `wasm_process_resp_body` are declared); header names
+    /// lower case, `:authority` absent (the Host header is there); request headers with
+    /// no header count and `end_of_stream` 1; the body passed whole, once, only when the
+    /// filter set `wasm_process_req_body`; a pause with no callout registered crashes the worker.
+    pub fn apisix(policy: &str) -> Result<Host, HostError> {
+        let mut host = Host::start(policy, &Process::new(), APISIX_UNIMPLEMENTED, Profile::Apisix)?;
+        host.store.data_mut().ngx_vars.insert("nginx_version".into(), APISIX_NGINX_VERSION.into());
+        Ok(host)
+    }
+
     fn start(
         policy: &str,
         process: &Arc<Process>,
@@ -294,6 +350,9 @@ impl Host {
             properties: HashMap::new(),
             filter_state: HashMap::new(),
             lacking: lacking.to_vec(),
+            request_body: Vec::new(),
+            ngx_vars: HashMap::new(),
+            configured: false,
             parked: HashMap::new(),
             finished: HashMap::new(),
             tick_period_ms: 0,
@@ -311,6 +370,10 @@ impl Host {
             instance.get_memory(&mut store, "memory").ok_or_else(|| HostError::Setup("no memory export".into()))?;
         let mut host = Host { store, instance, memory, next_context: ROOT_CONTEXT + 1 };
         host.call::<(), ()>("_initialize", ())?;
+        if profile == Profile::Apisix {
+            // Configured at the first request.
+            return Ok(host);
+        }
         host.call::<(i32, i32), ()>("proxy_on_context_create", (ROOT_CONTEXT, 0))?;
         let started = host.call::<(i32, i32), i32>("proxy_on_vm_start", (ROOT_CONTEXT, 0))?;
         let configured = started != 0 && {
@@ -347,39 +410,184 @@ impl Host {
         func.call(&mut self.store, params).map_err(trap)
     }
 
-    /// Sends a request's headers (pseudo-headers included) through the filter. On Kong, the
-    /// `:authority` given is the client's Host header, and names keep the case given.
+    /// Sends a request's headers (pseudo-headers included) through the filter, with no body.
+    /// On Kong, the `:authority` given is the client's Host header, and names keep the case given.
     pub fn request(&mut self, headers: &[(&str, &str)]) -> Result<Outcome, HostError> {
+        self.send(headers, None)
+    }
+
+    /// Sends a request with a body, as each host hands a body over: Envoy in two chunks it
+    /// buffers while the filter pauses; Kong whole, once, before proxying, only when the
+    /// body is not empty; APISIX whole, once, only when the filter asked for it.
+    pub fn request_with_body(&mut self, headers: &[(&str, &str)], body: &[u8]) -> Result<Outcome, HostError> {
+        self.send(headers, Some(body))
+    }
+
+    fn send(&mut self, headers: &[(&str, &str)], body: Option<&[u8]>) -> Result<Outcome, HostError> {
+        let profile = self.store.data().profile;
+        if profile == Profile::Apisix {
+            if let Some(refused) = self.configure_at_request()? {
+                return Ok(refused);
+            }
+        }
         let context = self.next_context;
         self.next_context += 1;
-        let profile = self.store.data().profile;
         let (held, announced) = received(profile, headers);
         {
             let state = self.store.data_mut();
             state.request_headers = held;
             state.local_response = None;
             state.filter_state.clear();
+            state.request_body.clear();
+            state.ngx_vars.insert("wasm_process_req_body".into(), Vec::new());
+            state.ngx_vars.insert("wasm_process_resp_body".into(), Vec::new());
         }
         self.enter(Callback::Other, context);
         self.call::<(i32, i32), ()>("proxy_on_context_create", (context, ROOT_CONTEXT))?;
         self.enter(Callback::RequestHeaders, context);
-        let count = i32::try_from(announced).unwrap_or(i32::MAX);
-        let action = self.call::<(i32, i32, i32), i32>("proxy_on_request_headers", (context, count, 1))?;
+        let (count, end_of_stream) = match profile {
+            Profile::Envoy => (announced, body.is_none_or(<[u8]>::is_empty)),
+            // ngx_wasm_module: eof 0 always.
+            Profile::Kong => (announced, false),
+            // wasm-nginx-module: no count, eof 1, whatever the request.
+            Profile::Apisix => (0, true),
+        };
+        let count = i32::try_from(count).unwrap_or(i32::MAX);
+        let calls = self.store.data().calls.len();
+        let action =
+            self.call::<(i32, i32, i32), i32>("proxy_on_request_headers", (context, count, i32::from(end_of_stream)))?;
+        let mut step = self.step(context, action, calls, "on_request_headers")?;
+        let body = body.unwrap_or_default();
+        if let Step::Pending = step {
+            step = match profile {
+                Profile::Envoy if !end_of_stream => self.envoy_body(context, body)?,
+                Profile::Kong | Profile::Apisix => self.whole_body(context, body, Step::Pending)?,
+                Profile::Envoy => Step::Pending,
+            };
+        } else if let Step::Forwarded = step {
+            step = match profile {
+                Profile::Kong | Profile::Apisix => self.whole_body(context, body, Step::Forwarded)?,
+                Profile::Envoy => Step::Forwarded,
+            };
+        }
         let state = self.store.data_mut();
-        let outcome = match (state.local_response.take(), action) {
-            (Some((status, headers, body)), _) => {
-                Outcome::Responded { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
-            }
-            (None, 0) => Outcome::Continued { upstream_headers: upstream(profile, &state.request_headers) },
-            (None, _) => {
-                let headers = std::mem::take(&mut state.request_headers);
-                state.parked.insert(context, headers);
-                state.current = ROOT_CONTEXT;
+        let outcome = match step {
+            Step::Answered(outcome) => outcome,
+            Step::Forwarded => Outcome::Continued { upstream_headers: upstream(profile, &state.request_headers) },
+            // Envoy and Kong hold a request paused with nothing pending until the client
+            // leaves (Kong: a yield nothing resumes); APISIX crashed already (see `step`).
+            Step::Parked | Step::Pending => {
+                if let Step::Pending = step {
+                    let headers = std::mem::take(&mut state.request_headers);
+                    state.parked.insert(context, headers);
+                    state.current = ROOT_CONTEXT;
+                }
                 return Ok(Outcome::Paused { context });
             }
         };
         self.finish(context)?;
         Ok(outcome)
+    }
+
+    /// What a request callback's return means on this host. `calls` is the number of
+    /// callouts before the callback (a new one means the filter waits for it).
+    fn step(&mut self, context: i32, action: i32, calls: usize, callback: &str) -> Result<Step, HostError> {
+        let state = self.store.data_mut();
+        if let Some((status, headers, body)) = state.local_response.take() {
+            let body = String::from_utf8_lossy(&body).into_owned();
+            return Ok(Step::Answered(Outcome::Responded { status, headers, body }));
+        }
+        if action == 0 {
+            return Ok(Step::Forwarded);
+        }
+        if state.calls.len() > calls {
+            let headers = std::mem::take(&mut state.request_headers);
+            state.parked.insert(context, headers);
+            state.current = ROOT_CONTEXT;
+            return Ok(Step::Parked);
+        }
+        match state.profile {
+            // wasm-nginx-module reads a pause as "an HTTP call is due" and dereferences the
+            // callout the filter never registered.
+            Profile::Apisix => Err(HostError::Trap(format!(
+                "wasm-nginx-module: {callback} paused with no HTTP call registered: the nginx worker crashes (NULL callout)"
+            ))),
+            _ => Ok(Step::Pending),
+        }
+    }
+
+    /// Envoy: the body in two chunks; each pause buffers (StopIterationAndBuffer) and the
+    /// next call gives the size buffered so far.
+    fn envoy_body(&mut self, context: i32, body: &[u8]) -> Result<Step, HostError> {
+        let half = body.len() / 2;
+        for (end, last) in [(half, false), (body.len(), true)] {
+            if end == 0 && !last {
+                continue;
+            }
+            self.store.data_mut().request_body = body.get(..end).unwrap_or_default().to_vec();
+            self.enter(Callback::RequestBody, context);
+            let size = i32::try_from(end).unwrap_or(i32::MAX);
+            let calls = self.store.data().calls.len();
+            let action =
+                self.call::<(i32, i32, i32), i32>("proxy_on_request_body", (context, size, i32::from(last)))?;
+            match self.step(context, action, calls, "on_request_body")? {
+                Step::Pending if !last => continue,
+                step => return Ok(step),
+            }
+        }
+        Ok(Step::Pending)
+    }
+
+    /// Kong and APISIX: the body whole, once, with end of stream. Kong reads it before
+    /// proxying and calls the filter only for a body that is not empty; APISIX only when
+    /// the filter set `wasm_process_req_body`, empty or not. `before` is what the headers'
+    /// callback left (forwarded, or paused with nothing pending).
+    fn whole_body(&mut self, context: i32, body: &[u8], before: Step) -> Result<Step, HostError> {
+        let state = self.store.data();
+        let called = match state.profile {
+            Profile::Kong => !body.is_empty(),
+            Profile::Apisix => state.ngx_vars.get("wasm_process_req_body").is_some_and(|v| !v.is_empty()),
+            Profile::Envoy => false,
+        };
+        if let (Step::Pending, Profile::Kong) = (&before, state.profile) {
+            // A pause in request headers yields until something pending resumes it.
+            return Ok(Step::Pending);
+        }
+        if !called {
+            return Ok(before);
+        }
+        self.store.data_mut().request_body = body.to_vec();
+        self.enter(Callback::RequestBody, context);
+        let size = i32::try_from(body.len()).unwrap_or(i32::MAX);
+        let calls = self.store.data().calls.len();
+        let action = self.call::<(i32, i32, i32), i32>("proxy_on_request_body", (context, size, 1))?;
+        self.step(context, action, calls, "on_request_body")
+    }
+
+    /// APISIX: the root context is created and configured at a request, with none current.
+    /// A refusal is answered 503 by APISIX, the context freed (done, deleted), and the next
+    /// request configures again.
+    fn configure_at_request(&mut self) -> Result<Option<Outcome>, HostError> {
+        if self.store.data().configured {
+            return Ok(None);
+        }
+        self.enter(Callback::Other, ROOT_CONTEXT);
+        self.call::<(i32, i32), ()>("proxy_on_context_create", (ROOT_CONTEXT, 0))?;
+        self.enter(Callback::Configure, ROOT_CONTEXT);
+        let size = i32::try_from(self.store.data().plugin_configuration.len()).unwrap_or(i32::MAX);
+        if self.call::<(i32, i32), i32>("proxy_on_configure", (ROOT_CONTEXT, size))? != 0 {
+            self.store.data_mut().configured = true;
+            return Ok(None);
+        }
+        self.store.data_mut().logs.push((4, "[error] failed to configure plugin context 1, rc: 0".into()));
+        self.enter(Callback::Other, ROOT_CONTEXT);
+        self.call::<i32, i32>("proxy_on_done", ROOT_CONTEXT)?;
+        self.call::<i32, ()>("proxy_on_delete", ROOT_CONTEXT)?;
+        self.store
+            .data_mut()
+            .logs
+            .push((4, "[error] wasm: failed to fetch wasm plugin ctx: failed to run proxy_on_configure".into()));
+        Ok(Some(Outcome::Responded { status: 503, headers: Vec::new(), body: APISIX_CONFIGURE_FAILED.into() }))
     }
 
     /// Enters a callback of `context`: on Kong, what the filter may call depends on it.
@@ -524,7 +732,7 @@ impl Host {
         let headers_count = headers.len();
         state.call_response = Some((headers, body.to_vec()));
         let current = match state.profile {
-            Profile::Kong => owner,
+            Profile::Kong | Profile::Apisix => owner,
             Profile::Envoy => ROOT_CONTEXT,
         };
         state.request_headers = state.parked.get(&current).cloned().unwrap_or_default();
@@ -556,6 +764,11 @@ impl Host {
     /// A value the filter set as filter state during the last request (`agentgate.decision`).
     pub fn filter_state(&self, path: &str) -> Option<String> {
         self.store.data().filter_state.get(path).map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    /// The lines logged at proxy-wasm log level `level` (2 info, 3 warn, 4 error) and above.
+    pub fn logs_at(&self, level: i32) -> Vec<String> {
+        self.store.data().logs.iter().filter(|(l, _)| *l >= level).map(|(_, line)| line.clone()).collect()
     }
 
     /// Every line the filter logged (WASI stdout/stderr included), oldest first.
@@ -664,6 +877,22 @@ fn received(profile: Profile, headers: &[(&str, &str)]) -> (Vec<Header>, usize) 
             let count = held.len();
             (held, count)
         }
+        Profile::Apisix => {
+            // Lower-cased headers, then :path, :method, :scheme; the authority is the Host header.
+            let mut held = Vec::new();
+            let mut pseudo = Vec::new();
+            for (name, value) in headers {
+                match *name {
+                    ":authority" => held.insert(0, header("host", value)),
+                    _ if name.starts_with(':') => pseudo.push(header(name, value)),
+                    _ => held.push(header(&name.to_ascii_lowercase(), value)),
+                }
+            }
+            let count = held.len();
+            held.extend(pseudo);
+            held.push(header(":scheme", "http"));
+            (held, count)
+        }
         Profile::Kong => {
             let mut pseudo = Vec::new();
             let mut regular = Vec::new();
@@ -728,7 +957,7 @@ fn upstream(profile: Profile, headers: &[Header]) -> Vec<(String, String)> {
 /// Whether `name` names `header` on this host (Envoy: lower case only; nginx: any case).
 fn names(profile: Profile, header: &Header, name: &str) -> bool {
     match profile {
-        Profile::Envoy => header.name == name.to_ascii_lowercase(),
+        Profile::Envoy | Profile::Apisix => header.name == name.to_ascii_lowercase(),
         Profile::Kong => header.name.eq_ignore_ascii_case(name),
     }
 }
@@ -738,7 +967,7 @@ fn remove_header(profile: Profile, headers: &mut Vec<Header>, name: &str) {
     for header in headers.iter_mut().filter(|h| names(profile, h, name)) {
         header.removed = true;
     }
-    if profile == Profile::Envoy {
+    if profile != Profile::Kong {
         headers.retain(|h| !h.removed);
     }
 }
@@ -746,7 +975,7 @@ fn remove_header(profile: Profile, headers: &mut Vec<Header>, name: &str) {
 /// Sets `name` to `value`: Envoy replaces every copy with one; nginx replaces the first live
 /// copy in place (name and value) and marks the others; either adds it when absent.
 fn replace_header(profile: Profile, headers: &mut Vec<Header>, name: &str, value: &str) {
-    let name = if profile == Profile::Envoy { name.to_ascii_lowercase() } else { name.to_string() };
+    let name = if profile == Profile::Kong { name.to_string() } else { name.to_ascii_lowercase() };
     let mut replaced = false;
     for header in headers.iter_mut().filter(|h| !h.removed && names(profile, h, &name)) {
         match (profile, replaced) {
@@ -762,6 +991,43 @@ fn replace_header(profile: Profile, headers: &mut Vec<Header>, name: &str, value
     if !replaced {
         headers.push(Header { name, value: value.to_string(), removed: false });
     }
+}
+
+/// APISIX's `proxy_get_property`: an nginx variable by the path as one name (a dotted path
+/// such as `source.address` names none), with a request only (`plugin_root_id` aside).
+fn apisix_property(vars: &HashMap<String, Vec<u8>>, in_request: bool, path: &str) -> Result<Vec<u8>, i32> {
+    match path {
+        "plugin_root_id" => Ok(b"agentgate".to_vec()),
+        _ if !in_request => Err(BAD_ARGUMENT),
+        _ => vars.get(&path.to_ascii_lowercase()).cloned().ok_or(NOT_FOUND),
+    }
+}
+
+/// APISIX's `proxy_set_property`: writes an nginx variable that nginx.conf declared (APISIX
+/// declares `wasm_process_req_body` and `wasm_process_resp_body`); any other name logs the
+/// error lua-resty-core gives and answers NotFound (InternalFailure for other failures).
+fn apisix_set_variable(
+    vars: &mut HashMap<String, Vec<u8>>,
+    logs: &mut Vec<(i32, String)>,
+    in_request: bool,
+    name: &str,
+    value: Vec<u8>,
+) -> i32 {
+    if !in_request {
+        return BAD_ARGUMENT;
+    }
+    let name = name.to_ascii_lowercase();
+    if name.starts_with("wasm_process_") && vars.contains_key(&name) {
+        vars.insert(name, value);
+        return OK;
+    }
+    logs.push((4, apisix_set_variable_error(&name)));
+    NOT_FOUND
+}
+
+/// APISIX: calls that need a request answer BadArgument without one (`must_get_req`).
+fn apisix_without_request(c: &Caller<'_, State>) -> bool {
+    c.data().profile == Profile::Apisix && c.data().current == ROOT_CONTEXT
 }
 
 /// Kong: request headers exist only within a request; the worker dies otherwise.
@@ -810,7 +1076,8 @@ fn deserialize_map(bytes: &[u8]) -> Vec<(String, String)> {
 // ---- proxy-wasm ABI 0.2.1 -------------------------------------------------------------------
 
 /// Phases in which Kong allows `proxy_http_call`.
-const KONG_CALLOUT_PHASES: &[Callback] = &[Callback::RequestHeaders, Callback::Tick, Callback::CallResponse];
+const KONG_CALLOUT_PHASES: &[Callback] =
+    &[Callback::RequestHeaders, Callback::RequestBody, Callback::Tick, Callback::CallResponse];
 
 fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
     linker.func_wrap(
@@ -869,6 +1136,24 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                 return Ok(status);
             }
             let data = match kind {
+                BUFFER_HTTP_REQUEST_BODY => {
+                    let state = c.data_mut();
+                    let in_body = state.phase == Callback::RequestBody;
+                    match state.profile {
+                        Profile::Kong if !matches!(state.phase, Callback::RequestHeaders | Callback::RequestBody) => {
+                            return Err(wasmtime::Error::msg(
+                                "host trap (bad usage): can only get request body during \"on_request_body\", \"on_log\"",
+                            ))
+                        }
+                        Profile::Kong if state.request_body.len() > KONG_BODY_BUFFER_BYTES => {
+                            state.logs.push((4, "[error] cannot read request body buffered to file".into()));
+                            return Ok(NOT_FOUND);
+                        }
+                        Profile::Apisix if max <= 0 => return Ok(BAD_ARGUMENT),
+                        _ if !in_body => return Ok(NOT_FOUND),
+                        _ => state.request_body.clone(),
+                    }
+                }
                 BUFFER_PLUGIN_CONFIGURATION => c.data().plugin_configuration.clone(),
                 BUFFER_VM_CONFIGURATION => Vec::new(),
                 BUFFER_HTTP_CALL_RESPONSE_BODY => match &c.data().call_response {
@@ -892,6 +1177,9 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         |mut c: Caller<'_, State>, map: i32, ptr_out: i32, size_out: i32| -> wasmtime::Result<i32> {
             if let Some(status) = imposed(&mut c, "proxy_get_header_map_pairs")? {
                 return Ok(status);
+            }
+            if apisix_without_request(&c) {
+                return Ok(BAD_ARGUMENT);
             }
             let pairs = match map {
                 MAP_REQUEST_HEADERS => {
@@ -1024,6 +1312,17 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             if path.ends_with("_peer_certificate") && state.lacking.contains(&"peer_certificates") {
                 return Ok(UNIMPLEMENTED);
             }
+            if state.profile == Profile::Apisix {
+                return match apisix_property(&state.ngx_vars, state.current != ROOT_CONTEXT, &path) {
+                    Ok(value) if !value.is_empty() => return_bytes(&mut c, &value, ptr_out, size_out),
+                    Ok(_) => {
+                        write(&mut c, ptr_out, &0i32.to_le_bytes())?;
+                        write(&mut c, size_out, &0i32.to_le_bytes())?;
+                        Ok(OK)
+                    }
+                    Err(status) => Ok(status),
+                };
+            }
             let value = match (state.profile, path.as_str()) {
                 (Profile::Kong, "ngx\0nginx_version") => Some(b"1.22.1".to_vec()),
                 _ => state.properties.get(&path).cloned(),
@@ -1043,6 +1342,13 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             }
             if c.data().lacking.contains(&"proxy_set_property") {
                 return Ok(UNIMPLEMENTED);
+            }
+            if c.data().profile == Profile::Apisix {
+                let name = read_string(&mut c, pptr, plen)?;
+                let value = read(&mut c, vptr, vlen)?;
+                let state = c.data_mut();
+                let in_request = state.current != ROOT_CONTEXT;
+                return Ok(apisix_set_variable(&mut state.ngx_vars, &mut state.logs, in_request, &name, value));
             }
             let path = read_string(&mut c, pptr, plen)?.replace('\0', ".");
             let value = read(&mut c, vptr, vlen)?;
@@ -1113,6 +1419,10 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             if c.data().lacking.contains(&"proxy_define_metric") {
                 return Ok(UNIMPLEMENTED);
             }
+            if c.data().profile == Profile::Apisix {
+                // Ok, and the id is not written.
+                return Ok(OK);
+            }
             let name = read_string(&mut c, nptr, nlen)?;
             let id = {
                 let mut metrics = lock(&c.data().process.metrics);
@@ -1138,6 +1448,9 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             }
             if c.data().lacking.contains(&"proxy_increment_metric") {
                 return Ok(UNIMPLEMENTED);
+            }
+            if c.data().profile == Profile::Apisix {
+                return Ok(OK);
             }
             Ok(match lock(&c.data().process.metrics).get_mut(id as u32 as usize) {
                 Some((_, value)) => {
@@ -1198,6 +1511,9 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             if state.lacking.contains(&"proxy_http_call") {
                 return Ok(UNIMPLEMENTED);
             }
+            if apisix_without_request(&c) {
+                return Ok(BAD_ARGUMENT);
+            }
             let upstream = read_string(&mut c, uptr, ulen)?;
             if upstream.is_empty() {
                 // Envoy: no such cluster.
@@ -1225,7 +1541,7 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             }
             let state = c.data_mut();
             // Kong: a no-op that says Ok.
-            if state.profile == Profile::Kong || context == ROOT_CONTEXT || context == state.current {
+            if state.profile != Profile::Envoy || context == ROOT_CONTEXT || context == state.current {
                 return Ok(OK);
             }
             // Envoy answers BadArgument for a context that is gone (the client left).
@@ -1369,6 +1685,53 @@ mod tests {
         assert_eq!(count, 120);
         assert!(view.first().is_some_and(|(n, _)| n.starts_with(':')));
         assert!(!view.iter().any(|(n, _)| n == "x-h119"), "a header past the limit is not seen");
+    }
+
+    fn apisix_vars() -> HashMap<String, Vec<u8>> {
+        [("nginx_version", APISIX_NGINX_VERSION), ("wasm_process_req_body", ""), ("wasm_process_resp_body", "")]
+            .into_iter()
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn apisix_properties_are_nginx_variables_with_no_client_address() {
+        let vars = apisix_vars();
+        assert_eq!(apisix_property(&vars, true, "nginx_version"), Ok(APISIX_NGINX_VERSION.as_bytes().to_vec()));
+        assert_eq!(apisix_property(&vars, true, "source\0address"), Err(NOT_FOUND), "no source.address");
+        assert_eq!(apisix_property(&vars, true, "ngx\0nginx_version"), Err(NOT_FOUND), "not Kong's ngx.*");
+        assert_eq!(apisix_property(&vars, false, "nginx_version"), Err(BAD_ARGUMENT), "no request at configure");
+        assert_eq!(apisix_property(&vars, false, "plugin_root_id"), Ok(b"agentgate".to_vec()));
+    }
+
+    #[test]
+    fn apisix_fails_each_write_to_an_undeclared_variable_with_not_found_and_an_error_line() {
+        let (mut vars, mut logs) = (apisix_vars(), Vec::new());
+        for _ in 0..2 {
+            assert_eq!(
+                apisix_set_variable(&mut vars, &mut logs, true, "agentgate.decision", b"allow".to_vec()),
+                NOT_FOUND
+            );
+        }
+        assert_eq!(logs.len(), 2, "one error line per write, per request");
+        assert!(logs[0].1.contains("variable \"agentgate.decision\" not found for writing"), "{logs:?}");
+        assert_eq!(apisix_set_variable(&mut vars, &mut logs, true, "wasm_process_req_body", b"1".to_vec()), OK);
+        assert_eq!(vars.get("wasm_process_req_body").map(Vec::as_slice), Some(&b"1"[..]));
+        assert_eq!(
+            apisix_set_variable(&mut vars, &mut logs, false, "wasm_process_req_body", b"1".to_vec()),
+            BAD_ARGUMENT
+        );
+        assert_eq!(logs.len(), 2);
+    }
+
+    #[test]
+    fn apisix_passes_lower_case_names_and_the_host_header_but_no_authority() {
+        let (held, _) =
+            received(Profile::Apisix, &[(":method", "POST"), (":path", "/mcp"), (":authority", "api"), ("X-A", "1")]);
+        let view = visible(Profile::Apisix, &held);
+        assert!(view.contains(&("host".into(), "api".into())) && view.contains(&("x-a".into(), "1".into())));
+        assert!(!view.iter().any(|(n, _)| n == ":authority"), "{view:?}");
+        assert!(view.contains(&(":path".into(), "/mcp".into())) && view.contains(&(":scheme".into(), "http".into())));
     }
 
     #[test]

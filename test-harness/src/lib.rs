@@ -3,6 +3,7 @@
 //! host on wasmtime.
 
 pub mod envoy;
+pub mod fleet;
 #[cfg(feature = "host")]
 pub mod host;
 pub mod idp;

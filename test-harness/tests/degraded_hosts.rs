@@ -1,9 +1,9 @@
-//! The release filter on hosts weaker than Envoy, in the wasmtime host with host calls taken
-//! away: APISIX (no proxy-wasm clock, ticks, shared data nor metrics), a host that says it has
-//! no peer-certificate properties, a host without HTTP callouts. Same policy, same decision where the host can
-//! carry it; a clear refusal at configure time where it cannot; never a dead VM.
+//! The release filter on hosts weaker than Envoy: the APISIX host model (no proxy-wasm clock,
+//! ticks nor shared data; configured at the first request), and Envoy with host calls taken
+//! away (no peer-certificate properties, no HTTP callouts, no clock). Same policy, same
+//! decision where the host can carry it; a clear refusal where it cannot; never a dead VM.
 
-use agentgate_test_harness::host::{Host, HostError, Outcome, APISIX_LACKS};
+use agentgate_test_harness::host::{Host, HostError, Outcome};
 use agentgate_test_harness::tokens::{agent_claims, policy, read_invoice_rule, Signer};
 use serde_json::{json, Value};
 
@@ -48,20 +48,22 @@ fn refusal(result: Result<Host, HostError>) -> String {
 }
 
 #[test]
-fn on_an_apisix_like_host_the_wasi_clock_and_per_vm_state_carry_the_same_policy() {
+fn on_apisix_the_wasi_clock_and_per_vm_state_carry_the_same_policy() {
     let single_use = inline_policy(|p| {
         p["providers"][0]["single_use"] = json!(true);
+        // One use per worker VM: accepted where there is no shared data.
+        p["providers"][0]["single_use_scope"] = json!("worker");
         p["providers"][0]["max_lifetime_seconds"] = json!(600);
         p["rules"][0]["rate_limit"] = json!({"requests": 3, "per_seconds": 60});
     });
-    let mut host = Host::lacking(&single_use, APISIX_LACKS).unwrap_or_else(|e| panic!("{e}"));
-    let logs = host.logs().join("\n");
-    assert!(logs.contains("using the WASI clock"), "{logs}");
-    assert!(logs.contains("counted per worker VM"), "{logs}");
-    assert!(logs.contains("no metrics on this host"), "{logs}");
-
+    let mut host = Host::apisix(&single_use).unwrap_or_else(|e| panic!("{e}"));
     let token = token_at(&host, |_| {});
     assert_eq!(get(&mut host, &token).status(), 200);
+    let logs = host.logs().join("\n");
+    assert!(logs.contains("using the WASI clock"), "configured at the first request: {logs}");
+    assert!(logs.contains("counted per worker VM"), "{logs}");
+    assert!(!logs.contains("no metrics on this host"), "its metrics calls succeed: {logs}");
+
     assert_eq!(get(&mut host, &token).status(), 401, "single use holds in the VM");
     let expired = token_at(&host, |c| {
         c["jti"] = json!("old");
@@ -76,10 +78,27 @@ fn on_an_apisix_like_host_the_wasi_clock_and_per_vm_state_carry_the_same_policy(
 
 #[test]
 fn a_policy_that_fetches_keys_is_refused_where_the_host_cannot_fetch() {
-    let logs = refusal(Host::lacking(&remote_policy(), APISIX_LACKS));
+    let lacking = ["proxy_set_tick_period_milliseconds", "proxy_get_shared_data", "proxy_set_shared_data"];
+    let logs = refusal(Host::lacking(&remote_policy(), &lacking));
     assert!(logs.contains("provider \"corp-idp\" fetches its keys"), "{logs}");
     assert!(logs.contains("needs timer ticks and shared data"), "{logs}");
-    assert!(logs.contains("(jwks)") && logs.contains("(jwks_file)"), "says what to do instead: {logs}");
+    assert!(logs.contains("inline (jwks)"), "says what to do instead: {logs}");
+    assert!(!logs.contains("jwks_file"), "no gateway host reads files: {logs}");
+}
+
+#[test]
+fn gateway_wide_single_use_is_refused_without_shared_data_and_names_the_way_out() {
+    let single_use = inline_policy(|p| {
+        p["providers"][0]["single_use"] = json!(true);
+        p["providers"][0]["max_lifetime_seconds"] = json!(600);
+    });
+    let lacking = ["proxy_get_shared_data", "proxy_set_shared_data"];
+    let logs = refusal(Host::lacking(&single_use, &lacking));
+    let lines: Vec<&str> = logs.lines().filter(|l| l.contains("single_use_scope")).collect();
+    assert_eq!(lines.len(), 1, "{logs}");
+    assert!(lines[0].contains("\"single_use_scope\": \"worker\""), "{logs}");
+    // With shared data the same policy runs, and the token is used once across workers.
+    assert!(Host::new(&single_use).is_ok());
 }
 
 #[test]

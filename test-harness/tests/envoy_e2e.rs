@@ -515,3 +515,51 @@ fn other_spellings_of_an_operation_meet_its_rule_in_envoy() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.upstream_header("x_agent_on_behalf_of"), None);
 }
+
+/// The worker thread of each audit record, from Envoy's log line (`[time][thread][level]`).
+fn audit_threads(envoy: &Envoy, agent: &str) -> Vec<String> {
+    envoy
+        .logs()
+        .lines()
+        .filter(|l| l.contains("agentgate audit") && l.contains(&format!("\"agent\":\"{agent}\"")))
+        .filter_map(|l| l.split(']').nth(1).map(|t| t.trim_start_matches('[').to_string()))
+        .collect()
+}
+
+#[test]
+fn an_agent_straying_across_two_workers_is_quarantined_after_max_denials_in_all() {
+    let signer = Signer::es256("es-1", 1);
+    let mut p: Value =
+        serde_json::from_str(&policy(&signer.jwks(), &read_invoice_rule(), "enforce")).unwrap_or_default();
+    p["quarantine"] = json!({"window_seconds": 60, "max_denials": 4, "cool_off_seconds": 2});
+    let upstream = Upstream::start();
+    let envoy = Envoy::start_workers(&p.to_string(), upstream.port, 2).unwrap_or_else(|e| panic!("{e}"));
+    // New connections spread over the workers; try agents until one's denials landed on both.
+    for n in 0..6 {
+        let agent = format!("agent-{n}");
+        let stray = bearer(&signer.sign(&agent_claims(&agent, "invoices:list", now())));
+        let good = bearer(&signer.sign(&agent_claims(&agent, "invoices:read", now())));
+        for _ in 0..4 {
+            assert_eq!(envoy.raw(&raw_request("GET", "/invoices/42", &[("authorization", &stray)])), 403);
+        }
+        let mut threads = audit_threads(&envoy, &agent);
+        threads.sort();
+        threads.dedup();
+        if threads.len() < 2 {
+            continue;
+        }
+        // Counted together: the fourth denial, on either worker, quarantined the agent everywhere.
+        for _ in 0..4 {
+            assert_eq!(envoy.raw(&raw_request("GET", "/invoices/42", &[("authorization", &good)])), 403);
+        }
+        let reasons: Vec<Value> =
+            envoy.audit_records().iter().filter(|r| r["agent"] == agent).map(|r| r["reason"].clone()).collect();
+        assert_eq!(reasons.iter().filter(|r| **r == json!("quarantined")).count(), 4, "{reasons:?}");
+        assert!(envoy.logs().contains(&format!("agentgate quarantine {{\"agent\":\"{agent}\"")));
+        // The cool-off ends.
+        std::thread::sleep(std::time::Duration::from_millis(2200));
+        assert_eq!(envoy.raw(&raw_request("GET", "/invoices/42", &[("authorization", &good)])), 200);
+        return;
+    }
+    panic!("no agent's requests reached both workers");
+}

@@ -366,6 +366,7 @@ fn with_request<T>(request_json: &str, f: impl FnOnce(&Request<'_>) -> T) -> Res
     Ok(f(&Request {
         source: request.source_ip.as_deref(),
         peer_uri_san: request.peer_uri_san.as_deref(),
+        peer_certificate_sha256: None,
         body: request.body.as_deref().map(str::as_bytes),
         method: &request.method,
         path: &request.path,

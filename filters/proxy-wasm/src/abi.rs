@@ -58,8 +58,8 @@ pub extern "C" fn proxy_on_tick(context: u32) {
 }
 
 #[no_mangle]
-pub extern "C" fn proxy_on_request_headers(context: u32, headers: u32, _end_of_stream: u32) -> u32 {
-    with(|vm| vm.on_request_headers(context, size(headers)))
+pub extern "C" fn proxy_on_request_headers(context: u32, headers: u32, end_of_stream: u32) -> u32 {
+    with(|vm| vm.on_request_headers(context, size(headers), end_of_stream != 0))
 }
 
 #[no_mangle]
@@ -84,8 +84,8 @@ pub extern "C" fn proxy_on_delete(context: u32) {
 pub extern "C" fn proxy_on_queue_ready(_context: u32, _queue: u32) {}
 
 #[no_mangle]
-pub extern "C" fn proxy_on_request_body(_context: u32, _size: u32, _end_of_stream: u32) -> u32 {
-    CONTINUE
+pub extern "C" fn proxy_on_request_body(context: u32, size: u32, end_of_stream: u32) -> u32 {
+    with(|vm| vm.on_request_body(context, self::size(size), end_of_stream != 0))
 }
 
 #[no_mangle]

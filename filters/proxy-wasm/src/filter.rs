@@ -8,15 +8,28 @@
 use crate::host::{self, Host, Level, Map};
 use crate::metrics::Metrics;
 use crate::shared::SharedDataGuard;
-use crate::{keys, seconds, Shared, CONTINUE, PAUSE};
+use crate::{keys, seconds, HostKind, Shared, CONTINUE, PAUSE};
 use agentgate::jwks::Fetch;
 use agentgate::{Action, Reason, Request};
+use std::cell::Cell;
 
 pub enum Step {
     /// Keys are missing: fetch them from the request's own context and wait.
     Wait { provider: usize, fetch: Fetch, wait_ms: u64, now: i64 },
+    /// The route decides on the body (MCP): read it, up to `limit` and one byte more.
+    /// `declared`: the headers announce a body (a Content-Length above 0).
+    ReadBody { limit: usize, declared: bool },
     /// The proxy-wasm action for the request.
     Done(u32),
+}
+
+/// What the VM knows about the request and the host beyond the policy.
+pub struct Context<'a> {
+    /// The header count the host gave with the request.
+    pub announced: usize,
+    pub kind: HostKind,
+    /// Whether the host keeps filter state; cleared at the first write it refuses.
+    pub filter_state: &'a Cell<bool>,
 }
 
 const REQUEST_ID: &str = "x-request-id";
@@ -47,10 +60,11 @@ fn request_id(host: &dyn Host) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Decides the current request. `announced` is the header count the host gave with the
-/// request; `nginx` whether the host is ngx_wasm_module.
-pub fn decide(host: &dyn Host, shared: &Shared, announced: usize, nginx: bool, may_wait: bool) -> Step {
+/// Decides the current request; `body` is its body once read (a route that needs it and
+/// has none yet asks for it with [`Step::ReadBody`]).
+pub fn decide(host: &dyn Host, shared: &Shared, context: &Context<'_>, body: Option<&[u8]>, may_wait: bool) -> Step {
     let (gate, metrics) = (&shared.gate, &shared.metrics);
+    let (announced, nginx) = (context.announced, context.kind == HostKind::NgxWasmModule);
     let (Some(headers), Some(now_ms)) = (host.header_map(Map::RequestHeaders), host::now_ms(host)) else {
         // Fail closed: without headers or a clock nothing can be verified.
         return Step::Done(refuse_request(host, metrics, Reason::HostError));
@@ -69,19 +83,31 @@ pub fn decide(host: &dyn Host, shared: &Shared, announced: usize, nginx: bool, m
     }
     let seen = normalized(host, &headers);
     let pseudo = |name: &str| seen.iter().find(|(n, _)| n == name).map_or("", |(_, v)| v.as_str());
+    if body.is_none() {
+        if let Some(limit) = gate.body_limit(pseudo(":method"), pseudo(":path")) {
+            // Kong calls no body callback for an empty body: only a Content-Length above 0
+            // (and no other framing) is a body it will hand over.
+            let declared = !seen.iter().any(|(n, _)| n == "transfer-encoding")
+                && pseudo("content-length").trim().parse::<u64>().is_ok_and(|length| length > 0);
+            return Step::ReadBody { limit, declared };
+        }
+    }
     let policy = gate.policy();
     // The client address goes into every audit record; the peer certificate only when a rule reads it.
     let source = property(host, true, &["source", "address"]);
     let peer = property(host, policy.needs_peer, &["connection", "uri_san_peer_certificate"]);
+    // RFC 8705: the client certificate's SHA-256, only where a provider checks certificate-bound tokens.
+    let certificate = property(host, policy.needs_peer_certificate, &["connection", "sha256_peer_certificate_digest"]);
     let now = seconds(now_ms);
     let request = Request {
         source: source.as_deref(),
         peer_uri_san: peer.as_deref(),
-        body: None,
+        peer_certificate_sha256: certificate.as_deref(),
         method: pseudo(":method"),
         path: pseudo(":path"),
         headers: &seen,
         now,
+        body,
     };
     // Without shared data, single-use and rate-limit state lives in this VM (logged at configure).
     let decision = if shared.caps.shared_data {
@@ -106,18 +132,48 @@ pub fn decide(host: &dyn Host, shared: &Shared, announced: usize, nginx: bool, m
             return Step::Done(refuse_request(host, metrics, Reason::HostError));
         }
     }
-    host.log(Level::Info, &format!("agentgate audit {}", decision.audit.to_json()));
+    host.log(policy.audit.log_level.into(), &format!("agentgate audit {}", decision.audit.to_json()));
+    if let Some(event) = &decision.quarantine {
+        host.log(Level::Warn, &format!("agentgate quarantine {}", event.to_json()));
+        metrics.count_quarantine(host);
+    }
     metrics.count(host, decision.reason, decision.dry_run);
     metrics.count_rule(host, decision.rule_index, decision.allowed);
     if policy.audit.filter_state {
-        for (field, value) in decision.audit.log_fields() {
-            host.set_property(&format!("agentgate.{field}"), value.as_bytes());
-        }
+        set_filter_state(host, context, &decision.audit.log_fields());
     }
     if decision.audit.issuer.is_some() {
-        metrics.count_cache(host, decision.cache_hit);
+        metrics.count_cache(host, decision.cache_hit, decision.shared_cache_hit);
+    }
+    if let (Some("tools/call"), Some(tool)) = (decision.audit.mcp_method.as_deref(), decision.audit.mcp_tool.as_deref())
+    {
+        metrics.count_tool(host, tool, decision.rule_index.is_some(), decision.allowed);
     }
     Step::Done(apply(host, &decision.action, nginx))
+}
+
+/// Writes the decision as filter state where the host keeps it. APISIX's properties are
+/// nginx variables, which a filter cannot declare: each write fails with an error line of
+/// the host's own, so none is tried there, and on any host writes stop at the first refusal.
+fn set_filter_state<V: AsRef<str>>(host: &dyn Host, context: &Context<'_>, fields: &[(&str, V)]) {
+    if context.kind == HostKind::WasmNginxModule || !context.filter_state.get() {
+        return;
+    }
+    for (field, value) in fields {
+        if !host.set_property(&format!("agentgate.{field}"), value.as_ref().as_bytes()) {
+            context.filter_state.set(false);
+            host.log(Level::Warn, "agentgate: this host keeps no filter state (audit.filter_state): not written again");
+            return;
+        }
+    }
+}
+
+/// The answer on a host that configures at a request when the policy was refused (logged
+/// once at configure): a 503 that says so, rather than the host's bare error page.
+pub fn policy_refused(host: &dyn Host) -> u32 {
+    let body = r#"{"error":"server_error","error_description":"the gateway's agentgate policy cannot run on this host; its error log says why"}"#;
+    let headers = [("content-type".to_string(), "application/json".to_string())];
+    apply(host, &Action::Respond { status: 503, headers: headers.to_vec(), body: body.to_string() }, false)
 }
 
 pub fn refuse_request(host: &dyn Host, metrics: &Metrics, reason: Reason) -> u32 {

@@ -17,9 +17,26 @@ pub const INTERNAL_FAILURE: u32 = 10;
 /// proxy-wasm log levels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
+    Trace = 0,
+    Debug = 1,
     Info = 2,
     Warn = 3,
     Error = 4,
+    Critical = 5,
+}
+
+impl From<agentgate::config::LogLevel> for Level {
+    fn from(level: agentgate::config::LogLevel) -> Level {
+        use agentgate::config::LogLevel;
+        match level {
+            LogLevel::Trace => Level::Trace,
+            LogLevel::Debug => Level::Debug,
+            LogLevel::Info => Level::Info,
+            LogLevel::Warn => Level::Warn,
+            LogLevel::Error => Level::Error,
+            LogLevel::Critical => Level::Critical,
+        }
+    }
 }
 
 /// proxy-wasm header map types.
@@ -43,6 +60,9 @@ pub trait Host {
     fn plugin_configuration(&self) -> Result<Option<Vec<u8>>, u32>;
     /// Up to `max` bytes of the callout response body.
     fn call_response_body(&self, max: usize) -> Option<Vec<u8>>;
+    /// Up to `max` bytes of the request body the host holds now (call only from
+    /// `on_request_body`: Kong traps a read from other callbacks).
+    fn request_body(&self, max: usize) -> Option<Vec<u8>>;
     /// A header map; `None` when the host refuses or answers garbage.
     fn header_map(&self, map: Map) -> Option<Vec<(String, String)>>;
     fn replace_request_header(&self, name: &str, value: &str) -> bool;
@@ -203,6 +223,7 @@ mod raw {
     /// proxy-wasm buffer types.
     const PLUGIN_CONFIGURATION: u32 = 7;
     const CALL_RESPONSE_BODY: u32 = 4;
+    const REQUEST_BODY: u32 = 0;
     /// The HTTP request stream (continue, close).
     const REQUEST_STREAM: u32 = 0;
 
@@ -295,6 +316,15 @@ mod raw {
             // SAFETY: the host writes a pointer and a size.
             let (status, mut bytes) = fetch(|d, s| unsafe { proxy_get_buffer_bytes(CALL_RESPONSE_BODY, 0, max, d, s) });
             // A host that hands back more than asked is cut to the limit.
+            bytes.truncate(max);
+            (status == OK).then_some(bytes)
+        }
+
+        fn request_body(&self, max: usize) -> Option<Vec<u8>> {
+            // SAFETY: the host writes a pointer and a size.
+            // wasm-nginx-module takes the size as a signed 32-bit number.
+            let max = max.min(i32::MAX as usize);
+            let (status, mut bytes) = fetch(|d, s| unsafe { proxy_get_buffer_bytes(REQUEST_BODY, 0, max, d, s) });
             bytes.truncate(max);
             (status == OK).then_some(bytes)
         }

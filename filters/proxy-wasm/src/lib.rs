@@ -44,14 +44,35 @@ struct Root {
     shared: Option<Rc<Shared>>,
     /// Counters before any policy (requests refused as `not_configured`).
     metrics: Rc<Metrics>,
+    /// The policy was refused on a host that configures at a request (see `Vm::refuse`).
+    refused: bool,
 }
 
 #[derive(Clone)]
 struct Stream {
     shared: Option<Rc<Shared>>,
     metrics: Rc<Metrics>,
+    refused: bool,
     /// How many request headers the host said the request has.
     announced: usize,
+    /// Whether the headers ended the request (Envoy; other hosts say yes or no regardless).
+    end_of_stream: bool,
+    /// The body limit of a request held for its body (an MCP route).
+    awaiting_body: Option<usize>,
+    /// The body read for the decision, up to the limit and one byte more.
+    body: Option<Rc<[u8]>>,
+}
+
+/// Which proxy-wasm host this is, told apart at the first request by properties that are
+/// safe to read there: what the hosts differ in beyond their capabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostKind {
+    /// Envoy, or any host that behaves as it does.
+    Envoy,
+    /// Kong's ngx_wasm_module (`ngx.*` properties).
+    NgxWasmModule,
+    /// APISIX's wasm-nginx-module: properties are nginx variables (`nginx_version`).
+    WasmNginxModule,
 }
 
 /// Who made a callout: its answer comes back to that context.
@@ -82,8 +103,18 @@ pub struct Vm<H: Host> {
     roots: RefCell<HashMap<u32, Root>>,
     streams: RefCell<HashMap<u32, Stream>>,
     calls: RefCell<HashMap<u32, Call>>,
-    /// Whether the host is nginx (ngx_wasm_module), asked at the first request.
-    nginx: Cell<Option<bool>>,
+    /// Which host this is, asked at the first request.
+    kind: Cell<Option<HostKind>>,
+    /// Whether the host started the VM (`proxy_on_vm_start`): Envoy and Kong do, at load;
+    /// APISIX never does, and configures at the first request of each worker.
+    started: Cell<bool>,
+    /// The policy configured last on any root context: APISIX configures a new root
+    /// context for a changed route, and what this VM remembers must carry over to it.
+    latest: RefCell<Option<Rc<Shared>>>,
+    /// The refusal logged last: a host that configures per request is not logged at per request.
+    refusal: RefCell<Option<String>>,
+    /// Whether the host keeps filter state (false once a write failed).
+    filter_state: Cell<bool>,
 }
 
 impl<H: Host> Vm<H> {
@@ -93,7 +124,11 @@ impl<H: Host> Vm<H> {
             roots: RefCell::default(),
             streams: RefCell::default(),
             calls: RefCell::default(),
-            nginx: Cell::new(None),
+            kind: Cell::new(None),
+            started: Cell::new(false),
+            latest: RefCell::default(),
+            refusal: RefCell::default(),
+            filter_state: Cell::new(true),
         }
     }
 
@@ -107,11 +142,20 @@ impl<H: Host> Vm<H> {
             return;
         }
         let root = self.root(parent);
-        let stream = Stream { shared: root.shared, metrics: root.metrics, announced: 0 };
+        let stream = Stream {
+            shared: root.shared,
+            metrics: root.metrics,
+            refused: root.refused,
+            announced: 0,
+            end_of_stream: true,
+            awaiting_body: None,
+            body: None,
+        };
         self.streams.borrow_mut().insert(id, stream);
     }
 
     pub fn on_vm_start(&self, root: u32) -> bool {
+        self.started.set(true);
         let metrics = Rc::new(Metrics::define(&self.host, None));
         self.roots.borrow_mut().entry(root).or_default().metrics = metrics;
         true
@@ -119,23 +163,59 @@ impl<H: Host> Vm<H> {
 
     /// Returning false makes the host refuse the plugin: a bad policy never serves traffic.
     pub fn on_configure(&self, root: u32) -> bool {
+        match self.configure(root) {
+            Ok(shared) => {
+                *self.latest.borrow_mut() = Some(Rc::clone(&shared));
+                let mut roots = self.roots.borrow_mut();
+                let entry = roots.entry(root).or_default();
+                entry.shared = Some(shared);
+                entry.refused = false;
+                true
+            }
+            Err(message) => self.refuse(root, &message),
+        }
+    }
+
+    /// Logs a refusal (once per VM: a host that configures per request asks again per
+    /// request) and refuses the plugin. On a host that configures at a request (no
+    /// `proxy_on_vm_start`: APISIX, which would answer a bare 503 and configure again at each
+    /// request), the root context is kept with the policy refused, and its requests get a
+    /// 503 that says so.
+    fn refuse(&self, root: u32, message: &str) -> bool {
+        let message = format!("agentgate: {message}");
+        if self.started.get() || self.refusal.borrow().as_deref() != Some(message.as_str()) {
+            let answer = if self.started.get() { "" } else { "; every request of this route is answered 503" };
+            self.host.log(Level::Error, &format!("{message}{answer}"));
+            *self.refusal.borrow_mut() = Some(message);
+        }
+        if self.started.get() {
+            return false;
+        }
+        let mut roots = self.roots.borrow_mut();
+        let entry = roots.entry(root).or_default();
+        entry.shared = None;
+        entry.refused = true;
+        true
+    }
+
+    fn configure(&self, root: u32) -> Result<Rc<Shared>, String> {
         let host = &self.host;
         let config = match host.plugin_configuration() {
             Ok(Some(bytes)) => bytes,
-            Ok(None) => return refuse(host, "no policy configured (set the plugin configuration)"),
-            Err(status) => return refuse(host, &format!("cannot read the plugin configuration: status {status}")),
+            Ok(None) => return Err("no policy configured (set the plugin configuration)".into()),
+            Err(status) => return Err(format!("cannot read the plugin configuration: status {status}")),
         };
-        let Ok(json) = std::str::from_utf8(&config) else {
-            return refuse(host, "the plugin configuration is not UTF-8");
-        };
-        let gate = match Gate::from_json(json) {
-            Ok(gate) => gate,
-            Err(error) => return refuse(host, &format!("invalid policy: {error}")),
-        };
-        let ticking = self.root(root).shared.is_some_and(|old| old.gate.remote_providers().next().is_some());
-        let caps = Capabilities::probe(host, &gate, if ticking { TICK_MS } else { 0 });
+        let json = std::str::from_utf8(&config).map_err(|_| "the plugin configuration is not UTF-8".to_string())?;
+        let mut gate = Gate::from_json(json).map_err(|error| format!("invalid policy: {error}"))?;
+        let previous = self.root(root).shared.or_else(|| self.latest.borrow().clone());
+        let ticking = previous.as_ref().is_some_and(|old| old.gate.remote_providers().next().is_some());
+        let caps = Capabilities::probe(host, &gate, if ticking { TICK_MS } else { 0 }, !self.started.get());
         if let Some(why) = caps.refusal(&gate) {
-            return refuse(host, &format!("policy cannot run on this host: {why}"));
+            return Err(format!("policy cannot run on this host: {why}"));
+        }
+        // Used single-use tokens and rate-limit counts stay with the VM, whatever the policy.
+        if let Some(previous) = &previous {
+            gate.inherit_state(&previous.gate);
         }
         for note in caps.degradations() {
             host.log(Level::Warn, &format!("agentgate: {note}"));
@@ -163,11 +243,9 @@ impl<H: Host> Vm<H> {
             keys::sync(host, &gate, index);
         }
         if !remote.is_empty() && !host.set_tick_period(TICK_MS) {
-            return refuse(host, "remote keys (jwks_uri, discovery) need timer ticks, which this host refused");
+            return Err("remote keys (jwks_uri, discovery) need timer ticks, which this host refused".into());
         }
-        let shared = Rc::new(Shared { gate, metrics, caps, wanted: RefCell::default() });
-        self.roots.borrow_mut().entry(root).or_default().shared = Some(shared);
-        true
+        Ok(Rc::new(Shared { gate, metrics, caps, wanted: RefCell::default() }))
     }
 
     pub fn on_tick(&self, root: u32) {
@@ -194,9 +272,10 @@ impl<H: Host> Vm<H> {
         true
     }
 
-    pub fn on_request_headers(&self, id: u32, announced: usize) -> u32 {
+    pub fn on_request_headers(&self, id: u32, announced: usize, end_of_stream: bool) -> u32 {
         let stream = self.streams.borrow_mut().get_mut(&id).map(|s| {
             s.announced = announced;
+            s.end_of_stream = end_of_stream;
             s.clone()
         });
         let Some(stream) = stream else {
@@ -206,34 +285,121 @@ impl<H: Host> Vm<H> {
         self.decide(id, &stream, true)
     }
 
+    /// The body of a request held for it: read up to its limit and one byte more, then
+    /// decided. Hosts hand it over differently: Envoy in chunks it buffers while the filter
+    /// asks for more; Kong and APISIX whole, once, with `end_of_stream`.
+    pub fn on_request_body(&self, id: u32, size: usize, end_of_stream: bool) -> u32 {
+        let Some(stream) = self.streams.borrow().get(&id).cloned() else { return CONTINUE };
+        let Some(limit) = stream.awaiting_body else { return CONTINUE };
+        let over = size > limit;
+        if !end_of_stream && !over {
+            // Envoy: buffer until the end of the stream or the limit.
+            return PAUSE;
+        }
+        let body: Rc<[u8]> = if over {
+            // Too large whatever it says: nothing to read (Kong cannot hand over a body that
+            // nginx buffered to a file), the core answers 413.
+            vec![0; limit.saturating_add(1)].into()
+        } else if size == 0 {
+            Rc::from(&[][..])
+        } else {
+            match self.host.request_body(size) {
+                Some(bytes) => bytes.into(),
+                None => {
+                    self.host.log(
+                        Level::Error,
+                        "agentgate: the host did not hand over the request body (on Kong: raise nginx's client_body_buffer_size to the policy's max_body_bytes): refused",
+                    );
+                    return filter::refuse_request(&self.host, &stream.metrics, Reason::HostError);
+                }
+            }
+        };
+        let stream = {
+            let mut streams = self.streams.borrow_mut();
+            let Some(held) = streams.get_mut(&id) else { return CONTINUE };
+            held.awaiting_body = None;
+            held.body = Some(body);
+            held.clone()
+        };
+        self.decide(id, &stream, true)
+    }
+
     /// Decides request `id` (the current one) and applies the decision; with `may_wait`, a
     /// request whose keys are missing fetches them and waits for its own callout.
     fn decide(&self, id: u32, stream: &Stream, may_wait: bool) -> u32 {
         let host = &self.host;
+        if stream.refused {
+            return filter::policy_refused(host);
+        }
         let Some(shared) = &stream.shared else {
             // Fail closed: without a policy nothing can be verified.
             return filter::refuse_request(host, &stream.metrics, Reason::NotConfigured);
         };
-        let nginx = self.nginx();
-        match filter::decide(host, shared, stream.announced, nginx, may_wait) {
+        let kind = self.kind();
+        let context = filter::Context { announced: stream.announced, kind, filter_state: &self.filter_state };
+        match filter::decide(host, shared, &context, stream.body.as_deref(), may_wait) {
             filter::Step::Wait { provider, fetch, wait_ms, now } => {
                 if self.dispatch(Owner::Stream(id), shared, provider, &fetch, Some(wait_ms), now) {
                     return PAUSE;
                 }
                 self.decide(id, stream, false)
             }
+            filter::Step::ReadBody { limit, declared } => self.await_body(id, stream, kind, limit, declared),
             filter::Step::Done(action) => action,
         }
     }
 
-    /// Whether the host is nginx, asked once, within a request (where Kong allows it).
-    fn nginx(&self) -> bool {
-        if let Some(known) = self.nginx.get() {
+    /// Holds request `id` for its body, as the host allows: Envoy pauses the headers; Kong
+    /// yields for good on a pause with nothing pending, and hands the body over before it
+    /// proxies, so the headers continue (a request with no body declared is decided at
+    /// once: Kong calls no body callback for an empty body); APISIX hands it over only when
+    /// asked through `wasm_process_req_body`, and crashes its worker on a pause without a
+    /// callout.
+    fn await_body(&self, id: u32, stream: &Stream, kind: HostKind, limit: usize, declared: bool) -> u32 {
+        let (wait, action) = match kind {
+            HostKind::Envoy => (!stream.end_of_stream, PAUSE),
+            HostKind::NgxWasmModule => (declared, CONTINUE),
+            HostKind::WasmNginxModule => {
+                if !self.host.set_property("wasm_process_req_body", b"1") {
+                    self.host.log(
+                        Level::Error,
+                        "agentgate: this host did not take wasm_process_req_body: the body of an MCP request cannot be read: refused",
+                    );
+                    return filter::refuse_request(&self.host, &stream.metrics, Reason::HostError);
+                }
+                (true, CONTINUE)
+            }
+        };
+        let mut stream = stream.clone();
+        if wait {
+            stream.awaiting_body = Some(limit);
+        } else {
+            stream.body = Some(Rc::from(&[][..]));
+        }
+        if let Some(held) = self.streams.borrow_mut().get_mut(&id) {
+            *held = stream.clone();
+        }
+        if wait {
+            return action;
+        }
+        self.decide(id, &stream, true)
+    }
+
+    /// Which host this is, asked once, within a request (where Kong and APISIX allow it).
+    fn kind(&self) -> HostKind {
+        if let Some(known) = self.kind.get() {
             return known;
         }
-        let nginx = matches!(self.host.get_property(&["ngx", "nginx_version"]), Ok(Some(v)) if !v.is_empty());
-        self.nginx.set(Some(nginx));
-        nginx
+        let found = |path: &[&str]| matches!(self.host.get_property(path), Ok(Some(v)) if !v.is_empty());
+        let kind = if found(&["ngx", "nginx_version"]) {
+            HostKind::NgxWasmModule
+        } else if found(&["nginx_version"]) {
+            HostKind::WasmNginxModule
+        } else {
+            HostKind::Envoy
+        };
+        self.kind.set(Some(kind));
+        kind
     }
 
     pub fn on_http_call_response(&self, id: u32, token: u32, body_size: usize) {
@@ -278,9 +444,4 @@ fn seconds(ms: u64) -> i64 {
 fn subsec_nanos(host: &dyn Host) -> u32 {
     let nanos = host.host_clock_nanos().or_else(|| host.wasi_clock_nanos()).unwrap_or(0);
     u32::try_from(nanos % 1_000_000_000).unwrap_or(0)
-}
-
-fn refuse(host: &dyn Host, message: &str) -> bool {
-    host.log(Level::Error, &format!("agentgate: {message}"));
-    false
 }

@@ -25,6 +25,9 @@ pub struct State {
     /// Callouts dispatched: (token, upstream, headers).
     pub calls: Vec<(u32, String, Headers)>,
     pub call_response: Option<(Headers, Vec<u8>)>,
+    pub request_body: Option<Vec<u8>>,
+    /// Properties the filter set, in order.
+    pub set: Vec<(String, Vec<u8>)>,
     pub tick_ms: Option<u32>,
     /// Host calls answered with this status (by method name).
     pub refuse: HashMap<&'static str, u32>,
@@ -68,6 +71,10 @@ impl Host for Mock {
         let body = self.0.borrow().call_response.as_ref().map(|(_, b)| b.clone())?;
         Some(body.into_iter().take(max).collect())
     }
+    fn request_body(&self, max: usize) -> Option<Vec<u8>> {
+        let body = self.0.borrow().request_body.clone()?;
+        Some(body.into_iter().take(max).collect())
+    }
     fn header_map(&self, map: Map) -> Option<Vec<(String, String)>> {
         let state = self.0.borrow();
         match map {
@@ -103,8 +110,9 @@ impl Host for Mock {
             None => Ok(None),
         }
     }
-    fn set_property(&self, _path: &str, _value: &[u8]) -> bool {
-        true
+    fn set_property(&self, path: &str, value: &[u8]) -> bool {
+        self.state().set.push((path.to_string(), value.to_vec()));
+        self.refused("set_property").is_none()
     }
     fn get_shared_data(&self, key: &str) -> Result<(Option<Vec<u8>>, u32), u32> {
         if let Some(status) = self.refused("shared") {

@@ -72,7 +72,7 @@ fn request(vm: &Vm<Mock>, mock: &Mock, id: u32, headers: Vec<(String, String)>) 
     }
     vm.on_context_create(id, ROOT);
     let announced = headers.iter().filter(|(n, _)| !n.starts_with(':')).count();
-    vm.on_request_headers(id, announced)
+    vm.on_request_headers(id, announced, true)
 }
 
 fn status(mock: &Mock) -> Option<u16> {
@@ -214,11 +214,11 @@ fn garbage_from_the_host_fails_closed() {
     mock.state().refuse.clear();
     mock.state().headers = None;
     vm.on_context_create(3, ROOT);
-    assert_eq!(vm.on_request_headers(3, 1), PAUSE);
+    assert_eq!(vm.on_request_headers(3, 1, true), PAUSE);
     assert_eq!(status(&mock), Some(500));
     // A context the host never created.
     mock.state().response = None;
-    assert_eq!(vm.on_request_headers(99, 0), PAUSE);
+    assert_eq!(vm.on_request_headers(99, 0, true), PAUSE);
     assert_eq!(status(&mock), Some(500));
     // An answer to a callout the filter never made is ignored.
     vm.on_http_call_response(2, 4242, 10);
@@ -236,7 +236,7 @@ fn on_nginx_a_repeated_stripped_header_or_hidden_headers_are_refused() {
     mock.state().headers = Some(headers(&[("Authorization", &auth)]));
     mock.state().response = None;
     vm.on_context_create(3, ROOT);
-    assert_eq!(vm.on_request_headers(3, 101), PAUSE);
+    assert_eq!(vm.on_request_headers(3, 101, true), PAUSE);
     assert_eq!(status(&mock), Some(500));
     // Once: emptied in place, then removed (nginx still forwards the name).
     assert_eq!(request(&vm, &mock, 4, headers(&[("Authorization", &auth), ("x-agent-on-behalf-of", "a")])), CONTINUE);
@@ -248,4 +248,67 @@ fn on_nginx_a_repeated_stripped_header_or_hidden_headers_are_refused() {
         ]),
         "{changes:?}"
     );
+}
+
+/// A host that configures at a request (APISIX: no `proxy_on_vm_start`).
+fn configured_at_request(policy: &str) -> (Vm<Mock>, Mock, bool) {
+    let mock = Mock::default();
+    mock.state().now_nanos = NOW * 1_000_000_000;
+    mock.state().config = policy.as_bytes().to_vec();
+    let vm = Vm::new(mock.clone());
+    vm.on_context_create(ROOT, 0);
+    let accepted = vm.on_configure(ROOT);
+    (vm, mock, accepted)
+}
+
+#[test]
+fn a_refusal_where_the_host_configures_at_a_request_is_logged_once_and_answered_503() {
+    let mut p: Value = serde_json::from_str(&inline_policy()).unwrap();
+    p["rules"][0]["require"]["source_cidrs"] = json!(["10.0.0.0/8"]);
+    let (vm, mock, accepted) = configured_at_request(&p.to_string());
+    assert!(accepted, "kept, so that the host does not configure again per request");
+    for id in 2..5 {
+        assert_eq!(request(&vm, &mock, id, headers(&[])), PAUSE);
+        assert_eq!(status(&mock), Some(503));
+    }
+    // The host asks again (a new root context for the same route): not logged again.
+    vm.on_context_create(9, 0);
+    assert!(vm.on_configure(9));
+    let refusals = mock.state().logs.iter().filter(|(_, l)| l.contains("cannot run on this host")).count();
+    assert_eq!(refusals, 1, "{:?}", mock.state().logs);
+    // A policy it can run replaces it.
+    mock.state().config = inline_policy().into_bytes();
+    assert!(vm.on_configure(ROOT));
+    assert_eq!(request(&vm, &mock, 10, headers(&[])), PAUSE);
+    assert_eq!(status(&mock), Some(401));
+}
+
+#[test]
+fn where_the_host_starts_the_vm_a_refusal_refuses_the_plugin_each_time() {
+    let mut p: Value = serde_json::from_str(&inline_policy()).unwrap();
+    p["rules"][0]["require"]["source_cidrs"] = json!(["10.0.0.0/8"]);
+    let (running, mock) = started(&inline_policy());
+    mock.state().config = "{".into();
+    assert!(!running.on_configure(ROOT));
+    assert!(!running.on_configure(ROOT));
+    assert_eq!(mock.state().logs.iter().filter(|(_, l)| l.contains("invalid policy")).count(), 2);
+    // source_cidrs runs where the host starts the VM (Envoy gives source.address) ...
+    assert!(vm(&p.to_string(), |_| {}).is_ok());
+    // ... and is refused where it configures at a request (APISIX gives none).
+    assert!(configured_at_request(&p.to_string()).2);
+    let (_vm, mock, _) = configured_at_request(&p.to_string());
+    assert!(mock.state().logs.iter().any(|(_, l)| l.contains("source_cidrs")), "{:?}", mock.state().logs);
+}
+
+#[test]
+fn filter_state_stops_at_the_first_write_the_host_refuses() {
+    let (vm, mock) = started(&inline_policy());
+    mock.state().refuse.insert("set_property", 1);
+    let auth = format!("Bearer {}", token());
+    for id in 2..5 {
+        assert_eq!(request(&vm, &mock, id, headers(&[("authorization", &auth)])), CONTINUE);
+    }
+    assert_eq!(mock.state().set.len(), 1, "one refused write, then none");
+    let warned = mock.state().logs.iter().filter(|(_, l)| l.contains("keeps no filter state")).count();
+    assert_eq!(warned, 1);
 }
