@@ -35,7 +35,7 @@ WASM_MAX_BYTES := 716800
 
 help:
 	@echo "make demo   build the filter, run it in Envoy on the demo policy, show the decisions"
-	@echo "make test   lints, native tests, the filter in real Envoy and on degraded hosts, the JS build under Node"
+	@echo "make test   lints, native tests, the filter in real Envoy and on degraded hosts, the JS build under Node, workerd, Deno and Chromium"
 	@echo "make fleet  one front and three back-tier Envoys on loopback: replay, rate limit, revocation, a killed instance (docs/fleet.md)"
 	@echo "make build  the release filter at $(WASM) (PROFILE=speed: faster, larger; FEATURES=es384)"
 	@echo "make edge-js  the npm package for JS edge runtimes in $(EDGE) (wasm-bindgen)"
