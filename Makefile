@@ -31,14 +31,15 @@ EDGE_RAW := target/wasm32-unknown-unknown/edge-js/agentgate_edge_js.wasm
 # request handling and host crypto (BENCHMARKS.md).
 WASM_MAX_BYTES := 716800
 
-.PHONY: help build demo test fleet lint unit e2e idp-node edge-js node-test venv target fuzz clean bench wrk apisix-runtime FORCE
+.PHONY: help build demo test fleet lint unit e2e idp-node edge-js node-test edge-runtimes edge-runtimes-install chromium venv target fuzz clean bench wrk apisix-runtime FORCE
 
 help:
 	@echo "make demo   build the filter, run it in Envoy on the demo policy, show the decisions"
-	@echo "make test   lints, native tests, the filter in real Envoy and on degraded hosts, the JS build under Node"
+	@echo "make test   lints, native tests, the filter in real Envoy and on degraded hosts, the JS build under Node, workerd, Deno and Chromium"
 	@echo "make fleet  one front and three back-tier Envoys on loopback: replay, rate limit, revocation, a killed instance (docs/fleet.md)"
 	@echo "make build  the release filter at $(WASM) (PROFILE=speed: faster, larger; FEATURES=es384)"
 	@echo "make edge-js  the npm package for JS edge runtimes in $(EDGE) (wasm-bindgen)"
+	@echo "make edge-runtimes  the edge package in workerd, Deno and the playground in Chromium"
 	@echo "make bench  agentgate vs Envoy's jwt_authn+RBAC, no-op wasm and no filter (wrk), criterion, per-request cost in wasm"
 	@echo "make fuzz   each fuzz target for FUZZ_SECONDS (default 60) on nightly"
 	@echo "make apisix-runtime  the filter's decisions on wasmtime 0.38.1, APISIX's runtime (Rust 1.62 toolchain)"
@@ -98,7 +99,7 @@ $(IDP_NODE)/node_modules/.package-lock.json: $(IDP_NODE)/package-lock.json
 
 idp-node: $(IDP_NODE)/node_modules/.package-lock.json
 
-test: lint unit e2e node-test apisix-runtime
+test: lint unit e2e node-test edge-runtimes apisix-runtime
 
 # The filter on wasmtime 0.38.1, which APISIX's wasm host pins (test-harness/wasmtime-0.38). That
 # wasmtime needs the Rust 1.62 toolchain, whose cargo cannot read crates.io's sparse index: the
@@ -128,6 +129,26 @@ edge-js: $(WASM_OPT)
 # Node's built-in test runner on the package (Node 20).
 node-test: edge-js
 	node --test $(EDGE)/test/*.test.mjs
+
+# Real edge runtimes for the edge tests: Cloudflare's workerd and Deno (their npm packages ship
+# the binaries), and playwright-core to drive Debian's chromium (it downloads no browser),
+# installed from the committed lockfile into test-harness/edge-runtimes/node_modules, again
+# only when the lockfile changes. No install scripts run: nothing is fetched but the packages.
+EDGE_RUNTIMES := test-harness/edge-runtimes
+$(EDGE_RUNTIMES)/node_modules/.package-lock.json: $(EDGE_RUNTIMES)/package-lock.json
+	npm ci --silent --no-audit --no-fund --ignore-scripts --prefix $(EDGE_RUNTIMES)
+
+edge-runtimes-install: $(EDGE_RUNTIMES)/node_modules/.package-lock.json
+
+# A real browser for the playground's test: Debian's chromium (the machine runs as root;
+# elsewhere install it yourself).
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+# The example Worker in workerd and Deno over loopback HTTP, keys that rotate fetched in
+# workerd, and the playground in headless Chromium (a few seconds once installed).
+edge-runtimes: edge-js edge-runtimes-install chromium
+	node --test $(EDGE_RUNTIMES)/*.test.mjs
 
 # The fleet simulation, long version, with its numbers (docs/fleet.md); `make test` runs the
 # short one (test-harness/tests/fleet.rs).

@@ -4,4 +4,4 @@ import { initializeSync } from './index.js';
 
 initializeSync(readFileSync(new URL('./pkg/agentgate_edge_bg.wasm', import.meta.url)));
 
-export { createGate, initialize, initializeSync } from './index.js';
+export { checkPolicy, createGate, initialize, initializeSync } from './index.js';

@@ -2,7 +2,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
-import { createGate } from '../node.js';
+import { checkPolicy, createGate } from '../node.js';
 import { es256 } from './sign.mjs';
 
 const shared = JSON.parse(readFileSync(new URL('../../../tests/cases/decisions.json', import.meta.url)));
@@ -20,12 +20,20 @@ test('a bad policy is refused with the JSON path of what is wrong', () => {
   assert.throws(() => createGate('{"providers": ['), /invalid policy/);
 });
 
-test('a policy that fetches keys is refused: this build cannot fetch', () => {
+test('a policy that fetches keys needs a gate that fetches them (or is given them)', () => {
   const policy = structuredClone(shared.policy);
   delete policy.providers[0].jwks;
   policy.providers[0].jwks_uri = 'https://idp.example.com/keys.json';
-  policy.providers[0].cluster = 'idp';
-  assert.throws(() => createGate(policy), /fetches its keys .*jwks/);
+  assert.throws(() => createGate(policy), /providers\[0\]\.jwks_uri: provider "corp-idp" fetches its keys: .*keys: 'fetch'/);
+  assert.deepEqual(checkPolicy(policy).path, 'providers[0].jwks_uri');
+  assert.equal(checkPolicy(policy, { keys: 'manual' }), null, 'no cluster needed at the edge');
+  const gate = createGate(policy, { keys: 'manual' });
+  const request = { method: 'GET', path: '/invoices/42', headers: { authorization: bearer(claims()) }, now };
+  assert.equal(gate.evaluate(request).reason, 'keys_unavailable');
+  assert.equal(gate.setKeys('corp-idp', shared.policy.providers[0].jwks, now), 1);
+  assert.equal(gate.evaluate(request).decision, 'allow');
+  assert.throws(() => gate.setKeys('nobody', shared.policy.providers[0].jwks, now), /no provider "nobody"/);
+  assert.throws(() => gate.setKeys('corp-idp', { keys: [] }, now), /not set: no usable signing key/);
 });
 
 test('fetch Headers, the source address and the runtime clock are taken as they come', () => {
@@ -93,4 +101,19 @@ test('single use across isolates cannot be kept here: refused unless per isolate
   const token = bearer(claims({ jti: 'once' }));
   assert.equal(gate.evaluate({ method: 'GET', path: '/invoices/42', headers: { authorization: token }, now }).decision, 'allow');
   assert.equal(gate.evaluate({ method: 'GET', path: '/invoices/42', headers: { authorization: token }, now }).reason, 'replayed');
+});
+
+test('explain: each requirement of the matched rule and whether it held, or why no rule was reached', () => {
+  const gate = createGate(shared.policy);
+  const pay = (scope, identifier) => gate.explain({ method: 'POST', path: '/invoices/42/pay', now,
+    headers: { authorization: bearer(claims({ scope, authorization_details: [{ type: 'invoice_processing', actions: ['pay'], identifier }] })) } });
+  assert.deepEqual(pay('invoices:pay', '42'), { checks: [
+    { requirement: 'scopes', held: true, reason: null },
+    { requirement: 'task', held: true, reason: null },
+  ], reason: null });
+  assert.deepEqual(pay('invoices:read', '43').checks.map((c) => [c.requirement, c.held, c.reason]),
+    [['scopes', false, 'insufficient_scope'], ['task', false, 'task_mismatch']]);
+  assert.deepEqual(gate.explain({ method: 'GET', path: '/invoices/42', now }), { checks: null, reason: 'missing_token' });
+  assert.equal(gate.explain({ method: 'GET', path: '/invoices/..;/x', now, headers: { authorization: bearer(claims()) } }).reason,
+    'non_canonical_path');
 });
