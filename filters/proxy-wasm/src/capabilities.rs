@@ -104,7 +104,7 @@ impl Capabilities {
             notes.push("no proxy-wasm clock: using the WASI clock");
         }
         if !self.shared_data {
-            notes.push("no shared data: single-use tokens and rate limits are counted per worker VM");
+            notes.push("no shared data: single-use tokens, rate limits and quarantine are counted per worker VM");
         }
         notes
     }
