@@ -639,9 +639,12 @@ impl Gate {
     /// The largest body a host must read for this request and pass as [`Request::body`]:
     /// `Some` for a POST to a route of an MCP rule, `None` where the gate decides on headers.
     pub fn body_limit(&self, method: &str, path: &str) -> Option<usize> {
+        // Called for every request: most are no POST to an MCP route, and cost no more.
+        if method != "POST" || self.policy.mcp_routes.is_empty() {
+            return None;
+        }
         let path = crate::canonical::canonical_path(path, self.policy.path_parameters).ok()?;
-        (method == "POST" && self.policy.mcp_routes.first_match(&path, |_| true).is_some())
-            .then_some(self.policy.max_body_bytes)
+        self.policy.mcp_routes.first_match(&path, |_| true).map(|_| self.policy.max_body_bytes)
     }
 
     /// The MCP message of a request on an MCP route (`None` elsewhere), or why it is refused.

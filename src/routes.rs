@@ -62,6 +62,11 @@ impl RouteTable {
         Ok(())
     }
 
+    /// Whether no rule was added.
+    pub fn is_empty(&self) -> bool {
+        self.templates.is_empty() && self.any_path.is_empty()
+    }
+
     /// Computes the overlap lists; call once after all rules are added.
     pub fn finish(&mut self) {
         let overlaps: Vec<Vec<usize>> = {
