@@ -185,6 +185,11 @@ fn validate_template(template: &str) -> Result<(), String> {
     if template.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err("must not contain whitespace or control characters".into());
     }
+    // Static text is matched case-insensitively in ASCII only; backends that fold case fold
+    // `É` too, so a non-ASCII static segment could be reached by a spelling that misses it.
+    if segments_outside_braces(template).any(|c| !c.is_ascii()) {
+        return Err("static text must be ASCII (match non-ASCII names with a parameter)".into());
+    }
     let segments: Vec<&str> = template.split('/').skip(1).collect();
     if template != "/" && segments.iter().any(|s| s.is_empty()) {
         return Err("must not contain empty segments or end with '/' (a trailing slash in a request is ignored)".into());
@@ -193,6 +198,19 @@ fn validate_template(template: &str) -> Result<(), String> {
         return Err("must not contain '.' or '..' segments, or a segment ending in '.'".into());
     }
     Ok(())
+}
+
+/// The characters of `template` outside `{…}` parameters.
+fn segments_outside_braces(template: &str) -> impl Iterator<Item = char> + '_ {
+    let mut inside = false;
+    template.chars().filter(move |&c| {
+        match c {
+            '{' => inside = true,
+            '}' => inside = false,
+            _ => {}
+        }
+        !inside
+    })
 }
 
 #[derive(Debug, PartialEq)]
@@ -302,7 +320,7 @@ mod tests {
         assert!(t.add(0, Some("/a/{*rest}/b")).is_err_and(|e| e.starts_with("invalid path template")));
         assert!(t.add(0, Some("/a/../b")).is_err());
         assert!(t.add(0, Some("/a?x=1")).is_err());
-        for bad in ["/a/", "/a//b", "/a%20b", "/a;b", "/a/b.", "/a b", "/{{x}}"] {
+        for bad in ["/a/", "/a//b", "/a%20b", "/a;b", "/a/b.", "/a b", "/{{x}}", "/caf\u{e9}/{id}"] {
             assert!(t.add(0, Some(bad)).is_err(), "{bad}");
         }
     }
