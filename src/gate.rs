@@ -48,6 +48,21 @@ pub struct Request<'a> {
 }
 
 impl<'a> Request<'a> {
+    /// A request with nothing but its method, target, headers and time: no client address,
+    /// peer identity or body (set those fields where a host has them).
+    pub fn new(method: &'a str, path: &'a str, headers: &'a [(String, String)], now: i64) -> Request<'a> {
+        Request {
+            method,
+            path,
+            headers,
+            now,
+            source: None,
+            peer_uri_san: None,
+            peer_certificate_sha256: None,
+            body: None,
+        }
+    }
+
     /// What the rules look at.
     fn target<'t>(&'t self, mcp: Option<&'t McpCall>, dpop: bool, txn: Option<&'t VerifiedToken>) -> Target<'t> {
         Target {

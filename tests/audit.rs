@@ -40,16 +40,7 @@ fn delegated_token() -> String {
 
 fn eval(gate: &Gate, path: &str, headers: &[(&str, &str)]) -> Decision {
     let headers: Vec<(String, String)> = headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
-    gate.evaluate(&Request {
-        method: "POST",
-        path,
-        headers: &headers,
-        now: NOW,
-        source: Some("203.0.113.9:5123"),
-        peer_uri_san: None,
-        peer_certificate_sha256: None,
-        body: None,
-    })
+    gate.evaluate(&Request { source: Some("203.0.113.9:5123"), ..Request::new("POST", path, &headers, NOW) })
 }
 
 fn pay(gate: &Gate, invoice: &str, token: &str) -> Decision {

@@ -29,16 +29,7 @@ fn token_with(scope: &str, edit: impl FnOnce(&mut Value)) -> String {
 
 fn request(gate: &Gate, method: &str, path: &str, headers: &[(&str, &str)]) -> Decision {
     let headers: Vec<(String, String)> = headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
-    gate.evaluate(&Request {
-        method,
-        path,
-        headers: &headers,
-        now: NOW,
-        source: None,
-        peer_uri_san: None,
-        peer_certificate_sha256: None,
-        body: None,
-    })
+    gate.evaluate(&Request::new(method, path, &headers, NOW))
 }
 
 fn call(gate: &Gate, method: &str, path: &str, token: &str) -> Decision {
@@ -336,18 +327,7 @@ fn a_path_parameter_is_never_expanded_as_a_template() {
 fn explain_routes_exactly_as_the_gate() {
     let read_only = token_with("invoices:read", |_| {});
     let headers = vec![("authorization".to_string(), format!("Bearer {read_only}"))];
-    let explain = |method: &str, path: &str| {
-        invoices().explain(&Request {
-            method,
-            path,
-            headers: &headers,
-            now: NOW,
-            source: None,
-            peer_uri_san: None,
-            peer_certificate_sha256: None,
-            body: None,
-        })
-    };
+    let explain = |method: &str, path: &str| invoices().explain(&Request::new(method, path, &headers, NOW));
     assert_eq!(explain("POST", "/invoices/42/%2e%2e/x"), Err(Reason::NonCanonicalPath));
     assert_eq!(explain("post", "/invoices/42"), Err(Reason::NonCanonicalMethod));
     let checks = explain("POST", "/invoices/42/APPROVE").unwrap();

@@ -51,16 +51,12 @@ fn every_shared_case_decides_as_expected() {
             let token = sign(&cases["signing_key"], &case["claims"], case["tamper"] == json!(true));
             headers.push(("authorization".into(), format!("Bearer {token}")));
         }
-        let decision = gate.evaluate(&Request {
-            source: None,
-            peer_uri_san: None,
-            peer_certificate_sha256: None,
-            body: None,
-            method: request["method"].as_str().unwrap_or_default(),
-            path: request["path"].as_str().unwrap_or_default(),
-            headers: &headers,
+        let decision = gate.evaluate(&Request::new(
+            request["method"].as_str().unwrap_or_default(),
+            request["path"].as_str().unwrap_or_default(),
+            &headers,
             now,
-        });
+        ));
         let expect = &case["expect"];
         let allowed = expect["decision"] == "allow";
         assert_eq!(decision.allowed, allowed, "{name}: {:?}", decision.reason);

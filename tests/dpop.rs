@@ -55,16 +55,7 @@ fn get(gate: &Gate, authorization: &str, dpop: Option<&str>) -> Decision {
     if let Some(proof) = dpop {
         headers.push(("DPoP".to_string(), proof.to_string()));
     }
-    gate.evaluate(&Request {
-        method: "GET",
-        path: "/invoices/42?page=1",
-        headers: &headers,
-        now: NOW,
-        source: None,
-        peer_uri_san: None,
-        peer_certificate_sha256: None,
-        body: None,
-    })
+    gate.evaluate(&Request::new("GET", "/invoices/42?page=1", &headers, NOW))
 }
 
 fn challenge(d: &Decision) -> String {
@@ -151,16 +142,7 @@ fn unbound_tokens_are_bearer_only_and_a_provider_can_require_binding() {
 /// RFC 8705 certificate-bound tokens.
 fn cert_request(gate: &Gate, token: &str, digest: Option<&str>) -> Decision {
     let headers = vec![("authorization".to_string(), format!("Bearer {token}"))];
-    gate.evaluate(&Request {
-        method: "GET",
-        path: "/invoices/42",
-        headers: &headers,
-        now: NOW,
-        source: None,
-        peer_uri_san: None,
-        peer_certificate_sha256: digest,
-        body: None,
-    })
+    gate.evaluate(&Request { peer_certificate_sha256: digest, ..Request::new("GET", "/invoices/42", &headers, NOW) })
 }
 
 #[test]

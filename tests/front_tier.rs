@@ -19,16 +19,7 @@ fn front() -> Gate {
 
 fn route(gate: &Gate, headers: &[(&str, &str)]) -> (Vec<String>, Vec<(String, String)>) {
     let headers: Vec<(String, String)> = headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
-    let d = gate.evaluate(&Request {
-        method: "GET",
-        path: "/x",
-        headers: &headers,
-        now: NOW,
-        source: None,
-        peer_uri_san: None,
-        peer_certificate_sha256: None,
-        body: None,
-    });
+    let d = gate.evaluate(&Request::new("GET", "/x", &headers, NOW));
     assert!(d.allowed && d.reason.is_none(), "a front tier refuses nothing");
     match d.action {
         Action::Continue { remove, set } => (remove, set),

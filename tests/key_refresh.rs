@@ -28,16 +28,7 @@ fn record(version: u64, jwks: &serde_json::Value) -> KeyRecord {
 
 fn get(gate: &Gate, token: &str) -> Decision {
     let headers = vec![("authorization".to_string(), format!("Bearer {token}"))];
-    gate.evaluate(&Request {
-        method: "GET",
-        path: "/invoices/1",
-        headers: &headers,
-        now: NOW,
-        source: None,
-        peer_uri_san: None,
-        peer_certificate_sha256: None,
-        body: None,
-    })
+    gate.evaluate(&Request::new("GET", "/invoices/1", &headers, NOW))
 }
 
 #[test]

@@ -56,16 +56,7 @@ fn post(gate: &Gate, token: Option<&str>, body: &str, extra: &[(&str, &str)]) ->
     }
     headers.extend(extra.iter().map(|(n, v)| (n.to_string(), v.to_string())));
     assert_eq!(gate.body_limit("POST", "/mcp"), Some(4096));
-    gate.evaluate(&Request {
-        method: "POST",
-        path: "/mcp",
-        headers: &headers,
-        now: NOW,
-        source: None,
-        peer_uri_san: None,
-        peer_certificate_sha256: None,
-        body: Some(body.as_bytes()),
-    })
+    gate.evaluate(&Request { body: Some(body.as_bytes()), ..Request::new("POST", "/mcp", &headers, NOW) })
 }
 
 fn call(tool: &str, arguments: Value) -> String {
@@ -218,16 +209,7 @@ fn the_protected_resource_metadata_is_served_at_both_well_known_paths() {
     let g = gate();
     for path in ["/.well-known/oauth-protected-resource/mcp", "/.well-known/oauth-protected-resource"] {
         let headers = vec![];
-        let d = g.evaluate(&Request {
-            method: "GET",
-            path,
-            headers: &headers,
-            now: NOW,
-            source: None,
-            peer_uri_san: None,
-            peer_certificate_sha256: None,
-            body: None,
-        });
+        let d = g.evaluate(&Request::new("GET", path, &headers, NOW));
         let Action::Respond { status, body, .. } = &d.action else { panic!("{path} forwarded") };
         let doc: Value = serde_json::from_str(body).unwrap_or_default();
         assert_eq!((*status, doc["resource"].as_str()), (200, Some(RESOURCE)), "{path}");

@@ -25,16 +25,7 @@ fn gate() -> Gate {
 
 fn eval_at(gate: &Gate, method: &str, path: &str, headers: &[(&str, &str)], now: i64) -> Decision {
     let headers: Vec<(String, String)> = headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
-    gate.evaluate(&Request {
-        method,
-        path,
-        headers: &headers,
-        now,
-        source: None,
-        peer_uri_san: None,
-        peer_certificate_sha256: None,
-        body: None,
-    })
+    gate.evaluate(&Request::new(method, path, &headers, now))
 }
 
 fn get(gate: &Gate, path: &str, token: &str) -> Decision {

@@ -43,16 +43,7 @@ fn token(sub: &str, edit: impl FnOnce(&mut Value)) -> String {
 
 fn call(gate: &Gate, state: Option<&dyn SharedState>, method: &str, path: &str, token: &str, now: i64) -> Decision {
     let headers = vec![("authorization".to_string(), format!("Bearer {token}"))];
-    let request = Request {
-        method,
-        path,
-        headers: &headers,
-        now,
-        source: None,
-        peer_uri_san: None,
-        peer_certificate_sha256: None,
-        body: None,
-    };
+    let request = Request::new(method, path, &headers, now);
     match state {
         Some(state) => gate.evaluate_with(&request, state),
         None => gate.evaluate(&request),

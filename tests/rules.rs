@@ -34,16 +34,7 @@ fn eval(gate: &Gate, method: &str, authority: &str, path: &str, token: &str) -> 
         (":authority".to_string(), authority.to_string()),
         ("authorization".to_string(), format!("Bearer {token}")),
     ];
-    gate.evaluate(&Request {
-        method,
-        path,
-        headers: &headers,
-        now: NOW,
-        source: None,
-        peer_uri_san: None,
-        peer_certificate_sha256: None,
-        body: None,
-    })
+    gate.evaluate(&Request::new(method, path, &headers, NOW))
 }
 
 fn reason(gate: &Gate, path: &str, token: &str) -> Option<Reason> {
@@ -265,17 +256,7 @@ fn eval_from(
 ) -> Option<Reason> {
     let mut headers = vec![("authorization".to_string(), format!("Bearer {token}"))];
     headers.extend(extra.iter().map(|(n, v)| (n.to_string(), v.to_string())));
-    gate.evaluate(&Request {
-        method: "GET",
-        path,
-        headers: &headers,
-        now,
-        source,
-        peer_uri_san: None,
-        peer_certificate_sha256: None,
-        body: None,
-    })
-    .reason
+    gate.evaluate(&Request { source, ..Request::new("GET", path, &headers, now) }).reason
 }
 
 #[test]
@@ -406,17 +387,7 @@ fn bind_mtls_peer_requires_the_agent_to_be_the_tls_peer() {
     let t = token(|c| c["sub"] = json!("spiffe://corp.example/agent/a"));
     let with_peer = |peer: Option<&str>| {
         let headers = vec![("authorization".to_string(), format!("Bearer {t}"))];
-        g.evaluate(&Request {
-            method: "GET",
-            path: "/x",
-            headers: &headers,
-            now: NOW,
-            source: None,
-            peer_uri_san: peer,
-            peer_certificate_sha256: None,
-            body: None,
-        })
-        .reason
+        g.evaluate(&Request { peer_uri_san: peer, ..Request::new("GET", "/x", &headers, NOW) }).reason
     };
     assert_eq!(with_peer(Some("spiffe://corp.example/agent/a")), None);
     assert_eq!(with_peer(Some("spiffe://corp.example/agent/b")), Some(Reason::PeerMismatch));

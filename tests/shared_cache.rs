@@ -51,16 +51,7 @@ fn worker(policy_json: &str) -> Gate {
 
 fn get(gate: &Gate, store: &Store, token: &str, now: i64) -> Decision {
     let headers = vec![("authorization".to_string(), format!("Bearer {token}"))];
-    let request = Request {
-        method: "GET",
-        path: "/invoices/7",
-        headers: &headers,
-        now,
-        source: None,
-        peer_uri_san: None,
-        peer_certificate_sha256: None,
-        body: None,
-    };
+    let request = Request::new("GET", "/invoices/7", &headers, now);
     gate.evaluate_with(&request, store)
 }
 

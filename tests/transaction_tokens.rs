@@ -46,16 +46,7 @@ fn call(g: &Gate, method: &str, path: &str, txn: Option<&str>) -> Decision {
     if let Some(txn) = txn {
         headers.push(("Txn-Token".to_string(), txn.to_string()));
     }
-    g.evaluate(&Request {
-        method,
-        path,
-        headers: &headers,
-        now: NOW,
-        source: None,
-        peer_uri_san: None,
-        peer_certificate_sha256: None,
-        body: None,
-    })
+    g.evaluate(&Request::new(method, path, &headers, NOW))
 }
 
 #[test]
@@ -90,16 +81,7 @@ fn a_rule_requires_a_valid_txn_token_with_its_context() {
 fn a_txn_token_is_never_an_access_token() {
     let g = gate();
     let headers = vec![("authorization".to_string(), format!("Bearer {}", txn_token(|_| {})))];
-    let d = g.evaluate(&Request {
-        method: "GET",
-        path: "/invoices/42",
-        headers: &headers,
-        now: NOW,
-        source: None,
-        peer_uri_san: None,
-        peer_certificate_sha256: None,
-        body: None,
-    });
+    let d = g.evaluate(&Request::new("GET", "/invoices/42", &headers, NOW));
     assert_eq!(d.reason, Some(Reason::TypeNotAllowed));
     let untyped = tts().sign(&json!({"iss": TTS, "aud": "corp.example", "iat": NOW, "exp": NOW + 60, "txn": "t"}));
     assert_eq!(
