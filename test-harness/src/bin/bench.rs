@@ -21,6 +21,8 @@ enum Config {
     NoopWasm,
     Native,
     Agentgate,
+    /// agentgate with a quarantine configured: what watching conduct costs a well-behaved agent.
+    AgentgateQuarantine,
 }
 
 impl Config {
@@ -30,6 +32,7 @@ impl Config {
             Config::NoopWasm => "no-op wasm",
             Config::Native => "jwt_authn+RBAC",
             Config::Agentgate => "agentgate",
+            Config::AgentgateQuarantine => "agentgate+quarantine",
         }
     }
 }
@@ -117,9 +120,9 @@ fn run() -> Result<(), String> {
                 let script = scripts.get(&(signer.alg, pattern)).cloned().unwrap_or_default();
                 // Alternate which of the two goes first, so neither always runs on a warmer machine.
                 let order = if round % 2 == 0 {
-                    [Config::Agentgate, Config::Native]
+                    [Config::Agentgate, Config::AgentgateQuarantine, Config::Native]
                 } else {
-                    [Config::Native, Config::Agentgate]
+                    [Config::Native, Config::AgentgateQuarantine, Config::Agentgate]
                 };
                 for config in order {
                     let sample = measure(&dir, &envoy_config(config, &jwks, &noop), &script, seconds)?;
@@ -207,6 +210,11 @@ fn envoy_config(config: Config, jwks: &Value, noop: &Path) -> String {
         Config::Passthrough => vec![],
         Config::NoopWasm => vec![wasm("noop", noop, "")],
         Config::Agentgate => vec![wasm("agentgate", &filter_wasm(), &agentgate_policy(jwks).to_string())],
+        Config::AgentgateQuarantine => {
+            let mut policy = agentgate_policy(jwks);
+            policy["quarantine"] = json!({"window_seconds": 60, "max_denials": 5, "cool_off_seconds": 900});
+            vec![wasm("agentgate", &filter_wasm(), &policy.to_string())]
+        }
         Config::Native => native_filters(jwks),
     };
     filters.push(json!({"name": "envoy.filters.http.router",
@@ -416,12 +424,14 @@ fn table(results: &BTreeMap<(Config, &str, Pattern), Vec<Sample>>, rounds: u64, 
             if let Some((rps, p99)) = native {
                 out.push_str(&format!("| {} | {alg} | {name} | {rps:.0} | {p99:.2} | | |\n", Config::Native.label()));
             }
-            if let Some((rps, p99)) = ours {
+            let guarded = med(&(Config::AgentgateQuarantine, alg, pattern));
+            for (config, row) in [(Config::Agentgate, ours), (Config::AgentgateQuarantine, guarded)] {
+                let Some((rps, p99)) = row else { continue };
                 let vs_native = native.map_or(String::new(), |n| format!("{:.2}×", rps / n.0));
                 let vs_noop = if noop > 0.0 { format!("{:.2}×", rps / noop) } else { String::new() };
                 out.push_str(&format!(
                     "| **{}** | {alg} | {name} | {rps:.0} | {p99:.2} | {vs_native} | {vs_noop} |\n",
-                    Config::Agentgate.label()
+                    config.label()
                 ));
             }
         }
