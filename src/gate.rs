@@ -73,7 +73,7 @@ impl<'a> Request<'a> {
             headers: self.headers,
             source: self.source,
             peer_uri_san: self.peer_uri_san,
-            authority: header(self.headers, ":authority").or_else(|| header(self.headers, "host")).unwrap_or(""),
+            authority: authority(self.headers),
             path: self.path,
             now: self.now,
         }
@@ -572,7 +572,7 @@ impl Gate {
         if !as_dpop {
             return Err((Reason::DpopBindingMismatch, "dpop_bound_token_as_bearer"));
         }
-        let authority = header(request.headers, ":authority").or_else(|| header(request.headers, "host")).unwrap_or("");
+        let authority = authority(request.headers);
         let target = crate::dpop::DpopRequest {
             method: request.method,
             scheme: header(request.headers, ":scheme").unwrap_or("https"),
@@ -959,9 +959,7 @@ impl Gate {
                 headers: &filter.headers,
                 source: filter.source.as_deref(),
                 peer_uri_san: filter.peer_uri_san.as_deref(),
-                authority: header(&filter.headers, ":authority")
-                    .or_else(|| header(&filter.headers, "host"))
-                    .unwrap_or(""),
+                authority: authority(&filter.headers),
                 path: &filter.path,
                 now: filter.now,
                 mcp: Some(&call),
@@ -1002,6 +1000,11 @@ fn decode_hex(text: &str) -> Option<Vec<u8>> {
     let digits: Vec<u32> = text.chars().map(|c| c.to_digit(16)).collect::<Option<_>>()?;
     (digits.len() % 2 == 0)
         .then(|| digits.chunks_exact(2).map(|p| (p.iter().fold(0, |acc, d| acc * 16 + d)) as u8).collect())
+}
+
+/// The request's authority as sent: `:authority`, or `host` for HTTP/1 hosts.
+fn authority(headers: &[(String, String)]) -> &str {
+    header(headers, ":authority").or_else(|| header(headers, "host")).unwrap_or("")
 }
 
 /// The first value of header `name`, compared case-insensitively.
