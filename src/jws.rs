@@ -164,25 +164,12 @@ pub fn parse<'t>(token: &'t str, limits: &Limits) -> Result<Parsed<'t>, Reason> 
 /// with more than `max_members` members, and anything whose top level is not an object.
 /// Exact JSON validity is left to the parser; this only bounds its work.
 fn check_shape(json: &[u8], max_depth: usize, max_members: usize) -> Result<(), Reason> {
-    let (mut depth, mut members, mut in_string, mut escaped) = (0usize, 0usize, false, false);
-    let mut seen_value_at_top = false;
-    for (i, &byte) in json.iter().enumerate() {
-        if in_string {
-            match (escaped, byte) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
+    let (mut depth, mut members, mut seen_value_at_top) = (0usize, 0usize, false);
+    for (i, byte) in structure(json) {
         match byte {
-            b'"' => {
-                in_string = true;
-                if depth == 1 && !seen_value_at_top {
-                    seen_value_at_top = true;
-                    members += 1;
-                }
+            b'"' if depth == 1 && !seen_value_at_top => {
+                seen_value_at_top = true;
+                members += 1;
             }
             b'{' | b'[' => {
                 if depth == 0 && (byte != b'{' || i != first_non_space(json)) {
@@ -202,6 +189,25 @@ fn check_shape(json: &[u8], max_depth: usize, max_members: usize) -> Result<(), 
         }
     }
     Ok(())
+}
+
+/// The bytes of JSON text outside strings, with their offsets; a string shows only as its
+/// opening quote. Enough to bound nesting before a parser sees the text.
+pub(crate) fn structure(json: &[u8]) -> impl Iterator<Item = (usize, u8)> + '_ {
+    let (mut in_string, mut escaped) = (false, false);
+    json.iter().enumerate().filter_map(move |(i, &byte)| {
+        if in_string {
+            match (escaped, byte) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            return None;
+        }
+        in_string = byte == b'"';
+        Some((i, byte))
+    })
 }
 
 fn first_non_space(json: &[u8]) -> usize {
