@@ -121,6 +121,12 @@ reasons! {
     RecentDenials => "recent_denials", 403, Some(INSUFFICIENT_SCOPE), NOT_PERMITTED;
     RateLimited => "rate_limited", 429, None, "too many requests; retry later";
     NotConfigured => "not_configured", 503, None, "the gateway is not configured";
+    /// A header the gate must strip, sent more than once, where the host can strip only one
+    /// copy (nginx): the other would reach the upstream.
+    RepeatedHeader => "repeated_header", 400, Some(INVALID_REQUEST), "a header was sent more than once";
+    /// More headers than the host hands the filter (nginx: 100): one past them could be a
+    /// second token or a forged audit header, neither seen nor stripped.
+    TooManyHeaders => "too_many_headers", 431, None, "the request has too many headers";
     HostError => "host_error", 500, None, "the gateway could not evaluate the request";
 }
 

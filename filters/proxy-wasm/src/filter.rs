@@ -78,7 +78,7 @@ pub fn decide(host: &dyn Host, shared: &Shared, context: &Context<'_>, body: Opt
                 Level::Error,
                 &format!("agentgate: the host passed {passed} of the request's {announced} headers: refused"),
             );
-            return Step::Done(refuse_request(host, metrics, Reason::HostError));
+            return Step::Done(refuse_request(host, metrics, Reason::TooManyHeaders));
         }
     }
     let seen = normalized(host, &headers);
@@ -129,7 +129,7 @@ pub fn decide(host: &dyn Host, shared: &Shared, context: &Context<'_>, body: Opt
                 Level::Error,
                 &format!("agentgate: header {name} sent more than once cannot be stripped on this host: refused"),
             );
-            return Step::Done(refuse_request(host, metrics, Reason::HostError));
+            return Step::Done(refuse_request(host, metrics, Reason::RepeatedHeader));
         }
     }
     host.log(policy.audit.log_level.into(), &format!("agentgate audit {}", decision.audit.to_json()));

@@ -231,13 +231,13 @@ fn on_nginx_a_repeated_stripped_header_or_hidden_headers_are_refused() {
     let auth = format!("Bearer {}", token());
     let twice = headers(&[("Authorization", &auth), ("x-agent-on-behalf-of", "a"), ("X-Agent-On-Behalf-Of", "b")]);
     assert_eq!(request(&vm, &mock, 2, twice), PAUSE);
-    assert_eq!(status(&mock), Some(500));
+    assert_eq!(status(&mock), Some(400));
     // The host said there are more headers than it passed.
     mock.state().headers = Some(headers(&[("Authorization", &auth)]));
     mock.state().response = None;
     vm.on_context_create(3, ROOT);
     assert_eq!(vm.on_request_headers(3, 101, true), PAUSE);
-    assert_eq!(status(&mock), Some(500));
+    assert_eq!(status(&mock), Some(431));
     // Once: emptied in place, then removed (nginx still forwards the name).
     assert_eq!(request(&vm, &mock, 4, headers(&[("Authorization", &auth), ("x-agent-on-behalf-of", "a")])), CONTINUE);
     let changes = mock.state().changes.clone();
