@@ -44,6 +44,7 @@ function init(args)
     local expect = {}
     for _, s in ipairs(c.expect) do expect[s] = true end
     local class = { name = c.name, expect = expect, agent = c.agent, requests = requests, next = 0,
+                    pooled = pools[c.name] ~= nil,
                     keys = {}, sampled = 0 }
     table.insert(classes, class)
     by_name[c.name] = class
@@ -66,10 +67,14 @@ end
 function request()
   pos = pos % #schedule + 1
   local c = schedule[pos]
-  if c.next == #c.requests then
-    c.next = 0
+  -- A pooled token is sent once: an exhausted pool gives its turns to the next class (a
+  -- reused single-use token would be a replay, not the class it claims).
+  while c.pooled and c.next == #c.requests do
     count(c, "wraps")
+    pos = pos % #schedule + 1
+    c = schedule[pos]
   end
+  if c.next == #c.requests then c.next = 0 end
   c.next = c.next + 1
   return c.requests[c.next]
 end

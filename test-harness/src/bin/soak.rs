@@ -579,9 +579,10 @@ fn run(seconds: u64) -> Result<bool, String> {
         });
         let result = (|| -> Result<(), String> {
             let mut rate = 8000.0;
-            let chunk_count = (seconds / chunk_seconds).max(1) as usize;
-            for chunk in 0..chunk_count {
-                let pool = (rate * chunk_seconds as f64 * pooled_share * 1.5) as usize + 100;
+            let mut chunk = 0;
+            while start.elapsed().as_secs() + 1 < seconds {
+                let chunk_seconds = chunk_seconds.min(seconds.saturating_sub(start.elapsed().as_secs())).max(1);
+                let pool = (rate * chunk_seconds as f64 * pooled_share * 2.0) as usize + 200;
                 write_pool(&data, chunk, &keys, pool, until)?;
                 let t = start.elapsed().as_secs_f64();
                 let result_file = data.join(format!("out-{chunk}.tsv"));
@@ -615,6 +616,7 @@ fn run(seconds: u64) -> Result<bool, String> {
                 eprintln!("[{:>5.0} s] {:>7.0} req/s  p99 {:>6.2} ms", t, rate, parsed.p99_ms);
                 chunks.push(parsed);
                 let _ = std::fs::remove_file(data.join(format!("pool-{chunk}.lua")));
+                chunk += 1;
             }
             Ok(())
         })();
@@ -694,7 +696,7 @@ fn report(
     }
     let reused: u64 = ["never_seen", "single_use"].iter().filter_map(|c| totals.wraps.get(*c)).sum();
     if reused > 0 {
-        println!("note: a token pool ran out and was reused {reused} times (those requests were not never-seen)");
+        println!("note: a token pool ran out {reused} times (its turns went to the next class)");
     }
 
     // Envoy's log: the VM never failed, nothing panicked.
