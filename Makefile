@@ -11,6 +11,11 @@ export AGENTGATE_ENVOY := $(abspath $(ENVOY))
 export AGENTGATE_WASM := $(abspath $(WASM))
 
 FUZZ_SECONDS ?= 60
+# `make soak`: how long the load runs (`make test` runs the 30-second soak-short).
+SOAK_SECONDS ?= 600
+# The soak's plot (test-harness/soak/plot.py), installed into the virtualenv.
+MATPLOTLIB_VERSION := 3.11.2
+MATPLOTLIB := $(VENV)/.matplotlib-$(MATPLOTLIB_VERSION)
 # Cargo features of the filter, e.g. FEATURES=es384 (P-384 adds about 100 KiB).
 FEATURES ?=
 # Cargo profile of the filter: release (opt-level z, within the 700 KiB budget) or speed
@@ -31,7 +36,7 @@ EDGE_RAW := target/wasm32-unknown-unknown/edge-js/agentgate_edge_js.wasm
 # request handling and host crypto (BENCHMARKS.md).
 WASM_MAX_BYTES := 716800
 
-.PHONY: help build demo test fleet lint unit e2e idp-node edge-js node-test edge-runtimes edge-runtimes-install chromium venv target fuzz clean bench wrk apisix-runtime FORCE
+.PHONY: help build demo test fleet soak soak-short plot lint unit e2e idp-node edge-js node-test edge-runtimes edge-runtimes-install chromium venv target fuzz clean bench wrk apisix-runtime FORCE
 
 help:
 	@echo "make demo   build the filter, run it in Envoy on the demo policy, show the decisions"
@@ -41,6 +46,7 @@ help:
 	@echo "make edge-js  the npm package for JS edge runtimes in $(EDGE) (wasm-bindgen)"
 	@echo "make edge-runtimes  the edge package in workerd, Deno and the playground in Chromium"
 	@echo "make bench  agentgate vs Envoy's jwt_authn+RBAC, no-op wasm and no filter (wrk), criterion, per-request cost in wasm"
+	@echo "make soak   ten minutes (SOAK_SECONDS) of wrk at full rate through faults and policy pushes; table and plot in target/soak/ (SOAK.md)"
 	@echo "make fuzz   each fuzz target for FUZZ_SECONDS (default 60) on nightly"
 	@echo "make apisix-runtime  the filter's decisions on wasmtime 0.38.1, APISIX's runtime (Rust 1.62 toolchain)"
 
@@ -99,7 +105,7 @@ $(IDP_NODE)/node_modules/.package-lock.json: $(IDP_NODE)/package-lock.json
 
 idp-node: $(IDP_NODE)/node_modules/.package-lock.json
 
-test: lint unit e2e node-test edge-runtimes apisix-runtime
+test: lint unit e2e soak-short node-test edge-runtimes apisix-runtime
 
 # The filter on wasmtime 0.38.1, which APISIX's wasm host pins (test-harness/wasmtime-0.38). That
 # wasmtime needs the Rust 1.62 toolchain, whose cargo cannot read crates.io's sparse index: the
@@ -176,6 +182,21 @@ bench: build venv wrk
 	cargo run --release --quiet -p agentgate-test-harness --no-default-features --bin bench
 	cargo bench -p agentgate --bench core -- --warm-up-time 1 --measurement-time 3
 	cargo run --release --quiet -p agentgate-test-harness --bin filter-cost
+
+$(MATPLOTLIB): $(ENVOY)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check matplotlib==$(MATPLOTLIB_VERSION)
+	@touch $@
+
+plot: $(MATPLOTLIB)
+
+# Real Envoy (two workers) under wrk for SOAK_SECONDS, through identity-provider faults and
+# policy pushes: every status checked against its class, memory watched (SOAK.md).
+soak: build venv wrk plot
+	cargo run --quiet -p agentgate-test-harness --bin soak -- $(SOAK_SECONDS)
+
+# The same for 30 seconds, in `make test`.
+soak-short: build venv wrk plot
+	cargo run --quiet -p agentgate-test-harness --bin soak -- 30
 
 clean:
 	cargo clean

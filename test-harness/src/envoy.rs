@@ -134,7 +134,8 @@ impl Envoy {
         Envoy::start_config_with(config_text, 1)
     }
 
-    fn start_config_with(config_text: &str, workers: u32) -> Result<Envoy, String> {
+    /// Starts Envoy on a complete config (YAML text) with `workers` worker threads.
+    pub fn start_config_with(config_text: &str, workers: u32) -> Result<Envoy, String> {
         check_prerequisites();
         let dir = scratch_dir();
         let config = dir.join("envoy.yaml");
@@ -292,6 +293,11 @@ impl Envoy {
 
     fn child(&self) -> std::sync::MutexGuard<'_, Child> {
         self.child.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The Envoy process's id (for reading its memory in /proc).
+    pub fn pid(&self) -> u32 {
+        self.child().id()
     }
 
     /// Whether the Envoy process is still running.

@@ -15,7 +15,7 @@ pub fn instance_name(i: usize) -> String {
     format!("agentgate-back-{i}")
 }
 
-fn render(template: &str, values: &[(&str, String)]) -> String {
+pub fn render(template: &str, values: &[(&str, String)]) -> String {
     let path = workspace_root().join("envoy-config").join(template);
     let mut text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     for (name, value) in values {
@@ -25,7 +25,7 @@ fn render(template: &str, values: &[(&str, String)]) -> String {
 }
 
 /// A JSON string literal is a valid YAML double-quoted scalar.
-fn yaml_string(text: &str) -> String {
+pub fn yaml_string(text: &str) -> String {
     Value::String(text.to_string()).to_string()
 }
 
@@ -184,7 +184,7 @@ fn front_config(policy: &str, backs: &[(u16, u16)], lb_policy: &str) -> String {
     )
 }
 
-const FILTER_FILE: &str = "agentgate.yaml";
+pub const FILTER_FILE: &str = "agentgate.yaml";
 
 fn back_config(i: usize, port: u16, admin_port: u16, upstream_port: u16, filter_dir: &Path) -> String {
     render(
@@ -202,7 +202,7 @@ fn back_config(i: usize, port: u16, admin_port: u16, upstream_port: u16, filter_
 
 /// Writes the back tier's policy once, into the file every back instance watches: written
 /// beside it, then renamed over it (Envoy's filesystem xDS reacts to the rename).
-fn write_filter_config(dir: &Path, version: u32, policy: &str) {
+pub fn write_filter_config(dir: &Path, version: u32, policy: &str) {
     let text = render(
         "fleet-filter.yaml",
         &[
