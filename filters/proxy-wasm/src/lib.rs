@@ -12,6 +12,7 @@ mod capabilities;
 mod filter;
 mod host;
 mod keys;
+mod list;
 mod metrics;
 #[cfg(test)]
 mod mock;
@@ -23,6 +24,7 @@ use agentgate::jwks::{Fetch, Stage};
 use agentgate::{Gate, Reason};
 use capabilities::Capabilities;
 use host::{Host, Level};
+use list::ListResponse;
 use metrics::Metrics;
 use shared::prepare_replay_buckets;
 use std::cell::{Cell, RefCell};
@@ -61,6 +63,8 @@ struct Stream {
     awaiting_body: Option<usize>,
     /// The body read for the decision, up to the limit and one byte more.
     body: Option<Rc<[u8]>>,
+    /// An allowed list call: its response is filtered for this agent.
+    list: Option<Rc<ListResponse>>,
 }
 
 /// Which proxy-wasm host this is, told apart at the first request by properties that are
@@ -150,6 +154,7 @@ impl<H: Host> Vm<H> {
             end_of_stream: true,
             awaiting_body: None,
             body: None,
+            list: None,
         };
         self.streams.borrow_mut().insert(id, stream);
     }
@@ -346,6 +351,12 @@ impl<H: Host> Vm<H> {
             }
             filter::Step::ReadBody { limit, declared } => self.await_body(id, stream, kind, limit, declared),
             filter::Step::Done(action) => action,
+            filter::Step::Filter(list) => {
+                if let Some(held) = self.streams.borrow_mut().get_mut(&id) {
+                    held.list = Some(Rc::new(ListResponse::new(Rc::clone(shared), *list)));
+                }
+                CONTINUE
+            }
         }
     }
 
@@ -428,6 +439,31 @@ impl<H: Host> Vm<H> {
         if self.decide(owner, &stream, false) == CONTINUE {
             host.continue_request();
         }
+    }
+
+    fn list(&self, id: u32) -> Option<Rc<ListResponse>> {
+        self.streams.borrow().get(&id).and_then(|s| s.list.clone())
+    }
+
+    pub fn on_response_headers(&self, id: u32, end_of_stream: bool) -> u32 {
+        if let Some(list) = self.list(id) {
+            list.on_headers(&self.host, end_of_stream);
+        }
+        CONTINUE
+    }
+
+    pub fn on_response_body(&self, id: u32, size: usize, end_of_stream: bool) -> u32 {
+        match self.list(id) {
+            Some(list) => list.on_body(&self.host, self.kind(), size, end_of_stream),
+            None => CONTINUE,
+        }
+    }
+
+    pub fn on_response_trailers(&self, id: u32) -> u32 {
+        if let Some(list) = self.list(id) {
+            list.on_trailers(&self.host);
+        }
+        CONTINUE
     }
 
     pub fn on_delete(&self, id: u32) {
