@@ -1,7 +1,8 @@
 """A real MCP client (the official Python SDK, PyPI `mcp`) for the end-to-end test: connects
 to URL with a bearer token, and prints one JSON line per step: the tools it lists, then the
 result of each tool call given as NAME=JSON-ARGUMENTS. A connection the gateway refuses
-prints {"refused": STATUS, "www_authenticate": ...}.
+prints {"refused_with": JSON-RPC CODE, "message": ...} (the SDK reads the gateway's error
+body) or {"refused": STATUS, "www_authenticate": ...}.
 
 usage: client.py URL TOKEN [NAME=JSON-ARGUMENTS ...]
 """
@@ -26,6 +27,10 @@ def refusal(error: BaseException):
     response = getattr(error, "response", None)
     if response is not None and getattr(response, "status_code", 0) >= 400:
         return {"refused": response.status_code, "www_authenticate": response.headers.get("www-authenticate")}
+    code = getattr(getattr(error, "error", None), "code", None)
+    if code is not None:
+        # The gateway's JSON-RPC error body, which the SDK reads from the refused response.
+        return {"refused_with": code, "message": str(error)}
     if error.__cause__ is not None:
         return refusal(error.__cause__)
     return None

@@ -84,7 +84,7 @@ fn start_server(calls: &std::path::Path) -> (Server, u16) {
 }
 
 /// Runs the SDK's client; one JSON value per line it printed.
-fn client(url: &str, token: &str, calls: &[&str]) -> Vec<Value> {
+fn client(envoy: &Envoy, url: &str, token: &str, calls: &[&str]) -> Vec<Value> {
     let out = Command::new(python())
         .arg(workspace_root().join("test-harness/mcp/client.py"))
         .args([url, token])
@@ -92,8 +92,29 @@ fn client(url: &str, token: &str, calls: &[&str]) -> Vec<Value> {
         .output()
         .unwrap_or_else(|e| panic!("cannot run the MCP client: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "client failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tail = stderr.get(stderr.len().saturating_sub(1500)..).unwrap_or_default();
+    assert!(out.status.success(), "client failed:\n{stdout}\n{tail}\nenvoy:\n{}\n{:?}", envoy.logs(), envoy.audit_records());
     stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+/// An `initialize` POSTed by hand: the status and the response head.
+fn post(port: u16, token: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}"#;
+    let request = format!(
+        "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut answer = String::new();
+    if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) {
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        let _ = stream.write_all(request.as_bytes());
+        let _ = stream.read_to_string(&mut answer);
+    }
+    let head = answer.split("\r\n\r\n").next().unwrap_or_default().to_string();
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, head)
 }
 
 #[test]
@@ -105,6 +126,7 @@ fn the_official_sdk_client_sees_its_tools_calls_within_its_task_and_is_refused_o
     let url = format!("http://127.0.0.1:{}/mcp", envoy.port);
 
     let lines = client(
+        &envoy,
         &url,
         &token(RESOURCE),
         &[r#"get_invoice={"invoice_id": "42"}"#, r#"pay_invoice={"invoice_id": "43", "amount": 10}"#],
@@ -115,10 +137,9 @@ fn the_official_sdk_client_sees_its_tools_calls_within_its_task_and_is_refused_o
     assert_eq!(lines[0]["tools"], json!(["get_invoice", "pay_invoice"]), "{logs}");
     assert_eq!(lines[1]["is_error"], false, "{:?}", lines[1]);
     assert_eq!(lines[1]["text"], "invoice 42: 120 EUR, open");
-    // Invoice 43 is outside the token's task: an MCP error, from the gateway.
-    let denied = &lines[2];
-    assert!(denied["is_error"] == true || denied.get("error").is_some(), "{denied}");
-    assert!(denied.to_string().contains("-32003") || denied.to_string().contains("task"), "{denied}");
+    // Invoice 43 is outside the token's task: an MCP error (the gateway's JSON-RPC error for
+    // the call's id), and the server never saw the call.
+    assert_eq!(lines[2]["code"], -32003, "{:?}", lines[2]);
     let server_saw: Vec<Value> = std::fs::read_to_string(&calls)
         .unwrap_or_default()
         .lines()
@@ -128,13 +149,15 @@ fn the_official_sdk_client_sees_its_tools_calls_within_its_task_and_is_refused_o
     let audit = envoy.audit_records();
     assert!(audit.iter().any(|r| r["reason"] == "task_mismatch"), "{audit:?}");
 
-    // A token for the API, not for this MCP server (RFC 8707): refused with the metadata.
-    let refused = client(&url, &token(AUDIENCE), &[]);
-    assert_eq!(refused.first().map(|r| r["refused"].clone()), Some(json!(401)), "{refused:?}");
-    let challenge = refused[0]["www_authenticate"].as_str().unwrap_or_default();
+    // A token for the API, not for this MCP server (RFC 8707): the client is refused with
+    // the gateway's JSON-RPC error, and the HTTP answer is 401 naming the metadata.
+    let refused = client(&envoy, &url, &token(AUDIENCE), &[]);
+    assert_eq!(refused.first().map(|r| r["refused_with"].clone()), Some(json!(-32001)), "{refused:?}");
+    let (status, head) = post(envoy.port, &token(AUDIENCE));
+    assert_eq!(status, 401, "{head}");
     assert!(
-        challenge.contains(r#"resource_metadata="https://api.example.com/.well-known/oauth-protected-resource/mcp""#),
-        "{challenge}"
+        head.contains(r#"resource_metadata="https://api.example.com/.well-known/oauth-protected-resource/mcp""#),
+        "{head}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
