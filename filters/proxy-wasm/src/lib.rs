@@ -65,6 +65,8 @@ struct Stream {
     body: Option<Rc<[u8]>>,
     /// An allowed list call: its response is filtered for this agent.
     list: Option<Rc<ListResponse>>,
+    /// The decision was applied (forwarded or answered): later body chunks pass.
+    decided: bool,
 }
 
 /// Which proxy-wasm host this is, told apart at the first request by properties that are
@@ -155,6 +157,7 @@ impl<H: Host> Vm<H> {
             awaiting_body: None,
             body: None,
             list: None,
+            decided: false,
         };
         self.streams.borrow_mut().insert(id, stream);
     }
@@ -295,7 +298,11 @@ impl<H: Host> Vm<H> {
     /// asks for more; Kong and APISIX whole, once, with `end_of_stream`.
     pub fn on_request_body(&self, id: u32, size: usize, end_of_stream: bool) -> u32 {
         let Some(stream) = self.streams.borrow().get(&id).cloned() else { return CONTINUE };
-        let Some(limit) = stream.awaiting_body else { return CONTINUE };
+        let Some(limit) = stream.awaiting_body else {
+            // Envoy (headers held with StopIteration) hands over the body of a request that
+            // waits for keys: continuing here would forward it undecided. It stays buffered.
+            return if stream.decided { CONTINUE } else { PAUSE };
+        };
         let over = size > limit;
         if !end_of_stream && !over {
             // Envoy: buffer until the end of the stream or the limit.
@@ -350,9 +357,15 @@ impl<H: Host> Vm<H> {
                 self.decide(id, stream, false)
             }
             filter::Step::ReadBody { limit, declared } => self.await_body(id, stream, kind, limit, declared),
-            filter::Step::Done(action) => action,
+            filter::Step::Done(action) => {
+                if let Some(held) = self.streams.borrow_mut().get_mut(&id) {
+                    held.decided = true;
+                }
+                action
+            }
             filter::Step::Filter(list) => {
                 if let Some(held) = self.streams.borrow_mut().get_mut(&id) {
+                    held.decided = true;
                     held.list = Some(Rc::new(ListResponse::new(Rc::clone(shared), *list)));
                 }
                 CONTINUE
