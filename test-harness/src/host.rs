@@ -23,8 +23,10 @@ const CAS_MISMATCH: i32 = 8;
 const INTERNAL_FAILURE: i32 = 10;
 const UNIMPLEMENTED: i32 = 12;
 const MAP_REQUEST_HEADERS: i32 = 0;
+const MAP_RESPONSE_HEADERS: i32 = 2;
 const MAP_HTTP_CALL_RESPONSE_HEADERS: i32 = 6;
 const BUFFER_HTTP_REQUEST_BODY: i32 = 0;
+const BUFFER_HTTP_RESPONSE_BODY: i32 = 1;
 const BUFFER_HTTP_CALL_RESPONSE_BODY: i32 = 4;
 const BUFFER_VM_CONFIGURATION: i32 = 6;
 const BUFFER_PLUGIN_CONFIGURATION: i32 = 7;
@@ -141,7 +143,31 @@ pub enum Callback {
     RequestHeaders,
     RequestBody,
     CallResponse,
+    ResponseHeaders,
+    ResponseBody,
     Other,
+}
+
+/// An upstream's response, in the chunks it arrives in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub headers: Vec<(String, String)>,
+    pub chunks: Vec<Vec<u8>>,
+}
+
+/// What the client received of an upstream's response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivered {
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// The filter reset the stream (`proxy_close_stream`).
+    pub reset: bool,
+}
+
+impl Delivered {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
 }
 
 /// A request header as the host holds it. nginx removes a header by marking it, and its
@@ -176,6 +202,10 @@ pub const KONG_MAX_HEADERS: usize = 100;
 /// Kong's `client_body_buffer_size` (8k): nginx writes a larger body to a file, which
 /// ngx_wasm_module cannot hand to a filter.
 pub const KONG_BODY_BUFFER_BYTES: usize = 8192;
+
+/// Kong's response buffers (ngx_wasm_module's `wasm_response_body_buffers`, default 4 × 4k):
+/// what a filter that pauses in `on_response_body` gets at most in one piece.
+pub const KONG_RESPONSE_BUFFER_BYTES: usize = 4 * 4096;
 
 /// The nginx version APISIX's host reports as the `nginx_version` variable.
 pub const APISIX_NGINX_VERSION: &str = "1.21.4";
@@ -228,6 +258,13 @@ struct State {
     calls: Vec<HttpCall>,
     next_call: u32,
     call_response: Option<(Headers, Vec<u8>)>,
+    /// The upstream's response headers as the filter changes them.
+    response_headers: Headers,
+    /// The response body the host holds for the filter now (Envoy: all it buffered; Kong:
+    /// the chunk, or its buffers).
+    response_body: Vec<u8>,
+    /// The filter reset the stream.
+    reset: bool,
 }
 
 fn engine_and_module() -> Result<&'static (Engine, Module), HostError> {
@@ -359,6 +396,9 @@ impl Host {
             calls: Vec::new(),
             next_call: 1,
             call_response: None,
+            response_headers: Vec::new(),
+            response_body: Vec::new(),
+            reset: false,
         };
         let mut store = Store::new(engine, state);
         let mut linker = Linker::new(engine);
@@ -413,21 +453,44 @@ impl Host {
     /// Sends a request's headers (pseudo-headers included) through the filter, with no body.
     /// On Kong, the `:authority` given is the client's Host header, and names keep the case given.
     pub fn request(&mut self, headers: &[(&str, &str)]) -> Result<Outcome, HostError> {
-        self.send(headers, None)
+        Ok(self.send(headers, None, None)?.0)
     }
 
     /// Sends a request with a body, as each host hands a body over: Envoy in two chunks it
     /// buffers while the filter pauses; Kong whole, once, before proxying, only when the
     /// body is not empty; APISIX whole, once, only when the filter asked for it.
     pub fn request_with_body(&mut self, headers: &[(&str, &str)], body: &[u8]) -> Result<Outcome, HostError> {
-        self.send(headers, Some(body))
+        Ok(self.send(headers, Some(body), None)?.0)
     }
 
-    fn send(&mut self, headers: &[(&str, &str)], body: Option<&[u8]>) -> Result<Outcome, HostError> {
+    /// Sends a request with a body and, if it is forwarded, the `upstream`'s response back
+    /// through the filter, as each host passes a response: Envoy's headers with end of
+    /// stream when there is no body, then each chunk, buffered while the filter answers
+    /// StopIterationAndBuffer (the next call gives all of it); Kong's headers with end of
+    /// stream false, a pause in `on_response_body` buffering the chunks up to
+    /// [`KONG_RESPONSE_BUFFER_BYTES`] and calling again once (end of stream, or buffers
+    /// full), a body set with size 0 prepended; APISIX's headers with no count and end of
+    /// stream true, its body calls only when `wasm_process_resp_body` is set, and no way to
+    /// replace a body (`proxy_set_buffer_bytes` unimplemented).
+    pub fn exchange(
+        &mut self,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        upstream: &Upstream,
+    ) -> Result<(Outcome, Option<Delivered>), HostError> {
+        self.send(headers, Some(body), Some(upstream))
+    }
+
+    fn send(
+        &mut self,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+        answer: Option<&Upstream>,
+    ) -> Result<(Outcome, Option<Delivered>), HostError> {
         let profile = self.store.data().profile;
         if profile == Profile::Apisix {
             if let Some(refused) = self.configure_at_request()? {
-                return Ok(refused);
+                return Ok((refused, None));
             }
         }
         let context = self.next_context;
@@ -482,11 +545,125 @@ impl Host {
                     state.parked.insert(context, headers);
                     state.current = ROOT_CONTEXT;
                 }
-                return Ok(Outcome::Paused { context });
+                return Ok((Outcome::Paused { context }, None));
             }
         };
+        let delivered = match (answer, &outcome) {
+            (Some(answer), Outcome::Continued { .. }) => Some(self.response(context, answer)?),
+            _ => None,
+        };
         self.finish(context)?;
-        Ok(outcome)
+        Ok((outcome, delivered))
+    }
+
+    /// The upstream's response through the filter of request `context` (see [`Host::exchange`]).
+    fn response(&mut self, context: i32, upstream: &Upstream) -> Result<Delivered, HostError> {
+        let profile = self.store.data().profile;
+        {
+            let state = self.store.data_mut();
+            state.response_headers = upstream.headers.clone();
+            state.response_body.clear();
+            state.reset = false;
+        }
+        let chunks: Vec<&Vec<u8>> = upstream.chunks.iter().filter(|c| !c.is_empty()).collect();
+        let (count, end_of_stream) = match profile {
+            Profile::Envoy => (upstream.headers.len(), chunks.is_empty()),
+            Profile::Kong => (upstream.headers.len(), false),
+            Profile::Apisix => (0, true),
+        };
+        self.enter(Callback::ResponseHeaders, context);
+        let count = i32::try_from(count).unwrap_or(i32::MAX);
+        self.call::<(i32, i32, i32), i32>("proxy_on_response_headers", (context, count, i32::from(end_of_stream)))?;
+        let mut delivered = Vec::new();
+        // Kong: buffering requested, and whether it already happened (once per response).
+        let (mut buffering, mut buffered_once) = (false, false);
+        let mut held: Vec<u8> = Vec::new();
+        for (index, chunk) in chunks.iter().enumerate() {
+            let last = index + 1 == chunks.len();
+            if self.store.data().reset {
+                break;
+            }
+            match profile {
+                Profile::Envoy => {
+                    held.extend_from_slice(chunk);
+                    match self.response_body_call(context, &held, last)? {
+                        (1, _) if last => {
+                            return Err(HostError::Trap(
+                                "on_response_body paused at the end of the stream: the response never completes".into(),
+                            ))
+                        }
+                        (1, _) => {}
+                        (_, out) => {
+                            delivered.extend_from_slice(&out);
+                            held.clear();
+                        }
+                    }
+                }
+                Profile::Kong => {
+                    if buffering {
+                        held.extend_from_slice(chunk);
+                        if held.len() < KONG_RESPONSE_BUFFER_BYTES && !last {
+                            continue;
+                        }
+                        // End of stream, or the buffers are full (the rest of this chunk
+                        // is passed on with them).
+                        buffering = false;
+                        let (action, out) = self.response_body_call(context, &held, last)?;
+                        self.kong_pause_after_buffering(action);
+                        delivered.extend_from_slice(&out);
+                        held.clear();
+                        continue;
+                    }
+                    let (action, out) = self.response_body_call(context, chunk, last)?;
+                    if action == 1 && !buffered_once {
+                        buffering = true;
+                        buffered_once = true;
+                        held = out;
+                        if last {
+                            buffering = false;
+                            let (action, out) = self.response_body_call(context, &held, true)?;
+                            self.kong_pause_after_buffering(action);
+                            delivered.extend_from_slice(&out);
+                            held.clear();
+                        }
+                        continue;
+                    }
+                    self.kong_pause_after_buffering(if buffered_once { action } else { 0 });
+                    delivered.extend_from_slice(&out);
+                }
+                Profile::Apisix => {
+                    let asked =
+                        self.store.data().ngx_vars.get("wasm_process_resp_body").is_some_and(|v| !v.is_empty());
+                    if asked {
+                        self.response_body_call(context, chunk, last)?;
+                    }
+                    delivered.extend_from_slice(chunk);
+                }
+            }
+        }
+        let state = self.store.data_mut();
+        Ok(Delivered { headers: std::mem::take(&mut state.response_headers), body: delivered, reset: state.reset })
+    }
+
+    /// Calls `on_response_body` with `body` held by the host: the action, and the body the
+    /// host holds after the call (the filter may have replaced it).
+    fn response_body_call(&mut self, context: i32, body: &[u8], last: bool) -> Result<(i32, Vec<u8>), HostError> {
+        self.store.data_mut().response_body = body.to_vec();
+        self.enter(Callback::ResponseBody, context);
+        let size = i32::try_from(body.len()).unwrap_or(i32::MAX);
+        let action = self.call::<(i32, i32, i32), i32>("proxy_on_response_body", (context, size, i32::from(last)))?;
+        Ok((action, std::mem::take(&mut self.store.data_mut().response_body)))
+    }
+
+    /// ngx_wasm_module: a pause after buffering is logged and taken as continue.
+    fn kong_pause_after_buffering(&mut self, action: i32) {
+        if action == 1 {
+            self.store.data_mut().logs.push((
+                4,
+                "[error] invalid \"on_response_body\" return action (PAUSE): response body buffering already requested"
+                    .into(),
+            ));
+        }
     }
 
     /// What a request callback's return means on this host. `calls` is the number of
@@ -1154,6 +1331,8 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                         _ => state.request_body.clone(),
                     }
                 }
+                BUFFER_HTTP_RESPONSE_BODY if c.data().phase == Callback::ResponseBody => c.data().response_body.clone(),
+                BUFFER_HTTP_RESPONSE_BODY => return Ok(NOT_FOUND),
                 BUFFER_PLUGIN_CONFIGURATION => c.data().plugin_configuration.clone(),
                 BUFFER_VM_CONFIGURATION => Vec::new(),
                 BUFFER_HTTP_CALL_RESPONSE_BODY => match &c.data().call_response {
@@ -1190,6 +1369,9 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                 }
                 MAP_HTTP_CALL_RESPONSE_HEADERS => {
                     c.data().call_response.as_ref().map(|(h, _)| h.clone()).unwrap_or_default()
+                }
+                MAP_RESPONSE_HEADERS if matches!(c.data().phase, Callback::ResponseHeaders | Callback::ResponseBody) => {
+                    c.data().response_headers.clone()
                 }
                 _ => return Ok(BAD_ARGUMENT),
             };
@@ -1229,6 +1411,12 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
         |mut c: Caller<'_, State>, map: i32, kptr: i32, klen: i32| -> wasmtime::Result<i32> {
             if let Some(status) = imposed(&mut c, "proxy_remove_header_map_value")? {
                 return Ok(status);
+            }
+            if map == MAP_RESPONSE_HEADERS && c.data().phase == Callback::ResponseHeaders {
+                // Hosts send the response headers once on_response_headers returns.
+                let key = read_string(&mut c, kptr, klen)?;
+                c.data_mut().response_headers.retain(|(n, _)| !n.eq_ignore_ascii_case(&key));
+                return Ok(OK);
             }
             if map != MAP_REQUEST_HEADERS || !current_request(&c)? {
                 return Ok(BAD_ARGUMENT);
@@ -1578,10 +1766,55 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                 return Ok(status);
             }
             let state = c.data_mut();
+            state.reset = true;
             state.parked.remove(&state.current);
             state
                 .finished
                 .insert(state.current, Outcome::Responded { status: 0, headers: Vec::new(), body: "reset".into() });
+            Ok(OK)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_set_buffer_bytes",
+        |mut c: Caller<'_, State>, kind: i32, start: i32, size: i32, ptr: i32, len: i32| -> wasmtime::Result<i32> {
+            if let Some(status) = imposed(&mut c, "proxy_set_buffer_bytes")? {
+                return Ok(status);
+            }
+            let data = read(&mut c, ptr, len)?;
+            let (start, size) = (start as u32 as usize, size as u32 as usize);
+            let state = c.data_mut();
+            if kind != BUFFER_HTTP_RESPONSE_BODY {
+                return Ok(BAD_ARGUMENT);
+            }
+            let body = &mut state.response_body;
+            match state.profile {
+                // wasm-nginx-module: src/http/ngx_http_wasm_api.c answers Unimplemented.
+                Profile::Apisix => return Ok(UNIMPLEMENTED),
+                Profile::Kong if state.phase != Callback::ResponseBody => {
+                    return Err(wasmtime::Error::msg(
+                        "host trap (bad usage): can only set response body during \"on_response_body\"",
+                    ))
+                }
+                // ngx_wasm_module: start and size 0 prepend; otherwise the chunk is cut at
+                // `start` and at most `size` bytes of the data written there.
+                Profile::Kong if start == 0 && size == 0 && !data.is_empty() => {
+                    body.splice(0..0, data);
+                }
+                Profile::Kong => {
+                    body.truncate(start);
+                    body.extend_from_slice(data.get(..size.min(data.len())).unwrap_or_default());
+                }
+                // Envoy (context.cc Buffer::copyFrom): start 0 drains `size` bytes and
+                // prepends; a start at or past the end appends; anything else is refused.
+                Profile::Envoy if state.phase != Callback::ResponseBody => return Ok(NOT_FOUND),
+                Profile::Envoy if start == 0 => {
+                    body.drain(..size.min(body.len()));
+                    body.splice(0..0, data);
+                }
+                Profile::Envoy if start >= body.len() => body.extend_from_slice(&data),
+                Profile::Envoy => return Ok(BAD_ARGUMENT),
+            }
             Ok(OK)
         },
     )?;

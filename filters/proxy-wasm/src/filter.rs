@@ -9,8 +9,9 @@ use crate::host::{self, Host, Level, Map};
 use crate::metrics::Metrics;
 use crate::shared::SharedDataGuard;
 use crate::{keys, seconds, HostKind, Shared, CONTINUE, PAUSE};
+use agentgate::gate::ListFilter;
 use agentgate::jwks::Fetch;
-use agentgate::{Action, Reason, Request};
+use agentgate::{mcp, Action, Reason, Request};
 use std::cell::Cell;
 
 pub enum Step {
@@ -21,6 +22,8 @@ pub enum Step {
     ReadBody { limit: usize, declared: bool },
     /// The proxy-wasm action for the request.
     Done(u32),
+    /// An allowed list call, continued: its response is filtered for this agent.
+    Filter(Box<ListFilter>),
 }
 
 /// What the VM knows about the request and the host beyond the policy.
@@ -149,7 +152,29 @@ pub fn decide(host: &dyn Host, shared: &Shared, context: &Context<'_>, body: Opt
     {
         metrics.count_tool(host, tool, decision.rule_index.is_some(), decision.allowed);
     }
-    Step::Done(apply(host, &decision.action, nginx))
+    match (decision.list_filter, &decision.action) {
+        (Some(list), Action::Continue { remove, set }) => {
+            if context.kind == HostKind::WasmNginxModule {
+                // wasm-nginx-module cannot replace a response body (proxy_set_buffer_bytes is
+                // unimplemented): the list would reach the agent unfiltered.
+                host.log(
+                    Level::Error,
+                    "agentgate: this host cannot filter MCP list responses (no response body replacement): list call refused",
+                );
+                metrics.count(host, Some(Reason::HostError), false);
+                let body = mcp::error_body(body.and_then(mcp::request_id).as_ref(), Reason::HostError);
+                let headers = vec![("content-type".to_string(), "application/json".to_string())];
+                let status = Reason::HostError.status();
+                return Step::Done(apply(host, &Action::Respond { status, headers, body }, false));
+            }
+            // The list is read to be filtered: ask the upstream for it uncompressed.
+            let mut remove = remove.clone();
+            remove.push("accept-encoding".to_string());
+            apply(host, &Action::Continue { remove, set: set.clone() }, nginx);
+            Step::Filter(Box::new(list))
+        }
+        (_, action) => Step::Done(apply(host, action, nginx)),
+    }
 }
 
 /// Writes the decision as filter state where the host keeps it. APISIX's properties are

@@ -40,9 +40,11 @@ impl From<agentgate::config::LogLevel> for Level {
 }
 
 /// proxy-wasm header map types.
+#[allow(clippy::enum_variant_names)] // the ABI's names
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Map {
     RequestHeaders = 0,
+    ResponseHeaders = 2,
     CallResponseHeaders = 6,
 }
 
@@ -67,6 +69,15 @@ pub trait Host {
     fn header_map(&self, map: Map) -> Option<Vec<(String, String)>>;
     fn replace_request_header(&self, name: &str, value: &str) -> bool;
     fn remove_request_header(&self, name: &str) -> bool;
+    /// Call only from `on_response_headers` (hosts send the headers once it returns).
+    fn remove_response_header(&self, name: &str) -> bool;
+    /// Up to `max` bytes of the response body the host holds now (call only from
+    /// `on_response_body`: Envoy's buffered body while the filter buffers; Kong's chunk, or
+    /// its buffers).
+    fn response_body(&self, max: usize) -> Option<Vec<u8>>;
+    /// Replaces the `held` bytes of response body the host holds now with `body` (call only
+    /// from `on_response_body`).
+    fn set_response_body(&self, held: usize, body: &[u8]) -> bool;
     fn send_response(&self, status: u16, headers: &[(String, String)], body: &str) -> bool;
     /// Makes request `context` the current one (Envoy answers every callout on the root
     /// context; Kong answers a request's callout with that request current and ignores this).
@@ -168,6 +179,13 @@ mod raw {
             value_size: usize,
         ) -> u32;
         fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
+        fn proxy_set_buffer_bytes(
+            buffer_type: u32,
+            start: usize,
+            size: usize,
+            buffer_data: *const u8,
+            buffer_size: usize,
+        ) -> u32;
         fn proxy_send_local_response(
             status_code: u32,
             details_data: *const u8,
@@ -224,6 +242,7 @@ mod raw {
     const PLUGIN_CONFIGURATION: u32 = 7;
     const CALL_RESPONSE_BODY: u32 = 4;
     const REQUEST_BODY: u32 = 0;
+    const RESPONSE_BODY: u32 = 1;
     /// The HTTP request stream (continue, close).
     const REQUEST_STREAM: u32 = 0;
 
@@ -346,6 +365,28 @@ mod raw {
         fn remove_request_header(&self, name: &str) -> bool {
             // SAFETY: the name outlives the call; the host only reads it.
             unsafe { proxy_remove_header_map_value(0, name.as_ptr(), name.len()) == OK }
+        }
+
+        fn remove_response_header(&self, name: &str) -> bool {
+            // SAFETY: the name outlives the call; the host only reads it.
+            unsafe { proxy_remove_header_map_value(Map::ResponseHeaders as u32, name.as_ptr(), name.len()) == OK }
+        }
+
+        fn response_body(&self, max: usize) -> Option<Vec<u8>> {
+            let max = max.min(i32::MAX as usize);
+            // SAFETY: the host writes a pointer and a size.
+            let (status, mut bytes) = fetch(|d, s| unsafe { proxy_get_buffer_bytes(RESPONSE_BODY, 0, max, d, s) });
+            bytes.truncate(max);
+            (status == OK).then_some(bytes)
+        }
+
+        fn set_response_body(&self, held: usize, body: &[u8]) -> bool {
+            // Start 0 and a size: Envoy drains that many bytes and prepends `body`;
+            // ngx_wasm_module cuts the chunk at 0 and writes at most that many bytes of `body`
+            // (a size of 0 would prepend). The larger of the two does both.
+            let size = held.max(body.len());
+            // SAFETY: the body outlives the call; the host only reads it.
+            unsafe { proxy_set_buffer_bytes(RESPONSE_BODY, 0, size, body.as_ptr(), body.len()) == OK }
         }
 
         fn send_response(&self, status: u16, headers: &[(String, String)], body: &str) -> bool {

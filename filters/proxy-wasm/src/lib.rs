@@ -12,6 +12,7 @@ mod capabilities;
 mod filter;
 mod host;
 mod keys;
+mod list;
 mod metrics;
 #[cfg(test)]
 mod mock;
@@ -23,6 +24,7 @@ use agentgate::jwks::{Fetch, Stage};
 use agentgate::{Gate, Reason};
 use capabilities::Capabilities;
 use host::{Host, Level};
+use list::ListResponse;
 use metrics::Metrics;
 use shared::prepare_replay_buckets;
 use std::cell::{Cell, RefCell};
@@ -61,6 +63,10 @@ struct Stream {
     awaiting_body: Option<usize>,
     /// The body read for the decision, up to the limit and one byte more.
     body: Option<Rc<[u8]>>,
+    /// An allowed list call: its response is filtered for this agent.
+    list: Option<Rc<ListResponse>>,
+    /// The decision was applied (forwarded or answered): later body chunks pass.
+    decided: bool,
 }
 
 /// Which proxy-wasm host this is, told apart at the first request by properties that are
@@ -150,6 +156,8 @@ impl<H: Host> Vm<H> {
             end_of_stream: true,
             awaiting_body: None,
             body: None,
+            list: None,
+            decided: false,
         };
         self.streams.borrow_mut().insert(id, stream);
     }
@@ -290,7 +298,11 @@ impl<H: Host> Vm<H> {
     /// asks for more; Kong and APISIX whole, once, with `end_of_stream`.
     pub fn on_request_body(&self, id: u32, size: usize, end_of_stream: bool) -> u32 {
         let Some(stream) = self.streams.borrow().get(&id).cloned() else { return CONTINUE };
-        let Some(limit) = stream.awaiting_body else { return CONTINUE };
+        let Some(limit) = stream.awaiting_body else {
+            // Envoy (headers held with StopIteration) hands over the body of a request that
+            // waits for keys: continuing here would forward it undecided. It stays buffered.
+            return if stream.decided { CONTINUE } else { PAUSE };
+        };
         let over = size > limit;
         if !end_of_stream && !over {
             // Envoy: buffer until the end of the stream or the limit.
@@ -345,7 +357,19 @@ impl<H: Host> Vm<H> {
                 self.decide(id, stream, false)
             }
             filter::Step::ReadBody { limit, declared } => self.await_body(id, stream, kind, limit, declared),
-            filter::Step::Done(action) => action,
+            filter::Step::Done(action) => {
+                if let Some(held) = self.streams.borrow_mut().get_mut(&id) {
+                    held.decided = true;
+                }
+                action
+            }
+            filter::Step::Filter(list) => {
+                if let Some(held) = self.streams.borrow_mut().get_mut(&id) {
+                    held.decided = true;
+                    held.list = Some(Rc::new(ListResponse::new(Rc::clone(shared), *list)));
+                }
+                CONTINUE
+            }
         }
     }
 
@@ -428,6 +452,31 @@ impl<H: Host> Vm<H> {
         if self.decide(owner, &stream, false) == CONTINUE {
             host.continue_request();
         }
+    }
+
+    fn list(&self, id: u32) -> Option<Rc<ListResponse>> {
+        self.streams.borrow().get(&id).and_then(|s| s.list.clone())
+    }
+
+    pub fn on_response_headers(&self, id: u32, end_of_stream: bool) -> u32 {
+        if let Some(list) = self.list(id) {
+            list.on_headers(&self.host, end_of_stream);
+        }
+        CONTINUE
+    }
+
+    pub fn on_response_body(&self, id: u32, size: usize, end_of_stream: bool) -> u32 {
+        match self.list(id) {
+            Some(list) => list.on_body(&self.host, self.kind(), size, end_of_stream),
+            None => CONTINUE,
+        }
+    }
+
+    pub fn on_response_trailers(&self, id: u32) -> u32 {
+        if let Some(list) = self.list(id) {
+            list.on_trailers(&self.host);
+        }
+        CONTINUE
     }
 
     pub fn on_delete(&self, id: u32) {

@@ -26,6 +26,11 @@ pub struct State {
     pub calls: Vec<(u32, String, Headers)>,
     pub call_response: Option<(Headers, Vec<u8>)>,
     pub request_body: Option<Vec<u8>>,
+    pub response_headers: Option<Vec<(String, String)>>,
+    /// The response body the host holds now; the filter's replacements land here.
+    pub response_body: Option<Vec<u8>>,
+    /// Response headers the filter removed.
+    pub removed_response_headers: Vec<String>,
     /// Properties the filter set, in order.
     pub set: Vec<(String, Vec<u8>)>,
     pub tick_ms: Option<u32>,
@@ -79,6 +84,7 @@ impl Host for Mock {
         let state = self.0.borrow();
         match map {
             Map::RequestHeaders => state.headers.clone(),
+            Map::ResponseHeaders => state.response_headers.clone(),
             Map::CallResponseHeaders => state.call_response.as_ref().map(|(h, _)| h.clone()),
         }
     }
@@ -88,6 +94,23 @@ impl Host for Mock {
     }
     fn remove_request_header(&self, name: &str) -> bool {
         self.state().changes.push((name.to_string(), None));
+        true
+    }
+    fn remove_response_header(&self, name: &str) -> bool {
+        self.state().removed_response_headers.push(name.to_string());
+        true
+    }
+    fn response_body(&self, max: usize) -> Option<Vec<u8>> {
+        let body = self.0.borrow().response_body.clone()?;
+        Some(body.into_iter().take(max).collect())
+    }
+    fn set_response_body(&self, held: usize, body: &[u8]) -> bool {
+        if self.refused("set_response_body").is_some() {
+            return false;
+        }
+        let mut state = self.state();
+        let rest = state.response_body.as_deref().unwrap_or_default().get(held..).unwrap_or_default().to_vec();
+        state.response_body = Some([body, &rest].concat());
         true
     }
     fn send_response(&self, status: u16, headers: &[(String, String)], body: &str) -> bool {

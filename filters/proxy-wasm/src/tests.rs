@@ -144,6 +144,27 @@ fn a_request_waiting_for_keys_fetches_them_itself_and_is_made_current_for_the_an
 }
 
 #[test]
+fn the_body_of_a_request_waiting_for_keys_stays_buffered_until_its_decision() {
+    let (vm, mock) = started(&remote_policy(1000));
+    let auth = format!("Bearer {}", token());
+    let with_body = headers(&[("authorization", &auth), ("content-length", "5")]);
+    {
+        let mut state = mock.state();
+        state.headers = Some(with_body);
+    }
+    vm.on_context_create(2, ROOT);
+    assert_eq!(vm.on_request_headers(2, 2, false), PAUSE, "waits for keys");
+    // Envoy hands the body over while the headers are held: forwarding it would skip the decision.
+    assert_eq!(vm.on_request_body(2, 5, true), PAUSE);
+    let (token_id, _, _) = mock.state().calls.last().cloned().unwrap();
+    let body = signer().jwks().to_string().into_bytes();
+    mock.state().call_response = Some((vec![(":status".into(), "200".into())], body.clone()));
+    vm.on_http_call_response(ROOT, token_id, body.len());
+    assert_eq!(mock.state().continued, 1);
+    assert_eq!(vm.on_request_body(2, 5, true), CONTINUE, "decided: the body passes");
+}
+
+#[test]
 fn a_waiting_request_is_resumed_by_its_own_callout() {
     let (vm, mock) = started(&remote_policy(1000));
     let auth = format!("Bearer {}", token());

@@ -5,7 +5,9 @@
 //!
 //! Environment: BENCH_ROUNDS (default 3), BENCH_SECONDS per run (default 4),
 //! BENCH_OUT (a markdown copy of the table, default target/bench/results.md), and to rerun a
-//! part: BENCH_ALGS (default `ES256,RS256,EdDSA`), BENCH_PATTERNS (default `hot,cold`).
+//! part: BENCH_ALGS (default `ES256,RS256,EdDSA`), BENCH_PATTERNS (default `hot,cold,mcp`;
+//! `mcp`: a hot MCP `tools/call` POST with a 1 KiB body, through the no-op filter and
+//! through agentgate reading the body and checking an argument).
 
 use agentgate_test_harness::envoy::{envoy_binary, filter_wasm, workspace_root};
 use agentgate_test_harness::tokens::{Signer, AUDIENCE, ISSUER};
@@ -23,6 +25,10 @@ enum Config {
     Agentgate,
     /// agentgate with a quarantine configured: what watching conduct costs a well-behaved agent.
     AgentgateQuarantine,
+    /// The no-op filter, sent the MCP tools/call.
+    NoopWasmMcp,
+    /// agentgate on an MCP route: the body read, the tool matched, an argument checked.
+    AgentgateMcp,
 }
 
 impl Config {
@@ -33,6 +39,8 @@ impl Config {
             Config::Native => "jwt_authn+RBAC",
             Config::Agentgate => "agentgate",
             Config::AgentgateQuarantine => "agentgate+quarantine",
+            Config::NoopWasmMcp => "no-op wasm+buffer, MCP call",
+            Config::AgentgateMcp => "agentgate, MCP call",
         }
     }
 }
@@ -135,6 +143,24 @@ fn run() -> Result<(), String> {
             }
         }
     }
+    if selected("BENCH_PATTERNS", "mcp") {
+        if let Some(signer) = signers.first() {
+            let script = mcp_script(&dir, &signer.sign(&claims("agent-mcp", now)))?;
+            for round in 1..=rounds {
+                println!("MCP round {round}/{rounds}");
+                let order = if round % 2 == 0 {
+                    [Config::AgentgateMcp, Config::NoopWasmMcp]
+                } else {
+                    [Config::NoopWasmMcp, Config::AgentgateMcp]
+                };
+                for config in order {
+                    let sample = measure(&dir, &envoy_config(config, &jwks, &noop), &script, seconds)?;
+                    report(config, signer.alg, Pattern::Hot, &sample);
+                    results.entry((config, signer.alg, Pattern::Hot)).or_default().push(sample);
+                }
+            }
+        }
+    }
     let table = table(&results, rounds, seconds);
     println!("\n{table}");
     let out = std::env::var_os("BENCH_OUT").map(PathBuf::from).unwrap_or_else(|| dir.join("results.md"));
@@ -170,6 +196,21 @@ fn mint(signer: &Signer, now: i64, count: usize, file: &Path) -> Result<(), Stri
     std::fs::write(file, lines.join("\n") + "\n").map_err(|e| e.to_string())
 }
 
+/// A wrk script POSTing one MCP tools/call of about 1 KiB to /mcp with a hot `token`.
+fn mcp_script(dir: &Path, token: &str) -> Result<PathBuf, String> {
+    let mut call = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+        "params": {"name": "pay_invoice", "arguments": {"invoice_id": "42", "amount": 120, "note": ""}}});
+    let size = call.to_string().len();
+    call["params"]["arguments"]["note"] = json!("n".repeat(1024usize.saturating_sub(size)));
+    let script = dir.join("mcp.lua");
+    let lua = format!(
+        "wrk.method = \"POST\"\nwrk.path = \"/mcp\"\nwrk.body = {}\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.headers[\"Authorization\"] = \"Bearer {token}\"\n",
+        Value::String(call.to_string())
+    );
+    std::fs::write(&script, lua).map_err(|e| e.to_string())?;
+    Ok(script)
+}
+
 /// A wrk script that gives every request the next token of `tokens`.
 fn cold_script(dir: &Path, alg: &str, tokens: &Path) -> Result<PathBuf, String> {
     let script = dir.join(format!("cold-{alg}.lua"));
@@ -199,6 +240,8 @@ fn envoy_config(config: Config, jwks: &Value, noop: &Path) -> String {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
                 "config": {
                     "name": name, "root_id": name,
+                    // Headers held while an MCP body is read (see envoy-config/demo.yaml).
+                    "allow_on_headers_stop_iteration": true,
                     "vm_config": {"vm_id": name, "runtime": "envoy.wasm.runtime.v8",
                                   "code": {"local": {"filename": file.display().to_string()}}},
                     "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": configuration}
@@ -216,6 +259,26 @@ fn envoy_config(config: Config, jwks: &Value, noop: &Path) -> String {
             vec![wasm("agentgate", &filter_wasm(), &policy.to_string())]
         }
         Config::Native => native_filters(jwks),
+        // Envoy's buffer filter reads the body before the route answers, as agentgate does:
+        // a direct response before the body is read closes the connection, which would make
+        // the baseline pay for new connections.
+        Config::NoopWasmMcp => vec![
+            wasm("noop", noop, ""),
+            json!({"name": "envoy.filters.http.buffer", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+                "max_request_bytes": 1_048_576}}),
+        ],
+        Config::AgentgateMcp => {
+            let mut policy = agentgate_policy(jwks);
+            policy["rules"] = json!([{
+                "name": "pay-invoice",
+                "match": {"methods": ["POST"], "path": "/mcp", "mcp": {"tool": "pay_invoice"}},
+                "require": {"scopes": ["invoices:read"],
+                            "task": {"type": "invoice_processing", "actions": ["read"], "identifier": "{args.invoice_id}"},
+                            "arguments": [{"path": "amount", "lte": 500}]}
+            }]);
+            vec![wasm("agentgate", &filter_wasm(), &policy.to_string())]
+        }
     };
     filters.push(json!({"name": "envoy.filters.http.router",
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}));
@@ -435,6 +498,16 @@ fn table(results: &BTreeMap<(Config, &str, Pattern), Vec<Sample>>, rounds: u64, 
                 ));
             }
         }
+    }
+    let noop_mcp = results.keys().find(|k| k.0 == Config::NoopWasmMcp).and_then(&med).map_or(0.0, |m| m.0);
+    for key in results.keys().filter(|k| matches!(k.0, Config::NoopWasmMcp | Config::AgentgateMcp)) {
+        let Some((rps, p99)) = med(key) else { continue };
+        let vs_noop = if key.0 == Config::AgentgateMcp && noop_mcp > 0.0 {
+            format!("{:.2}× (vs no-op, same body)", rps / noop_mcp)
+        } else {
+            String::new()
+        };
+        out.push_str(&format!("| {} | {} | hot, 1 KiB body | {rps:.0} | {p99:.2} | | {vs_noop} |\n", key.0.label(), key.1));
     }
     out
 }
