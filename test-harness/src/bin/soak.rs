@@ -235,18 +235,15 @@ fn classes(keys: &Keys, until: i64) -> (Vec<Class>, Vec<String>) {
         ("path_overlong_dots", "GET", "/public/%c0%ae%c0%ae/admin/users", 400),
         ("path_fullwidth", "POST", "/invoices/42/%EF%BD%81pprove", 400),
     ];
-    // MCP bodies: in real Envoy an MCP POST is never decided (the request hangs, allowed or
-    // denied; SOAK.md), so these classes run only with SOAK_MCP=1 until that is fixed.
-    if std::env::var_os("SOAK_MCP").is_some() {
-        list.extend([
-            Class::new("mcp_allowed", 2, &[200], Some("agent-hot"), vec![raw("mcp_allowed", "POST", "/mcp", &bearer(&hot[2]), &mcp_call("read_invoice"))]),
-            Class::new("mcp_denied", 2, &[403], None, vec![raw("mcp_denied", "POST", "/mcp", &bearer(&hot[2]), &mcp_call("pay_invoice"))]),
-            Class::new("mcp_duplicate_key", 1, &[400], None, vec![raw(
-            "mcp_duplicate_key", "POST", "/mcp", &bearer(&hot[3]),
-            r#"{"jsonrpc":"2.0","id":8,"method":"tools/call","params":{"name":"read_invoice","name":"pay_invoice"}}"#,
-            )]),
-        ]);
-    }
+    // MCP bodies, read by the gate (Envoy needs allow_on_headers_stop_iteration for that).
+    list.extend([
+        Class::new("mcp_allowed", 2, &[200], Some("agent-hot"), vec![raw("mcp_allowed", "POST", "/mcp", &bearer(&hot[2]), &mcp_call("read_invoice"))]),
+        Class::new("mcp_denied", 2, &[403], None, vec![raw("mcp_denied", "POST", "/mcp", &bearer(&hot[2]), &mcp_call("pay_invoice"))]),
+        Class::new("mcp_duplicate_key", 1, &[400], None, vec![raw(
+        "mcp_duplicate_key", "POST", "/mcp", &bearer(&hot[3]),
+        r#"{"jsonrpc":"2.0","id":8,"method":"tools/call","params":{"name":"read_invoice","name":"pay_invoice"}}"#,
+        )]),
+    ]);
     for (name, method, path, status) in paths {
         list.push(Class::new(name, 1, &[status], None, vec![raw(name, method, path, &bearer(&hot[1]), "")]));
     }
