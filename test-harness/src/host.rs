@@ -228,6 +228,10 @@ struct State {
     calls: Vec<HttpCall>,
     next_call: u32,
     call_response: Option<(Headers, Vec<u8>)>,
+    /// What `verify_signature` answers instead of verifying (see [`Host::foreign_answer`]).
+    foreign_answer: Option<Vec<u8>>,
+    /// How many foreign-function calls the filter made.
+    foreign_calls: usize,
 }
 
 fn engine_and_module() -> Result<&'static (Engine, Module), HostError> {
@@ -359,6 +363,8 @@ impl Host {
             calls: Vec::new(),
             next_call: 1,
             call_response: None,
+            foreign_answer: None,
+            foreign_calls: 0,
         };
         let mut store = Store::new(engine, state);
         let mut linker = Linker::new(engine);
@@ -652,6 +658,17 @@ impl Host {
     /// takes away the `connection.*_peer_certificate` properties.
     pub fn lack(&mut self, import: &'static str) {
         self.store.data_mut().lacking.push(import);
+    }
+
+    /// From now on, Envoy's `verify_signature` answers `result` (any bytes: a serialized
+    /// `VerifySignatureResult` or garbage) whatever it is asked; `None`: it verifies again.
+    pub fn foreign_answer(&mut self, result: Option<Vec<u8>>) {
+        self.store.data_mut().foreign_answer = result;
+    }
+
+    /// How many times the filter called `proxy_call_foreign_function`.
+    pub fn foreign_calls(&self) -> usize {
+        self.store.data().foreign_calls
     }
 
     /// The client of a paused request goes away: the host deletes its context.
@@ -1407,6 +1424,47 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             }
             store.insert(key, (value, current + 1));
             Ok(OK)
+        },
+    )?;
+    // Every host defines the import (a module that imports what a host lacks does not load);
+    // what it does differs. Envoy: its foreign functions (`verify_signature` natively here),
+    // NotFound for other names. Kong (ngx_wasm_module, ngx_proxy_wasm_host.c): only
+    // `resolve_lua`, any other name a trap that fails the filter. APISIX (wasm-nginx-module,
+    // ngx_http_wasm_api.c): Unimplemented.
+    linker.func_wrap(
+        "env",
+        "proxy_call_foreign_function",
+        |mut c: Caller<'_, State>,
+         nptr: i32,
+         nlen: i32,
+         aptr: i32,
+         alen: i32,
+         ptr_out: i32,
+         size_out: i32|
+         -> wasmtime::Result<i32> {
+            c.data_mut().foreign_calls += 1;
+            if let Some(status) = imposed(&mut c, "proxy_call_foreign_function")? {
+                return Ok(status);
+            }
+            let name = read_string(&mut c, nptr, nlen)?;
+            match c.data().profile {
+                Profile::Kong if name != "resolve_lua" => {
+                    return Err(wasmtime::Error::msg("host trap (internal error): unknown foreign function"))
+                }
+                Profile::Apisix => return Ok(UNIMPLEMENTED),
+                _ if c.data().lacking.contains(&"proxy_call_foreign_function") => return Ok(UNIMPLEMENTED),
+                _ if name != "verify_signature" => return Ok(NOT_FOUND),
+                _ => {}
+            }
+            let arguments = read(&mut c, aptr, alen)?;
+            let answer = match c.data().foreign_answer.clone() {
+                Some(bytes) => Ok(bytes),
+                None => crate::foreign::verify_signature(&arguments),
+            };
+            match answer {
+                Ok(bytes) => return_bytes(&mut c, &bytes, ptr_out, size_out),
+                Err(status) => Ok(status),
+            }
         },
     )?;
     linker.func_wrap(
