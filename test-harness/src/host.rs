@@ -32,12 +32,11 @@ const BUFFER_PLUGIN_CONFIGURATION: i32 = 7;
 /// Why driving the filter failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostError {
-    /// The filter trapped (a Rust panic aborts into a trap) or called an import the harness
-    /// does not implement.
+    /// The filter trapped (a Rust panic aborts into a trap), or the host trapped on a call.
     Trap(String),
     /// `proxy_on_vm_start` or `proxy_on_configure` returned false: the host would refuse the plugin.
     Refused { logs: Vec<String> },
-    /// The harness itself could not load the module.
+    /// The module could not be loaded: an import this host does not define, or no module.
     Setup(String),
 }
 
@@ -368,10 +367,11 @@ impl Host {
         };
         let mut store = Store::new(engine, state);
         let mut linker = Linker::new(engine);
-        define_proxy_wasm(&mut linker).map_err(|e| HostError::Setup(e.to_string()))?;
+        define_proxy_wasm(&mut linker, profile).map_err(|e| HostError::Setup(e.to_string()))?;
         define_wasi(&mut linker).map_err(|e| HostError::Setup(e.to_string()))?;
-        linker.define_unknown_imports_as_traps(module).map_err(|e| HostError::Setup(e.to_string()))?;
-        let instance = linker.instantiate(&mut store, module).map_err(trap)?;
+        // An import the host does not define fails the module's loading, as on every real
+        // host (Envoy, ngx_wasm_module, wasm-nginx-module link by name).
+        let instance = linker.instantiate(&mut store, module).map_err(|e| HostError::Setup(format!("{e:?}")))?;
         let memory =
             instance.get_memory(&mut store, "memory").ok_or_else(|| HostError::Setup("no memory export".into()))?;
         let mut host = Host { store, instance, memory, next_context: ROOT_CONTEXT + 1 };
@@ -1096,7 +1096,16 @@ fn deserialize_map(bytes: &[u8]) -> Vec<(String, String)> {
 const KONG_CALLOUT_PHASES: &[Callback] =
     &[Callback::RequestHeaders, Callback::RequestBody, Callback::Tick, Callback::CallResponse];
 
-fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
+/// ngx_wasm_module's answer to a function it lists as not yet implemented
+/// (`ngx_proxy_wasm_hfuncs_nop`): a trap, which fails the filter.
+fn kong_nyi(c: &Caller<'_, State>, import: &str) -> wasmtime::Result<()> {
+    if c.data().profile == Profile::Kong {
+        return Err(wasmtime::Error::msg(format!("host trap (function not yet implemented): {import}")));
+    }
+    Ok(())
+}
+
+fn define_proxy_wasm(linker: &mut Linker<State>, profile: Profile) -> wasmtime::Result<()> {
     linker.func_wrap(
         "env",
         "proxy_log",
@@ -1106,10 +1115,15 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             Ok(imposed(&mut c, "proxy_log")?.unwrap_or(OK))
         },
     )?;
-    linker.func_wrap("env", "proxy_get_log_level", |mut c: Caller<'_, State>, out: i32| -> wasmtime::Result<i32> {
-        write(&mut c, out, &0i32.to_le_bytes())?;
-        Ok(OK)
-    })?;
+    // wasm-nginx-module does not define it (a module importing it does not load there);
+    // ngx_wasm_module lists it as not yet implemented.
+    if profile != Profile::Apisix {
+        linker.func_wrap("env", "proxy_get_log_level", |mut c: Caller<'_, State>, out: i32| -> wasmtime::Result<i32> {
+            kong_nyi(&c, "proxy_get_log_level")?;
+            write(&mut c, out, &0i32.to_le_bytes())?;
+            Ok(OK)
+        })?;
+    }
     linker.func_wrap(
         "env",
         "proxy_get_current_time_nanoseconds",
@@ -1635,6 +1649,7 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             if let Some(status) = imposed(&mut c, "proxy_close_stream")? {
                 return Ok(status);
             }
+            kong_nyi(&c, "proxy_close_stream")?;
             let state = c.data_mut();
             state.parked.remove(&state.current);
             state
