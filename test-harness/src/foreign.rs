@@ -123,8 +123,7 @@ pub fn vector_policy_and_tokens() -> (String, Vec<(String, String)>) {
     use base64ct::{Base64UrlUnpadded, Encoding};
     use serde_json::{json, Value};
     let path = crate::envoy::workspace_root().join("tests/vectors/jwt_verify_lib.json");
-    let vectors: Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_default()).unwrap_or_default();
+    let vectors: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_default()).unwrap_or_default();
     let part = |token: &str, at: usize| -> Value {
         let segment = token.split('.').nth(at).unwrap_or_default();
         serde_json::from_slice(&Base64UrlUnpadded::decode_vec(segment).unwrap_or_default()).unwrap_or_default()
@@ -138,7 +137,10 @@ pub fn vector_policy_and_tokens() -> (String, Vec<(String, String)>) {
     for case in vectors["cases"].as_array().into_iter().flatten() {
         let (name, token) = (case["name"].as_str().unwrap_or_default(), case["token"].as_str().unwrap_or_default());
         let Some(issuer) = part(token, 1)["iss"].as_str().map(String::from) else { continue };
-        if !matches!(part(token, 0)["alg"].as_str(), Some("ES256" | "RS256" | "RS384" | "RS512" | "PS256" | "PS384" | "PS512" | "EdDSA")) {
+        if !matches!(
+            part(token, 0)["alg"].as_str(),
+            Some("ES256" | "RS256" | "RS384" | "RS512" | "PS256" | "PS384" | "PS512" | "EdDSA")
+        ) {
             continue;
         }
         let at = match issuers.iter().position(|(i, _)| *i == issuer) {
@@ -175,7 +177,11 @@ pub fn vector_policy_and_tokens() -> (String, Vec<(String, String)>) {
         ("alg none", r#"{"alg":"none"}"#, vec![]),
         ("ES256 all zero", r#"{"alg":"ES256"}"#, vec![0; 64]),
         ("ES256 r = s = n", r#"{"alg":"ES256"}"#, [P256_ORDER, P256_ORDER].concat()),
-        ("ES256 DER signature", r#"{"alg":"ES256"}"#, [&[0x30, 0x06, 0x02, 0x01, 0x01, 0x02, 0x01, 0x01][..], &[0; 56]].concat()),
+        (
+            "ES256 DER signature",
+            r#"{"alg":"ES256"}"#,
+            [&[0x30, 0x06, 0x02, 0x01, 0x01, 0x02, 0x01, 0x01][..], &[0; 56]].concat(),
+        ),
         ("RS256 all ones", r#"{"alg":"RS256"}"#, vec![0xff; 256]),
         ("RS256 zero", r#"{"alg":"RS256"}"#, vec![0; 256]),
         ("HS256 confusion", r#"{"alg":"HS256"}"#, vec![7; 32]),

@@ -1118,11 +1118,15 @@ fn define_proxy_wasm(linker: &mut Linker<State>, profile: Profile) -> wasmtime::
     // wasm-nginx-module does not define it (a module importing it does not load there);
     // ngx_wasm_module lists it as not yet implemented.
     if profile != Profile::Apisix {
-        linker.func_wrap("env", "proxy_get_log_level", |mut c: Caller<'_, State>, out: i32| -> wasmtime::Result<i32> {
-            kong_nyi(&c, "proxy_get_log_level")?;
-            write(&mut c, out, &0i32.to_le_bytes())?;
-            Ok(OK)
-        })?;
+        linker.func_wrap(
+            "env",
+            "proxy_get_log_level",
+            |mut c: Caller<'_, State>, out: i32| -> wasmtime::Result<i32> {
+                kong_nyi(&c, "proxy_get_log_level")?;
+                write(&mut c, out, &0i32.to_le_bytes())?;
+                Ok(OK)
+            },
+        )?;
     }
     linker.func_wrap(
         "env",

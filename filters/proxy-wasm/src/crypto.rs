@@ -141,7 +141,9 @@ pub fn probe(host: &dyn Host) -> Vec<Alg> {
     let in_wasm: Vec<&str> = Alg::ALL.iter().filter(|a| !algorithms.contains(a)).map(|a| a.name()).collect();
     let message = if algorithms.is_empty() {
         let why = failure.into_inner().unwrap_or_else(|| "it answered a known-answer probe wrong".into());
-        format!("agentgate: signature backends: every algorithm in wasm; host crypto ({VERIFY_SIGNATURE}) not used: {why}")
+        format!(
+            "agentgate: signature backends: every algorithm in wasm; host crypto ({VERIFY_SIGNATURE}) not used: {why}"
+        )
     } else {
         let missed: Vec<&str> = host_takes.iter().filter(|a| !algorithms.contains(a)).map(|a| a.name()).collect();
         let names: Vec<&str> = algorithms.iter().map(|a| a.name()).collect();
