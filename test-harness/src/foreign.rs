@@ -128,9 +128,11 @@ pub fn vector_policy_and_tokens() -> (String, Vec<(String, String)>) {
         let segment = token.split('.').nth(at).unwrap_or_default();
         serde_json::from_slice(&Base64UrlUnpadded::decode_vec(segment).unwrap_or_default()).unwrap_or_default()
     };
-    let supported = |key: &Value| match (key["kty"].as_str(), key["crv"].as_str()) {
-        (Some("RSA"), _) | (Some("EC"), Some("P-256")) | (Some("OKP"), Some("Ed25519")) => true,
-        _ => false,
+    let supported = |key: &Value| {
+        matches!(
+            (key["kty"].as_str(), key["crv"].as_str()),
+            (Some("RSA"), _) | (Some("EC"), Some("P-256")) | (Some("OKP"), Some("Ed25519"))
+        )
     };
     let mut issuers: Vec<(String, Vec<Value>)> = Vec::new();
     let mut tokens = Vec::new();

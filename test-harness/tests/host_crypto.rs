@@ -100,7 +100,8 @@ fn a_host_that_answers_its_probe_wrong_keeps_wasm() {
 fn a_host_that_fails_at_request_time_denies_with_crypto_unavailable() {
     let mut host = Host::new(&inline()).unwrap();
     assert_eq!(get_fresh(&mut host, "first").status(), 200);
-    let cases: [(&str, Box<dyn Fn(&mut Host)>); 5] = [
+    type Impose = Box<dyn Fn(&mut Host)>;
+    let cases: [(&str, Impose); 5] = [
         ("answered status 10", Box::new(|h| h.answer_with(FOREIGN, Answer::Status(10)))),
         ("answered status 2", Box::new(|h| h.answer_with(FOREIGN, Answer::Status(2)))),
         ("answered status 10", Box::new(|h| h.answer_with(FOREIGN, Answer::GarbagePointer))),
