@@ -406,9 +406,17 @@ impl<H: Host> Vm<H> {
     /// logs an error for a scoped property read at configure time and traps on a
     /// `verify_signature` call, see `crypto`).
     fn settle_crypto(&self, shared: &Shared, kind: HostKind) {
-        shared.crypto_settled.set(true);
         if kind != HostKind::Envoy {
+            shared.crypto_settled.set(true);
             return;
+        }
+        // Asked again, as a call Kong traps on must never be made there by mistake: only a
+        // host that says plainly it has no nginx qualifies. A read that fails (Kong's, with no
+        // request current) is no answer, and the next request asks again.
+        match self.host.get_property(&["ngx", "nginx_version"]) {
+            Ok(None) => shared.crypto_settled.set(true),
+            Ok(Some(_)) => return shared.crypto_settled.set(true),
+            Err(_) => return,
         }
         let probed = self.host_crypto.borrow().clone();
         let algorithms = probed.unwrap_or_else(|| {
