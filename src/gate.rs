@@ -20,7 +20,7 @@ use base64ct::Encoding;
 use lru::LruCache;
 use sha2::{Digest, Sha256};
 use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// A request as any host sees it. Header names may come in any case (Envoy lower-cases
 /// them, nginx-based hosts pass the client's): the core compares them case-insensitively.
@@ -218,8 +218,9 @@ pub struct Gate {
     cache: TokenCache,
     /// For hosts that bring no shared store of their own; kept across reconfigurations.
     memory: Arc<MemoryState>,
-    /// The host's own signature checks, for the algorithms its probe passed.
-    host_crypto: Option<HostCrypto>,
+    /// The host's own signature checks, for the algorithms its probe passed. Set once, possibly
+    /// after the gate is in use: a host is known for what it is only at its first request.
+    host_crypto: OnceLock<HostCrypto>,
 }
 
 /// What a host shares between its workers: single-use `jti`s, rate-limit buckets, and
@@ -308,17 +309,18 @@ impl Gate {
             limits: MemoryLimiter::new(policy.single_use_entries),
             conduct: MemoryConduct::default(),
         };
-        Gate { policy, cache: Mutex::new(cache), memory: Arc::new(memory), host_crypto: None }
+        Gate { policy, cache: Mutex::new(cache), memory: Arc::new(memory), host_crypto: OnceLock::new() }
     }
 
-    /// Verifies the algorithms `crypto` takes with the host's crypto from now on.
-    pub fn use_host_crypto(&mut self, crypto: HostCrypto) {
-        self.host_crypto = Some(crypto);
+    /// Verifies the algorithms `crypto` takes with the host's crypto from now on; false (and
+    /// nothing changed) when the gate has its host crypto already.
+    pub fn use_host_crypto(&self, crypto: HostCrypto) -> bool {
+        self.host_crypto.set(crypto).is_ok()
     }
 
     /// The host's crypto in use, if any: which algorithms it verifies.
     pub fn host_crypto(&self) -> Option<&HostCrypto> {
-        self.host_crypto.as_ref()
+        self.host_crypto.get()
     }
 
     /// Takes over what `previous` remembers in memory (single-use `jti`s, rate-limit
@@ -352,7 +354,7 @@ impl Gate {
         let (id, stamp) = (shared_cache::cache_id(&digest), self.stamp());
         let shared_cache_hit = state.verified_elsewhere(&id, stamp);
         let signature =
-            if shared_cache_hit { Signature::CheckedElsewhere } else { Signature::Check(self.host_crypto.as_ref()) };
+            if shared_cache_hit { Signature::CheckedElsewhere } else { Signature::Check(self.host_crypto.get()) };
         let verified = verify_untimed_as(&self.policy, token, signature).map(Arc::new);
         if let Ok(verified) = &verified {
             if let Some(cache) = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).as_mut() {

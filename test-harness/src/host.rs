@@ -34,12 +34,11 @@ const BUFFER_PLUGIN_CONFIGURATION: i32 = 7;
 /// Why driving the filter failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostError {
-    /// The filter trapped (a Rust panic aborts into a trap) or called an import the harness
-    /// does not implement.
+    /// The filter trapped (a Rust panic aborts into a trap), or the host trapped on a call.
     Trap(String),
     /// `proxy_on_vm_start` or `proxy_on_configure` returned false: the host would refuse the plugin.
     Refused { logs: Vec<String> },
-    /// The harness itself could not load the module.
+    /// The module could not be loaded: an import this host does not define, or no module.
     Setup(String),
 }
 
@@ -265,6 +264,10 @@ struct State {
     response_body: Vec<u8>,
     /// The filter reset the stream.
     reset: bool,
+    /// What `verify_signature` answers instead of verifying (see [`Host::foreign_answer`]).
+    foreign_answer: Option<Vec<u8>>,
+    /// How many foreign-function calls the filter made.
+    foreign_calls: usize,
 }
 
 fn engine_and_module() -> Result<&'static (Engine, Module), HostError> {
@@ -399,13 +402,16 @@ impl Host {
             response_headers: Vec::new(),
             response_body: Vec::new(),
             reset: false,
+            foreign_answer: None,
+            foreign_calls: 0,
         };
         let mut store = Store::new(engine, state);
         let mut linker = Linker::new(engine);
-        define_proxy_wasm(&mut linker).map_err(|e| HostError::Setup(e.to_string()))?;
+        define_proxy_wasm(&mut linker, profile).map_err(|e| HostError::Setup(e.to_string()))?;
         define_wasi(&mut linker).map_err(|e| HostError::Setup(e.to_string()))?;
-        linker.define_unknown_imports_as_traps(module).map_err(|e| HostError::Setup(e.to_string()))?;
-        let instance = linker.instantiate(&mut store, module).map_err(trap)?;
+        // An import the host does not define fails the module's loading, as on every real
+        // host (Envoy, ngx_wasm_module, wasm-nginx-module link by name).
+        let instance = linker.instantiate(&mut store, module).map_err(|e| HostError::Setup(format!("{e:?}")))?;
         let memory =
             instance.get_memory(&mut store, "memory").ok_or_else(|| HostError::Setup("no memory export".into()))?;
         let mut host = Host { store, instance, memory, next_context: ROOT_CONTEXT + 1 };
@@ -829,6 +835,17 @@ impl Host {
     /// takes away the `connection.*_peer_certificate` properties.
     pub fn lack(&mut self, import: &'static str) {
         self.store.data_mut().lacking.push(import);
+    }
+
+    /// From now on, Envoy's `verify_signature` answers `result` (any bytes: a serialized
+    /// `VerifySignatureResult` or garbage) whatever it is asked; `None`: it verifies again.
+    pub fn foreign_answer(&mut self, result: Option<Vec<u8>>) {
+        self.store.data_mut().foreign_answer = result;
+    }
+
+    /// How many times the filter called `proxy_call_foreign_function`.
+    pub fn foreign_calls(&self) -> usize {
+        self.store.data().foreign_calls
     }
 
     /// The client of a paused request goes away: the host deletes its context.
@@ -1256,7 +1273,16 @@ fn deserialize_map(bytes: &[u8]) -> Vec<(String, String)> {
 const KONG_CALLOUT_PHASES: &[Callback] =
     &[Callback::RequestHeaders, Callback::RequestBody, Callback::Tick, Callback::CallResponse];
 
-fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
+/// ngx_wasm_module's answer to a function it lists as not yet implemented
+/// (`ngx_proxy_wasm_hfuncs_nop`): a trap, which fails the filter.
+fn kong_nyi(c: &Caller<'_, State>, import: &str) -> wasmtime::Result<()> {
+    if c.data().profile == Profile::Kong {
+        return Err(wasmtime::Error::msg(format!("host trap (function not yet implemented): {import}")));
+    }
+    Ok(())
+}
+
+fn define_proxy_wasm(linker: &mut Linker<State>, profile: Profile) -> wasmtime::Result<()> {
     linker.func_wrap(
         "env",
         "proxy_log",
@@ -1266,10 +1292,19 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             Ok(imposed(&mut c, "proxy_log")?.unwrap_or(OK))
         },
     )?;
-    linker.func_wrap("env", "proxy_get_log_level", |mut c: Caller<'_, State>, out: i32| -> wasmtime::Result<i32> {
-        write(&mut c, out, &0i32.to_le_bytes())?;
-        Ok(OK)
-    })?;
+    // wasm-nginx-module does not define it (a module importing it does not load there);
+    // ngx_wasm_module lists it as not yet implemented.
+    if profile != Profile::Apisix {
+        linker.func_wrap(
+            "env",
+            "proxy_get_log_level",
+            |mut c: Caller<'_, State>, out: i32| -> wasmtime::Result<i32> {
+                kong_nyi(&c, "proxy_get_log_level")?;
+                write(&mut c, out, &0i32.to_le_bytes())?;
+                Ok(OK)
+            },
+        )?;
+    }
     linker.func_wrap(
         "env",
         "proxy_get_current_time_nanoseconds",
@@ -1597,6 +1632,47 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             Ok(OK)
         },
     )?;
+    // Every host defines the import (a module that imports what a host lacks does not load);
+    // what it does differs. Envoy: its foreign functions (`verify_signature` natively here),
+    // NotFound for other names. Kong (ngx_wasm_module, ngx_proxy_wasm_host.c): only
+    // `resolve_lua`, any other name a trap that fails the filter. APISIX (wasm-nginx-module,
+    // ngx_http_wasm_api.c): Unimplemented.
+    linker.func_wrap(
+        "env",
+        "proxy_call_foreign_function",
+        |mut c: Caller<'_, State>,
+         nptr: i32,
+         nlen: i32,
+         aptr: i32,
+         alen: i32,
+         ptr_out: i32,
+         size_out: i32|
+         -> wasmtime::Result<i32> {
+            c.data_mut().foreign_calls += 1;
+            if let Some(status) = imposed(&mut c, "proxy_call_foreign_function")? {
+                return Ok(status);
+            }
+            let name = read_string(&mut c, nptr, nlen)?;
+            match c.data().profile {
+                Profile::Kong if name != "resolve_lua" => {
+                    return Err(wasmtime::Error::msg("host trap (internal error): unknown foreign function"))
+                }
+                Profile::Apisix => return Ok(UNIMPLEMENTED),
+                _ if c.data().lacking.contains(&"proxy_call_foreign_function") => return Ok(UNIMPLEMENTED),
+                _ if name != "verify_signature" => return Ok(NOT_FOUND),
+                _ => {}
+            }
+            let arguments = read(&mut c, aptr, alen)?;
+            let answer = match c.data().foreign_answer.clone() {
+                Some(bytes) => Ok(bytes),
+                None => crate::foreign::verify_signature(&arguments),
+            };
+            match answer {
+                Ok(bytes) => return_bytes(&mut c, &bytes, ptr_out, size_out),
+                Err(status) => Ok(status),
+            }
+        },
+    )?;
     linker.func_wrap(
         "env",
         "proxy_define_metric",
@@ -1765,6 +1841,7 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
             if let Some(status) = imposed(&mut c, "proxy_close_stream")? {
                 return Ok(status);
             }
+            kong_nyi(&c, "proxy_close_stream")?;
             let state = c.data_mut();
             state.reset = true;
             state.parked.remove(&state.current);

@@ -4,6 +4,7 @@
 
 pub mod envoy;
 pub mod fleet;
+pub mod foreign;
 #[cfg(feature = "host")]
 pub mod host;
 pub mod idp;

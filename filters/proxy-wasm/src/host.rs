@@ -5,6 +5,8 @@
 //! decoded lossily: a header value that is not UTF-8 can never match a rule or be a token,
 //! and must not stop the request.
 
+use agentgate::host_crypto::HostVerifier;
+
 /// proxy-wasm statuses the filter tells apart.
 pub const OK: u32 = 0;
 pub const NOT_FOUND: u32 = 1;
@@ -96,6 +98,13 @@ pub trait Host {
     fn http_call(&self, upstream: &str, headers: &[(&str, &str)], timeout_ms: u32) -> Result<u32, u32>;
     fn define_counter(&self, name: &str) -> Option<u32>;
     fn increment(&self, id: u32);
+    /// Calls the host's foreign function `name` (Envoy's extensions: `verify_signature`): its
+    /// answer, or the status it refused with. Kong traps on any name it does not know: call
+    /// only where the host is known to be Envoy (see `crypto`).
+    fn call_foreign_function(&self, name: &str, arguments: &[u8]) -> Result<Vec<u8>, u32>;
+    /// The host's signature checks as the core takes them (each a `verify_signature` call),
+    /// for a gate that outlives any borrow of the host.
+    fn signature_verifier(&self) -> Box<dyn HostVerifier + Send + Sync>;
 }
 
 /// Milliseconds since the Unix epoch: the host's clock, else WASI's.
@@ -153,7 +162,8 @@ pub use raw::{allocate, RawHost};
 
 #[cfg(target_arch = "wasm32")]
 mod raw {
-    use super::{parse_map, serialize_map, Host, Level, Map, INTERNAL_FAILURE, OK};
+    use super::{parse_map, serialize_map, Host, HostVerifier, Level, Map, INTERNAL_FAILURE, OK};
+    use crate::crypto::Foreign;
     use std::cell::Cell;
     use std::mem::ManuallyDrop;
     use std::ptr::null_mut;
@@ -229,6 +239,14 @@ mod raw {
         ) -> u32;
         fn proxy_define_metric(metric_type: u32, name_data: *const u8, name_size: usize, id: *mut u32) -> u32;
         fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+        fn proxy_call_foreign_function(
+            name_data: *const u8,
+            name_size: usize,
+            arguments_data: *const u8,
+            arguments_size: usize,
+            results: *mut *mut u8,
+            results_size: *mut usize,
+        ) -> u32;
     }
 
     // std's clock and randomness panic when WASI fails: call them directly.
@@ -496,6 +514,25 @@ mod raw {
         fn increment(&self, id: u32) {
             // SAFETY: plain integer arguments.
             let _ = unsafe { proxy_increment_metric(id, 1) };
+        }
+
+        fn call_foreign_function(&self, name: &str, arguments: &[u8]) -> Result<Vec<u8>, u32> {
+            // SAFETY: both buffers outlive the call; the host writes a pointer and a size.
+            let (status, bytes) = fetch(|d, s| unsafe {
+                proxy_call_foreign_function(name.as_ptr(), name.len(), arguments.as_ptr(), arguments.len(), d, s)
+            });
+            if status == OK {
+                Ok(bytes)
+            } else {
+                Err(status)
+            }
+        }
+
+        fn signature_verifier(&self) -> Box<dyn HostVerifier + Send + Sync> {
+            Box::new(Foreign::new(
+                |arguments: &[u8]| RawHost.call_foreign_function(crate::crypto::VERIFY_SIGNATURE, arguments),
+                |why: &str| RawHost.log(Level::Error, &crate::crypto::refusal(why)),
+            ))
         }
     }
 }

@@ -9,6 +9,7 @@
 #[cfg(target_arch = "wasm32")]
 mod abi;
 mod capabilities;
+mod crypto;
 mod filter;
 mod host;
 mod keys;
@@ -21,6 +22,7 @@ mod shared;
 mod tests;
 
 use agentgate::jwks::{Fetch, Stage};
+use agentgate::keys::Alg;
 use agentgate::{Gate, Reason};
 use capabilities::Capabilities;
 use host::{Host, Level};
@@ -39,6 +41,8 @@ pub struct Shared {
     caps: Capabilities,
     /// Providers a request wants fetched early (a `kid` the keys lack, `wait_ms` 0).
     wanted: RefCell<HashSet<usize>>,
+    /// Whether the gate has been given the host's crypto, where the host has any.
+    crypto_settled: Cell<bool>,
 }
 
 #[derive(Default, Clone)]
@@ -121,6 +125,8 @@ pub struct Vm<H: Host> {
     refusal: RefCell<Option<String>>,
     /// Whether the host keeps filter state (false once a write failed).
     filter_state: Cell<bool>,
+    /// The algorithms the host's crypto verifies, once probed (Envoy only).
+    host_crypto: RefCell<Option<Vec<Alg>>>,
 }
 
 impl<H: Host> Vm<H> {
@@ -135,6 +141,7 @@ impl<H: Host> Vm<H> {
             latest: RefCell::default(),
             refusal: RefCell::default(),
             filter_state: Cell::new(true),
+            host_crypto: RefCell::default(),
         }
     }
 
@@ -253,7 +260,13 @@ impl<H: Host> Vm<H> {
         if !remote.is_empty() && !host.set_tick_period(TICK_MS) {
             return Err("remote keys (jwks_uri, discovery) need timer ticks, which this host refused".into());
         }
-        Ok(Rc::new(Shared { gate, metrics, caps, wanted: RefCell::default() }))
+        // A host known (by an earlier request) to verify signatures itself does so at once.
+        let probed = self.host_crypto.borrow().clone();
+        if let Some(algorithms) = &probed {
+            crypto::attach(host, &gate, algorithms);
+        }
+        let crypto_settled = Cell::new(probed.is_some());
+        Ok(Rc::new(Shared { gate, metrics, caps, wanted: RefCell::default(), crypto_settled }))
     }
 
     pub fn on_tick(&self, root: u32) {
@@ -348,6 +361,9 @@ impl<H: Host> Vm<H> {
             return filter::refuse_request(host, &stream.metrics, Reason::NotConfigured);
         };
         let kind = self.kind();
+        if !shared.crypto_settled.get() {
+            self.settle_crypto(shared, kind);
+        }
         let context = filter::Context { announced: stream.announced, kind, filter_state: &self.filter_state };
         match filter::decide(host, shared, &context, stream.body.as_deref(), may_wait) {
             filter::Step::Wait { provider, fetch, wait_ms, now } => {
@@ -407,6 +423,32 @@ impl<H: Host> Vm<H> {
             return action;
         }
         self.decide(id, &stream, true)
+    }
+
+    /// Gives the policy in force the host's crypto where the host is Envoy: probed once per
+    /// VM, at the first request, because only a request tells Envoy from Kong safely (Kong
+    /// logs an error for a scoped property read at configure time and traps on a
+    /// `verify_signature` call, see `crypto`).
+    fn settle_crypto(&self, shared: &Shared, kind: HostKind) {
+        if kind != HostKind::Envoy {
+            shared.crypto_settled.set(true);
+            return;
+        }
+        // Asked again, as a call Kong traps on must never be made there by mistake: only a
+        // host that says plainly it has no nginx qualifies. A read that fails (Kong's, with no
+        // request current) is no answer, and the next request asks again.
+        match self.host.get_property(&["ngx", "nginx_version"]) {
+            Ok(None) => shared.crypto_settled.set(true),
+            Ok(Some(_)) => return shared.crypto_settled.set(true),
+            Err(_) => return,
+        }
+        let probed = self.host_crypto.borrow().clone();
+        let algorithms = probed.unwrap_or_else(|| {
+            let algorithms = crypto::probe(&self.host);
+            *self.host_crypto.borrow_mut() = Some(algorithms.clone());
+            algorithms
+        });
+        crypto::attach(&self.host, &shared.gate, &algorithms);
     }
 
     /// Which host this is, asked once, within a request (where Kong and APISIX allow it).

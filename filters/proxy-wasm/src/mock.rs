@@ -1,10 +1,16 @@
 //! A host for native tests of the filter's own logic: answers from fields the test sets,
 //! and records what the filter did (logs, header changes, responses, callouts).
 
+use crate::crypto::Foreign;
 use crate::host::{Host, Level, Map, CAS_MISMATCH};
+use agentgate::host_crypto::HostVerifier;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+
+/// A host's foreign function: its answer, or the status it refuses with.
+pub type ForeignFn = Arc<dyn Fn(&[u8]) -> Result<Vec<u8>, u32> + Send + Sync>;
 
 type Headers = Vec<(String, String)>;
 
@@ -36,6 +42,11 @@ pub struct State {
     pub tick_ms: Option<u32>,
     /// Host calls answered with this status (by method name).
     pub refuse: HashMap<&'static str, u32>,
+    /// `verify_signature`, where the host has it (else Unimplemented); shared with the
+    /// verifier the gate holds, so a test can change it after the probe.
+    pub verify_signature: Arc<Mutex<Option<ForeignFn>>>,
+    /// What the signature verifier handed to the gate logged (it outlives any borrow).
+    pub crypto_logs: Arc<Mutex<Vec<String>>>,
 }
 
 #[derive(Clone, Default)]
@@ -44,6 +55,11 @@ pub struct Mock(pub Rc<RefCell<State>>);
 impl Mock {
     pub fn state(&self) -> std::cell::RefMut<'_, State> {
         self.0.borrow_mut()
+    }
+
+    /// Gives the host a `verify_signature` (`None`: takes it away).
+    pub fn set_verify_signature(&self, call: Option<ForeignFn>) {
+        *self.0.borrow().verify_signature.lock().unwrap_or_else(|e| e.into_inner()) = call;
     }
 
     fn refused(&self, call: &'static str) -> Option<u32> {
@@ -172,4 +188,23 @@ impl Host for Mock {
         self.refused("metrics").map_or(Some(1), |_| None)
     }
     fn increment(&self, _id: u32) {}
+    fn call_foreign_function(&self, name: &str, arguments: &[u8]) -> Result<Vec<u8>, u32> {
+        let call = self.0.borrow().verify_signature.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match (call, name) {
+            (Some(call), crate::crypto::VERIFY_SIGNATURE) => call(arguments),
+            _ => Err(12),
+        }
+    }
+    fn signature_verifier(&self) -> Box<dyn HostVerifier + Send + Sync> {
+        let state = self.0.borrow();
+        let call = Arc::clone(&state.verify_signature);
+        let logs = Arc::clone(&state.crypto_logs);
+        Box::new(Foreign::new(
+            move |arguments: &[u8]| {
+                let call = call.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                call.map_or(Err(12), |call| call(arguments))
+            },
+            move |why: &str| logs.lock().unwrap_or_else(|e| e.into_inner()).push(crate::crypto::refusal(why)),
+        ))
+    }
 }

@@ -333,3 +333,86 @@ fn filter_state_stops_at_the_first_write_the_host_refuses() {
     let warned = mock.state().logs.iter().filter(|(_, l)| l.contains("keeps no filter state")).count();
     assert_eq!(warned, 1);
 }
+
+/// Envoy's `verify_signature` (natively, from the harness), counting its calls.
+fn envoy_crypto(mock: &Mock) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let calls = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&calls);
+    mock.set_verify_signature(Some(std::sync::Arc::new(move |arguments: &[u8]| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        agentgate_test_harness::foreign::verify_signature(arguments).map_err(|s| s as u32)
+    })));
+    calls
+}
+
+fn logged(mock: &Mock, text: &str) -> bool {
+    mock.state().logs.iter().any(|(_, line)| line.contains(text))
+}
+
+#[test]
+fn on_envoy_the_host_verifies_es256_and_rs256_once_its_probe_passed_and_kong_is_never_asked() {
+    use std::sync::atomic::Ordering;
+    for signer in [Signer::es256("k-1", 3), Signer::rs256("k-1", 3)] {
+        let policy = policy(&signer.jwks(), &read_invoice_rule(), "enforce");
+        let (vm, mock) = started(&policy);
+        let calls = envoy_crypto(&mock);
+        let good = format!("Bearer {}", signer.sign(&agent_claims("agent-7", "invoices:read", NOW as i64)));
+        assert_eq!(request(&vm, &mock, 2, headers(&[("authorization", &good)])), CONTINUE, "{:?}", mock.state().logs);
+        assert!(logged(&mock, "host crypto (verify_signature) for ES256, RS256, RS384, RS512; wasm for"));
+        // Four probes (a good and a bad signature per family), then the token itself.
+        assert_eq!(calls.load(Ordering::SeqCst), 5);
+        let (signed, _) = good.rsplit_once('.').unwrap();
+        let forged = format!("{signed}.{}", agentgate_test_harness::tokens::b64(&[1; 64]));
+        assert_eq!(request(&vm, &mock, 3, headers(&[("authorization", &forged)])), PAUSE);
+        assert_eq!(status(&mock), Some(401));
+        // A reconfiguration keeps the host's crypto without probing again.
+        assert!(vm.on_configure(ROOT));
+        let fresh = format!("Bearer {}", signer.sign(&agent_claims("agent-8", "invoices:read", NOW as i64)));
+        assert_eq!(request(&vm, &mock, 4, headers(&[("authorization", &fresh)])), CONTINUE);
+        assert_eq!(calls.load(Ordering::SeqCst), 7, "one call per new token, no probe again");
+    }
+    // Kong: the import traps there for any name but resolve_lua; it is never called.
+    let (vm, mock) = vm(&inline_policy(), |m| {
+        m.state().properties.insert("ngx.nginx_version".into(), Ok(b"1.22.1".to_vec()));
+    })
+    .unwrap();
+    let calls = envoy_crypto(&mock);
+    let good = format!("Bearer {}", token());
+    assert_eq!(request(&vm, &mock, 2, headers(&[("authorization", &good)])), CONTINUE);
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    assert!(!logged(&mock, "signature backends"));
+}
+
+#[test]
+fn a_host_whose_crypto_fails_its_probe_keeps_wasm_and_one_that_fails_later_denies() {
+    // No verify_signature (Unimplemented): wasm for everything, said once.
+    let (vm, mock) = started(&inline_policy());
+    let good = format!("Bearer {}", token());
+    assert_eq!(request(&vm, &mock, 2, headers(&[("authorization", &good)])), CONTINUE);
+    assert!(logged(&mock, "every algorithm in wasm; host crypto (verify_signature) not used: the host's verify_signature answered status 12"));
+    // A host that says yes to everything fails the known-bad probe.
+    let (vm, mock) = started(&inline_policy());
+    mock.set_verify_signature(Some(std::sync::Arc::new(|_: &[u8]| Ok(vec![0x08, 0x01]))));
+    let (signed, _) = good.rsplit_once('.').unwrap();
+    let forged = format!("{signed}.{}", agentgate_test_harness::tokens::b64(&[1; 64]));
+    assert_eq!(request(&vm, &mock, 2, headers(&[("authorization", &forged)])), PAUSE);
+    assert_eq!(status(&mock), Some(401), "verified in wasm");
+    assert!(logged(&mock, "every algorithm in wasm"));
+    // Probed right, then failing: 503 crypto_unavailable with why, never an allow.
+    let (vm, mock) = started(&inline_policy());
+    envoy_crypto(&mock);
+    assert_eq!(request(&vm, &mock, 2, headers(&[("authorization", &good)])), CONTINUE);
+    for (answer, why) in [
+        (Err(10), "answered status 10"),
+        (Ok(vec![0xff, 0xff]), "do not parse"),
+        (Ok([&[0x12, 5][..], b"oops!"].concat()), "failed: \"oops!\""),
+    ] {
+        mock.set_verify_signature(Some(std::sync::Arc::new(move |_: &[u8]| answer.clone())));
+        let fresh = format!("Bearer {}", signer().sign(&agent_claims(why, "invoices:read", NOW as i64)));
+        assert_eq!(request(&vm, &mock, 3, headers(&[("authorization", &fresh)])), PAUSE, "{why}");
+        assert_eq!(status(&mock), Some(503), "{why}");
+        let logs = mock.state().crypto_logs.lock().unwrap().clone();
+        assert!(logs.iter().any(|l| l.contains(why) && l.contains("crypto_unavailable")), "{logs:?}");
+    }
+}

@@ -251,6 +251,12 @@ fn define_imports(linker: &mut Linker<State>) -> anyhow::Result<()> {
     linker.func_wrap(ENV, "proxy_grpc_send", |_: Caller<'_, State>, _: i32, _: i32, _: i32, _: i32| UNIMPLEMENTED)?;
     linker.func_wrap(ENV, "proxy_grpc_cancel", |_: Caller<'_, State>, _: i32| UNIMPLEMENTED)?;
     linker.func_wrap(ENV, "proxy_grpc_close", |_: Caller<'_, State>, _: i32| UNIMPLEMENTED)?;
+    // wasm-nginx-module defines it and answers Unimplemented (ngx_http_wasm_api.c).
+    linker.func_wrap(
+        ENV,
+        "proxy_call_foreign_function",
+        |_: Caller<'_, State>, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32| UNIMPLEMENTED,
+    )?;
 
     // WASI: the clock is the test's.
     linker.func_wrap(WASI, "clock_time_get", |mut c: Caller<'_, State>, _id: i32, _precision: i64, out: i32| {
