@@ -23,6 +23,7 @@ const CAS_MISMATCH: i32 = 8;
 const INTERNAL_FAILURE: i32 = 10;
 const UNIMPLEMENTED: i32 = 12;
 const MAP_REQUEST_HEADERS: i32 = 0;
+const MAP_RESPONSE_HEADERS: i32 = 2;
 const MAP_HTTP_CALL_RESPONSE_HEADERS: i32 = 6;
 const BUFFER_HTTP_REQUEST_BODY: i32 = 0;
 const BUFFER_HTTP_CALL_RESPONSE_BODY: i32 = 4;
@@ -141,6 +142,8 @@ pub enum Callback {
     RequestHeaders,
     RequestBody,
     CallResponse,
+    /// The upstream's response headers, of a request the filter let through.
+    ResponseHeaders,
     Other,
 }
 
@@ -228,6 +231,8 @@ struct State {
     calls: Vec<HttpCall>,
     next_call: u32,
     call_response: Option<(Headers, Vec<u8>)>,
+    /// Headers the filter added to the upstream's response of the last request forwarded.
+    response_headers: Headers,
 }
 
 fn engine_and_module() -> Result<&'static (Engine, Module), HostError> {
@@ -359,6 +364,7 @@ impl Host {
             calls: Vec::new(),
             next_call: 1,
             call_response: None,
+            response_headers: Vec::new(),
         };
         let mut store = Store::new(engine, state);
         let mut linker = Linker::new(engine);
@@ -437,6 +443,7 @@ impl Host {
             let state = self.store.data_mut();
             state.request_headers = held;
             state.local_response = None;
+            state.response_headers.clear();
             state.filter_state.clear();
             state.request_body.clear();
             state.ngx_vars.insert("wasm_process_req_body".into(), Vec::new());
@@ -485,6 +492,11 @@ impl Host {
                 return Ok(Outcome::Paused { context });
             }
         };
+        if let Outcome::Continued { .. } = outcome {
+            // The upstream answers: its response headers pass the filter.
+            self.enter(Callback::ResponseHeaders, context);
+            self.call::<(i32, i32, i32), i32>("proxy_on_response_headers", (context, 1, 0))?;
+        }
         self.finish(context)?;
         Ok(outcome)
     }
@@ -679,6 +691,11 @@ impl Host {
         self.enter(Callback::RequestHeaders, 9999);
         self.call::<(i32, i32, i32), i32>("proxy_on_request_headers", (9999, 0, 1))?;
         Ok(self.store.data_mut().local_response.take().map(|(status, _, _)| status))
+    }
+
+    /// The headers the filter added to the upstream's response of the last request it forwarded.
+    pub fn response_headers(&self) -> Headers {
+        self.store.data().response_headers.clone()
     }
 
     /// Moves the VM's clock forward.
@@ -1252,6 +1269,16 @@ fn define_proxy_wasm(linker: &mut Linker<State>) -> wasmtime::Result<()> {
                   -> wasmtime::Result<i32> {
                 if let Some(status) = imposed(&mut c, name)? {
                     return Ok(status);
+                }
+                if map == MAP_RESPONSE_HEADERS && c.data().phase == Callback::ResponseHeaders {
+                    let key = read_string(&mut c, kptr, klen)?;
+                    let value = read_string(&mut c, vptr, vlen)?;
+                    let added = &mut c.data_mut().response_headers;
+                    if replace {
+                        added.retain(|(n, _)| !n.eq_ignore_ascii_case(&key));
+                    }
+                    added.push((key, value));
+                    return Ok(OK);
                 }
                 if map != MAP_REQUEST_HEADERS || !current_request(&c)? {
                     return Ok(BAD_ARGUMENT);

@@ -94,8 +94,8 @@ pub extern "C" fn proxy_on_request_trailers(_context: u32, _trailers: u32) -> u3
 }
 
 #[no_mangle]
-pub extern "C" fn proxy_on_response_headers(_context: u32, _headers: u32, _end_of_stream: u32) -> u32 {
-    CONTINUE
+pub extern "C" fn proxy_on_response_headers(context: u32, _headers: u32, _end_of_stream: u32) -> u32 {
+    with(|vm| vm.on_response_headers(context))
 }
 
 #[no_mangle]

@@ -67,6 +67,8 @@ pub trait Host {
     fn header_map(&self, map: Map) -> Option<Vec<(String, String)>>;
     fn replace_request_header(&self, name: &str, value: &str) -> bool;
     fn remove_request_header(&self, name: &str) -> bool;
+    /// Adds a header to the upstream's response (call only from `on_response_headers`).
+    fn add_response_header(&self, name: &str, value: &str) -> bool;
     fn send_response(&self, status: u16, headers: &[(String, String)], body: &str) -> bool;
     /// Makes request `context` the current one (Envoy answers every callout on the root
     /// context; Kong answers a request's callout with that request current and ignores this).
@@ -161,6 +163,13 @@ mod raw {
         ) -> u32;
         fn proxy_get_header_map_pairs(map_type: u32, data: *mut *mut u8, size: *mut usize) -> u32;
         fn proxy_replace_header_map_value(
+            map_type: u32,
+            key_data: *const u8,
+            key_size: usize,
+            value_data: *const u8,
+            value_size: usize,
+        ) -> u32;
+        fn proxy_add_header_map_value(
             map_type: u32,
             key_data: *const u8,
             key_size: usize,
@@ -346,6 +355,11 @@ mod raw {
         fn remove_request_header(&self, name: &str) -> bool {
             // SAFETY: the name outlives the call; the host only reads it.
             unsafe { proxy_remove_header_map_value(0, name.as_ptr(), name.len()) == OK }
+        }
+
+        fn add_response_header(&self, name: &str, value: &str) -> bool {
+            // SAFETY: both buffers outlive the call; the host only reads them. 2: response headers.
+            unsafe { proxy_add_header_map_value(2, name.as_ptr(), name.len(), value.as_ptr(), value.len()) == OK }
         }
 
         fn send_response(&self, status: u16, headers: &[(String, String)], body: &str) -> bool {

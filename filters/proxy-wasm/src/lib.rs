@@ -61,6 +61,8 @@ struct Stream {
     awaiting_body: Option<usize>,
     /// The body read for the decision, up to the limit and one byte more.
     body: Option<Rc<[u8]>>,
+    /// Headers for the upstream's response, from the decision.
+    response_headers: Rc<RefCell<Vec<(String, String)>>>,
 }
 
 /// Which proxy-wasm host this is, told apart at the first request by properties that are
@@ -150,6 +152,7 @@ impl<H: Host> Vm<H> {
             end_of_stream: true,
             awaiting_body: None,
             body: None,
+            response_headers: Rc::default(),
         };
         self.streams.borrow_mut().insert(id, stream);
     }
@@ -336,7 +339,12 @@ impl<H: Host> Vm<H> {
             return filter::refuse_request(host, &stream.metrics, Reason::NotConfigured);
         };
         let kind = self.kind();
-        let context = filter::Context { announced: stream.announced, kind, filter_state: &self.filter_state };
+        let context = filter::Context {
+            announced: stream.announced,
+            kind,
+            filter_state: &self.filter_state,
+            response_headers: &stream.response_headers,
+        };
         match filter::decide(host, shared, &context, stream.body.as_deref(), may_wait) {
             filter::Step::Wait { provider, fetch, wait_ms, now } => {
                 if self.dispatch(Owner::Stream(id), shared, provider, &fetch, Some(wait_ms), now) {
@@ -428,6 +436,16 @@ impl<H: Host> Vm<H> {
         if self.decide(owner, &stream, false) == CONTINUE {
             host.continue_request();
         }
+    }
+
+    /// The upstream's response: the headers the decision asked for are added (nothing is
+    /// read, and a request answered locally never gets here).
+    pub fn on_response_headers(&self, id: u32) -> u32 {
+        let headers = self.streams.borrow().get(&id).map(|s| s.response_headers.take()).unwrap_or_default();
+        for (name, value) in &headers {
+            self.host.add_response_header(name, value);
+        }
+        CONTINUE
     }
 
     pub fn on_delete(&self, id: u32) {

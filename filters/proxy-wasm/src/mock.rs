@@ -19,6 +19,8 @@ pub struct State {
     /// Header changes in order: (name, Some(value)) replaced, (name, None) removed.
     pub changes: Vec<(String, Option<String>)>,
     pub response: Option<(u16, Headers, String)>,
+    /// Headers added to the upstream's response.
+    pub response_headers: Headers,
     pub continued: usize,
     /// The contexts the filter made current, in order.
     pub effective: Vec<u32>,
@@ -88,6 +90,10 @@ impl Host for Mock {
     }
     fn remove_request_header(&self, name: &str) -> bool {
         self.state().changes.push((name.to_string(), None));
+        true
+    }
+    fn add_response_header(&self, name: &str, value: &str) -> bool {
+        self.state().response_headers.push((name.to_string(), value.to_string()));
         true
     }
     fn send_response(&self, status: u16, headers: &[(String, String)], body: &str) -> bool {
