@@ -245,10 +245,10 @@ fn a_txn_token_alongside_a_real_access_token_in_envoy() {
     let idp = OidcProvider::start();
     let upstream = Upstream::start();
     let mut policy: Value = serde_json::from_str(&policy(&idp.issuer)).unwrap_or_default();
-    policy["providers"].as_array_mut().map(|p| {
-        p.push(json!({"name": "tts", "issuer": "https://tts.corp.example", "audiences": ["corp.example"],
-                      "algorithms": ["ES256"], "transaction_tokens": true, "jwks": tts.jwks()}))
-    });
+    if let Some(providers) = policy["providers"].as_array_mut() {
+        providers.push(json!({"name": "tts", "issuer": "https://tts.corp.example", "audiences": ["corp.example"],
+                              "algorithms": ["ES256"], "transaction_tokens": true, "jwks": tts.jwks()}));
+    }
     policy["rules"][1]["require"]["transaction_token"] =
         json!({"scopes": ["invoices:pay"], "claims": [{"path": "tctx.amount", "lte": 500}]});
     let envoy =
