@@ -60,7 +60,7 @@ if (keypair) {
   }
 }
 answer.responses = [];
-let nonce = request.nonce;
+let nonce = request.nonce ?? undefined;
 for (const { method, url } of request.requests ?? []) {
   const send = async () => {
     const headers = { authorization: `DPoP ${body.access_token}` };
