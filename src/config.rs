@@ -115,6 +115,16 @@ pub struct DpopConfig {
     pub algorithms: Option<Vec<String>>,
     /// The oldest accepted proof `iat`, in seconds (default 120, at most 600).
     pub max_age_seconds: Option<u64>,
+    /// Server nonces (RFC 9449 §9): proofs must carry a current `DPoP-Nonce` from the gate;
+    /// one without gets 401 `use_dpop_nonce` with a fresh nonce. Needs `nonce_key`.
+    #[serde(default)]
+    pub use_dpop_nonce: bool,
+    /// A secret of at least 32 bytes that nonces are made with; every instance of a
+    /// deployment given the same key accepts the others' nonces.
+    pub nonce_key: Option<String>,
+    /// How long one nonce is issued for (default 60, 10 to 3600): each is accepted for one to
+    /// two of these.
+    pub nonce_lifetime_seconds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -97,8 +97,9 @@ pub struct DpopOptions {
     pub max_future_seconds: i64,
     pub max_proof_bytes: usize,
     pub max_jti_bytes: usize,
-    /// The server nonce the proof must carry, when the deployment uses them.
-    pub nonce: Option<String>,
+    /// Server nonces (RFC 9449 §8, §9), when the deployment uses them: proofs must carry a
+    /// current one.
+    pub nonce: Option<NonceKey>,
 }
 
 impl Default for DpopOptions {
@@ -134,6 +135,9 @@ pub struct VerifiedProof {
     pub jti: String,
     pub iat: i64,
     pub alg: Alg,
+    /// The proof's nonce is from an earlier time slot than the current one: the client gets
+    /// the current nonce on the response (RFC 9449 §8.2).
+    pub nonce_stale: bool,
 }
 
 impl VerifiedProof {
@@ -275,13 +279,78 @@ pub fn check_proof(
     if claims.ath.as_deref() != Some(ath(access_token).as_str()) {
         return Err(DpopError::AthMismatch);
     }
-    if let Some(expected) = options.nonce.as_deref() {
-        if claims.nonce.as_deref() != Some(expected) {
-            return Err(DpopError::UseNonce);
-        }
-    }
+    let nonce_stale = match &options.nonce {
+        None => false,
+        Some(nonces) => claims.nonce.as_deref().and_then(|n| nonces.age(n, now)).ok_or(DpopError::UseNonce)? > 0,
+    };
     let jkt = jwk_thumbprint(jwk).ok_or(DpopError::BadKey)?;
-    Ok(VerifiedProof { jkt, jti, iat, alg })
+    Ok(VerifiedProof { jkt, jti, iat, alg, nonce_stale })
+}
+
+/// Stateless server nonces: the nonce is a time slot and a MAC of it under a key every
+/// instance of a deployment is configured with, so any worker of any instance accepts what
+/// any other issued, with nothing shared at run time. One is accepted during its own slot
+/// and the next (and the one before, for an instance whose clock runs a little ahead): it
+/// lives one to two `lifetime`s. Nobody without the key can make one, so a proof cannot be
+/// made before its slot began (RFC 9449 §11.1); replay is still the `jti` store's to stop.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NonceKey {
+    key: [u8; 32],
+    lifetime: i64,
+}
+
+impl std::fmt::Debug for NonceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NonceKey").field("lifetime", &self.lifetime).finish_non_exhaustive()
+    }
+}
+
+/// Slot (8 bytes, big-endian) and the MAC's first 16 bytes, base64url: 32 characters.
+const NONCE_MAC_BYTES: usize = 16;
+
+impl NonceKey {
+    /// A key from the configured secret (hashed: any length and alphabet); `lifetime` in
+    /// seconds, at least 1.
+    pub fn new(secret: &[u8], lifetime: i64) -> NonceKey {
+        let mut hash = Sha256::new();
+        hash.update(b"agentgate dpop nonce key\0");
+        hash.update(secret);
+        NonceKey { key: hash.finalize().into(), lifetime: lifetime.max(1) }
+    }
+
+    fn slot(&self, now: i64) -> i64 {
+        now.div_euclid(self.lifetime)
+    }
+
+    fn mac(&self, slot: i64) -> Option<[u8; NONCE_MAC_BYTES]> {
+        use hmac::{Hmac, KeyInit, Mac};
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key).ok()?;
+        mac.update(&slot.to_be_bytes());
+        mac.finalize().into_bytes().get(..NONCE_MAC_BYTES)?.try_into().ok()
+    }
+
+    /// The nonce of the current slot.
+    pub fn issue(&self, now: i64) -> String {
+        let slot = self.slot(now);
+        let mut bytes = slot.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&self.mac(slot).unwrap_or_default());
+        Base64UrlUnpadded::encode_string(&bytes)
+    }
+
+    /// How many slots ago `nonce` was issued (-1 to 1), or `None` when it is no nonce of this
+    /// key, or too old.
+    pub fn age(&self, nonce: &str, now: i64) -> Option<i64> {
+        let mut bytes = [0u8; 8 + NONCE_MAC_BYTES];
+        let decoded = Base64UrlUnpadded::decode(nonce, &mut bytes).ok()?;
+        let (slot, mac) = decoded.split_first_chunk::<8>()?;
+        let slot = i64::from_be_bytes(*slot);
+        let age = self.slot(now).checked_sub(slot).filter(|age| (-1..=1).contains(age))?;
+        let expected = self.mac(slot)?;
+        // Constant time: the MAC is the secret part.
+        let differs =
+            expected.iter().zip(mac).fold(mac.len() ^ NONCE_MAC_BYTES, |acc, (a, b)| acc | usize::from(a ^ b));
+        (differs == 0).then_some(age)
+    }
 }
 
 /// A proof's `alg`: the JOSE names, plus RFC 9864's fully-specified `Ed25519` (sent by the
@@ -694,14 +763,45 @@ mod tests {
 
     #[test]
     fn a_required_nonce_must_be_carried() {
-        let opts = DpopOptions { nonce: Some("n-1".into()), ..Default::default() };
+        let key = NonceKey::new(b"a secret shared by the fleet", 60);
+        let opts = DpopOptions { nonce: Some(key.clone()), ..Default::default() };
         let run_nonce = |p: &str| check_proof(&[p], &request(), TOKEN, &opts, NOW);
         assert_eq!(run_nonce(&proof(&es256(), &claims())), Err(DpopError::UseNonce));
         assert_eq!(run_nonce(&with("nonce", json!("n-0"))), Err(DpopError::UseNonce));
-        assert!(run_nonce(&with("nonce", json!("n-1"))).is_ok());
+        let current = run_nonce(&with("nonce", json!(key.issue(NOW)))).unwrap_or_else(|e| panic!("{e:?}"));
+        assert!(!current.nonce_stale);
+        let previous = run_nonce(&with("nonce", json!(key.issue(NOW - 60)))).unwrap_or_else(|e| panic!("{e:?}"));
+        assert!(previous.nonce_stale, "the response carries the current one");
         assert_eq!(DpopError::UseNonce.challenge_error(), "use_dpop_nonce");
         // Without a required nonce, one the client sent anyway is ignored.
         assert!(run(&with("nonce", json!("n-0"))).is_ok());
+    }
+
+    #[test]
+    fn nonces_expire_and_cannot_be_forged() {
+        let key = NonceKey::new(b"a secret shared by the fleet", 60);
+        let nonce = key.issue(NOW);
+        assert_eq!(nonce.len(), 32);
+        // Issued anywhere with the same secret, at any second of the slot: the same nonce.
+        assert_eq!(NonceKey::new(b"a secret shared by the fleet", 60).issue(NOW - NOW % 60 + 59), nonce);
+        assert_eq!(key.age(&nonce, NOW), Some(0));
+        assert_eq!(key.age(&nonce, NOW + 60), Some(1));
+        assert_eq!(key.age(&nonce, NOW - 60), Some(-1), "an instance whose clock is a little behind");
+        assert_eq!(key.age(&nonce, NOW + 120), None, "expired");
+        assert_eq!(key.age(&nonce, NOW - 120), None);
+        // Another key's nonce, a slot moved forward under the old MAC, bit flips, garbage.
+        assert_eq!(NonceKey::new(b"another deployment's secret", 60).age(&nonce, NOW), None);
+        let mut bytes = Base64UrlUnpadded::decode_vec(&nonce).unwrap_or_default();
+        bytes[7] ^= 1;
+        let moved = Base64UrlUnpadded::encode_string(&bytes);
+        assert_eq!(key.age(&moved, NOW), None);
+        bytes[7] ^= 1;
+        bytes[20] ^= 0x80;
+        assert_eq!(key.age(&Base64UrlUnpadded::encode_string(&bytes), NOW), None);
+        for garbage in ["", "AAAA", &nonce[..31], &format!("{nonce}AA"), "!!!!", &"A".repeat(4096)] {
+            assert_eq!(key.age(garbage, NOW), None, "{garbage}");
+        }
+        assert!(!format!("{key:?}").contains("key:"), "the key is not logged");
     }
 
     #[test]

@@ -157,6 +157,9 @@ pub struct Decision {
     /// An allowed MCP list call (`tools/list`, ...): the host passes the response body to
     /// [`Gate::filter_list`], so the agent sees only what it may call.
     pub list_filter: Option<ListFilter>,
+    /// Headers for the response the upstream sends back (a rotated `DPoP-Nonce`): hosts
+    /// that can add response headers do.
+    pub response_headers: Vec<(String, String)>,
     /// This request's denial put its agent into quarantine: the host logs
     /// `agentgate quarantine {json}` and counts it.
     pub quarantine: Option<QuarantineEvent>,
@@ -206,6 +209,8 @@ struct Checked {
     claimed_issuer: Option<String>,
     /// The `txn` of a valid Txn-Token that came along: one agent task across every hop.
     txn: Option<String>,
+    /// The DPoP proof's nonce is from an earlier slot: the response brings the current one.
+    nonce_stale: bool,
     authorization: Authorization,
     /// Seconds to wait, when rate limited.
     retry_after: Option<u64>,
@@ -296,6 +301,9 @@ const POLICY_SCOPE: &str = "";
 /// Where DPoP proof `jti`s are remembered, next to single-use tokens (provider names are
 /// compiled as given; `dpop` in brackets cannot clash with a rule or provider key).
 pub const DPOP_REPLAY_SCOPE: &str = "[dpop]";
+
+/// The server nonce's header (RFC 9449 §8.1), in Envoy's lower case.
+pub const DPOP_NONCE: &str = "dpop-nonce";
 
 impl Gate {
     pub fn from_json(json: &str) -> Result<Gate, ConfigError> {
@@ -464,11 +472,11 @@ impl Gate {
         mcp: Option<&Result<McpCall, Reason>>,
         txn: Option<&VerifiedToken>,
         state: &dyn SharedState,
-    ) -> (Authorization, Option<u64>) {
+    ) -> (Authorization, Option<u64>, bool) {
         let now = request.now;
         // A body that cannot be read is refused before a single-use token is spent on it.
         let call = match mcp {
-            Some(Err(reason)) => return (Authorization::denied(*reason), None),
+            Some(Err(reason)) => return (Authorization::denied(*reason), None, false),
             Some(Ok(call)) => Some(call),
             None => None,
         };
@@ -477,12 +485,14 @@ impl Gate {
             return (
                 Authorization { detail: Some(detail), ..Authorization::denied(Reason::CertificateMismatch) },
                 None,
+                false,
             );
         }
-        let dpop = match self.check_dpop(token, raw, request, state) {
-            Ok(bound) => bound,
+        let (dpop, nonce_stale) = match self.check_dpop(token, raw, request, state) {
+            Ok(None) => (false, false),
+            Ok(Some(proof)) => (true, proof.nonce_stale),
             Err((reason, detail)) => {
-                return (Authorization { detail: Some(detail), ..Authorization::denied(reason) }, None);
+                return (Authorization { detail: Some(detail), ..Authorization::denied(reason) }, None, false);
             }
         };
         if let Err(reason) = self
@@ -490,26 +500,26 @@ impl Gate {
             .and_then(|()| check_revoked(&self.policy, token))
             .and_then(|()| self.check_quarantine(token, state, now))
         {
-            return (Authorization::denied(reason), None);
+            return (Authorization::denied(reason), None, nonce_stale);
         }
         if let Err((reason, wait)) = self.check_rate(state, POLICY_SCOPE, self.policy.rate_limit.as_ref(), token, now) {
-            return (Authorization::denied(reason), wait);
+            return (Authorization::denied(reason), wait, nonce_stale);
         }
         let mut authorization = authorize(&self.policy, &request.target(call, dpop, txn), token);
         let rule = authorization.rule.and_then(|i| self.policy.rules.get(i));
         if let (Ok(()), Some(max)) = (&authorization.result, rule.and_then(|r| r.max_recent_denials)) {
             if self.recent_denials(token, state, now) > max {
                 authorization.result = Err(Reason::RecentDenials);
-                return (authorization, None);
+                return (authorization, None, nonce_stale);
             }
         }
         if let (Ok(()), Some(rule)) = (&authorization.result, rule) {
             if let Err((reason, wait)) = self.check_rate(state, &rule.name, rule.rate_limit.as_ref(), token, now) {
                 authorization.result = Err(reason);
-                return (authorization, wait);
+                return (authorization, wait, nonce_stale);
             }
         }
-        (authorization, None)
+        (authorization, None, nonce_stale)
     }
 
     /// The `Txn-Token` that came along (draft-ietf-oauth-transaction-tokens), verified like an
@@ -555,21 +565,21 @@ impl Gate {
     /// RFC 9449: a token bound to a key (`cnf.jkt`) is accepted only with the DPoP scheme and
     /// a proof by that key for this request, each proof once; an unbound token is not
     /// accepted with the DPoP scheme, nor at all where its provider requires binding.
-    /// `Ok(true)`: bound and proven.
+    /// `Ok(Some)`: bound and proven.
     fn check_dpop(
         &self,
         token: &VerifiedToken,
         raw: &str,
         request: &Request<'_>,
         state: &dyn SharedState,
-    ) -> Result<bool, (Reason, &'static str)> {
+    ) -> Result<Option<crate::dpop::VerifiedProof>, (Reason, &'static str)> {
         let as_dpop = presented_as_dpop(request.headers);
         let Some(jkt) = token.cnf_jkt.as_deref() else {
             if as_dpop {
                 return Err((Reason::DpopBindingMismatch, "dpop_token_not_bound"));
             }
             let required = self.policy.providers.get(token.provider_index).is_some_and(|p| p.require_dpop);
-            return if required { Err((Reason::DpopRequired, "dpop_required")) } else { Ok(false) };
+            return if required { Err((Reason::DpopRequired, "dpop_required")) } else { Ok(None) };
         };
         if !as_dpop {
             return Err((Reason::DpopBindingMismatch, "dpop_bound_token_as_bearer"));
@@ -588,13 +598,14 @@ impl Gate {
                     crate::dpop::DpopError::TokenNotBound | crate::dpop::DpopError::KeyMismatch => {
                         Reason::DpopBindingMismatch
                     }
+                    crate::dpop::DpopError::UseNonce => Reason::DpopNonceRequired,
                     _ => Reason::DpopProofInvalid,
                 };
                 (reason, e.code())
             })?;
         let scope = ReplayScope { provider: DPOP_REPLAY_SCOPE, ring: crate::replay::RING };
         match state.first_use(scope, &proof.replay_id(), proof.remember_until(options), request.now) {
-            Ok(true) => Ok(true),
+            Ok(true) => Ok(Some(proof)),
             Ok(false) => Err((Reason::DpopReplayed, "dpop_replayed")),
             Err(_) => Err((Reason::ReplayStoreUnavailable, "dpop_replay_store_unavailable")),
         }
@@ -739,13 +750,13 @@ impl Gate {
             matches!(verified, Err(Reason::UnknownKid | Reason::KeysUnavailable))
                 && self.policy.providers.get(i).is_some_and(|p| p.remote.is_some())
         });
-        let (token, authorization, retry_after) = match verified {
-            Err(reason) => (None, Authorization::denied(reason), None),
+        let (token, authorization, retry_after, nonce_stale) = match verified {
+            Err(reason) => (None, Authorization::denied(reason), None, false),
             Ok(token) => {
                 let raw = found.unwrap_or_default();
-                let (authorization, retry_after) =
+                let (authorization, retry_after, nonce_stale) =
                     self.authorize_verified(&token, raw, request, mcp, txn.as_deref(), state);
-                (Some(token), authorization, retry_after)
+                (Some(token), authorization, retry_after, nonce_stale)
             }
         };
         let claimed_issuer = claimed_provider.and_then(|i| self.policy.providers.get(i)).map(|p| p.issuer.clone());
@@ -758,6 +769,7 @@ impl Gate {
             awaiting_keys,
             claimed_issuer,
             txn,
+            nonce_stale,
             authorization,
             retry_after,
         }
@@ -801,9 +813,23 @@ impl Gate {
                         m.as_ref().ok().and_then(|c| c.id.clone()).or_else(|| request.body.and_then(mcp::request_id));
                     mcp::error_body(id.as_ref(), reason)
                 });
-                self.denial(reason, matched, checked.retry_after, audit.audit_id.as_deref(), body)
+                let mut action = self.denial(reason, matched, checked.retry_after, audit.audit_id.as_deref(), body);
+                // RFC 9449 §9: a DPoP challenge brings the nonce to retry with.
+                if let (Action::Respond { headers, .. }, Some(nonces)) = (&mut action, &self.policy.dpop.nonce) {
+                    if reason.scheme() == "DPoP" {
+                        headers.push((DPOP_NONCE.to_string(), nonces.issue(request.now)));
+                    }
+                }
+                action
             }
             _ => self.forward(request.headers, &audit, stripped),
+        };
+        // §8.2: a proof with last slot's nonce passed; the client gets this slot's for its next.
+        let response_headers = match &self.policy.dpop.nonce {
+            Some(nonces) if checked.nonce_stale && matches!(action, Action::Continue { .. }) => {
+                vec![(DPOP_NONCE.to_string(), nonces.issue(request.now))]
+            }
+            _ => Vec::new(),
         };
         let list_filter = match (call.and_then(|c| c.method.as_deref()).and_then(mcp::list_kind), &checked.token) {
             (Some(kind), Some(token)) if reason.is_none() => Some(ListFilter {
@@ -821,6 +847,7 @@ impl Gate {
         Decision {
             list_filter,
             quarantine,
+            response_headers,
             allowed: reason.is_none(),
             reason,
             rule: matched.map(|r| r.name.clone()),
@@ -941,6 +968,7 @@ impl Gate {
             audit,
             list_filter: None,
             quarantine: None,
+            response_headers: Vec::new(),
         }
     }
 

@@ -2,6 +2,8 @@
 //!
 //! * `agentgate eval --config POLICY.json --method GET --path /invoices/1 [--header 'name: value']... [--now SECS]`
 //!   prints the decision as JSON; exit 0 on allow, 1 on deny, 2 on usage or policy error.
+//!   `--url https://api.example.com/invoices/1` instead of `--path` gives the scheme and host
+//!   too (`:scheme`, `:authority`), as a DPoP proof's `htu` and `hosts` rules need them.
 //! * `agentgate check-config POLICY.json` validates a policy; exit 0, or 2 with the error.
 
 use agentgate::policy::Policy;
@@ -29,8 +31,12 @@ enum Command {
         #[arg(long, default_value = "GET")]
         method: String,
         /// The request path, query string included if any.
+        #[arg(long, required_unless_present = "url", conflicts_with = "url")]
+        path: Option<String>,
+        /// The full request URL as the client used it (`https://host[:port]/path?query`): its
+        /// scheme and authority become `:scheme` and `:authority`, for DPoP proofs' `htu`.
         #[arg(long)]
-        path: String,
+        url: Option<String>,
         /// A request header as 'name: value'; repeatable.
         #[arg(long = "header", value_name = "NAME: VALUE", value_parser = parse_header)]
         headers: Vec<(String, String)>,
@@ -43,6 +49,9 @@ enum Command {
         /// The mTLS peer certificate's URI SAN (for `bind_mtls_peer`).
         #[arg(long)]
         peer_uri_san: Option<String>,
+        /// The client certificate's SHA-256 in hex (for certificate-bound tokens, RFC 8705).
+        #[arg(long)]
+        peer_certificate_sha256: Option<String>,
         /// The request body (for MCP rules): a file, or `-` for standard input.
         #[arg(long)]
         body: Option<PathBuf>,
@@ -131,7 +140,36 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Eval { config, method, path, headers, now, source, peer_uri_san, body } => {
+        Command::Eval {
+            config,
+            method,
+            path,
+            url,
+            mut headers,
+            now,
+            source,
+            peer_uri_san,
+            peer_certificate_sha256,
+            body,
+        } => {
+            let path = match (path, url.as_deref().map(split_url)) {
+                (Some(path), _) => path,
+                (None, Some(Ok((scheme, authority, target)))) => {
+                    // The URL says where the request went: it wins over such headers given too.
+                    headers.retain(|(n, _)| !matches!(n.as_str(), ":scheme" | ":authority" | "host"));
+                    headers.push((":scheme".into(), scheme));
+                    headers.push((":authority".into(), authority));
+                    target
+                }
+                (None, Some(Err(e))) => {
+                    eprintln!("--url: {e}");
+                    return ExitCode::from(EXIT_ERROR);
+                }
+                (None, None) => {
+                    eprintln!("--path or --url is required");
+                    return ExitCode::from(EXIT_ERROR);
+                }
+            };
             let body = match body.as_deref().map(read_body).transpose() {
                 Ok(body) => body,
                 Err(e) => {
@@ -158,7 +196,7 @@ fn main() -> ExitCode {
                 now,
                 source: source.as_deref(),
                 peer_uri_san: peer_uri_san.as_deref(),
-                peer_certificate_sha256: None,
+                peer_certificate_sha256: peer_certificate_sha256.as_deref(),
                 body: body.as_deref(),
             };
             let decision = gate.evaluate(&request);
@@ -194,6 +232,24 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// An absolute http(s) URL as (scheme, authority, path with query); the fragment, which no
+/// client sends, is dropped.
+fn split_url(url: &str) -> Result<(String, String, String), String> {
+    let (scheme, rest) = url.split_once("://").ok_or("expected an absolute URL, as https://host/path")?;
+    let scheme = scheme.to_ascii_lowercase();
+    if scheme != "http" && scheme != "https" {
+        return Err(format!("scheme {scheme:?} is not http or https"));
+    }
+    let rest = rest.split('#').next().unwrap_or(rest);
+    let at = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, target) = rest.split_at(at);
+    if authority.is_empty() || authority.contains('@') {
+        return Err("expected a host (and no user info) after the scheme".into());
+    }
+    let target = if target.starts_with('/') { target.to_string() } else { format!("/{target}") };
+    Ok((scheme, authority.to_string(), target))
 }
 
 /// A request body from a file, or standard input for `-`.

@@ -413,6 +413,9 @@ fn compile_resource_metadata(raw: serde_json::Map<String, Value>) -> Result<Reso
     })
 }
 
+/// Nonce keys are secrets: as long as a pseudonymization key.
+const MIN_NONCE_KEY_BYTES: usize = 32;
+
 fn compile_dpop(raw: Option<&config::DpopConfig>) -> Result<crate::dpop::DpopOptions, ConfigError> {
     let mut options = crate::dpop::DpopOptions::default();
     let Some(raw) = raw else { return Ok(options) };
@@ -439,6 +442,27 @@ fn compile_dpop(raw: Option<&config::DpopConfig>) -> Result<crate::dpop::DpopOpt
         }
         Some(v) => options.max_age_seconds = i64::try_from(v).unwrap_or(120),
         None => {}
+    }
+    let lifetime = match raw.nonce_lifetime_seconds {
+        None => 60,
+        Some(v) if (10..=3600).contains(&v) => i64::try_from(v).unwrap_or(60),
+        Some(_) => return Err(ConfigError::at("dpop.nonce_lifetime_seconds", "must be between 10 and 3600")),
+    };
+    match (&raw.nonce_key, raw.use_dpop_nonce) {
+        (Some(key), _) if key.len() < MIN_NONCE_KEY_BYTES => {
+            return Err(ConfigError::at(
+                "dpop.nonce_key",
+                format!("must be at least {MIN_NONCE_KEY_BYTES} bytes (e.g. `openssl rand -hex 32`)"),
+            ))
+        }
+        (Some(key), true) => options.nonce = Some(crate::dpop::NonceKey::new(key.as_bytes(), lifetime)),
+        (None, true) => {
+            return Err(ConfigError::at(
+                "dpop.nonce_key",
+                "is required with use_dpop_nonce: the secret nonces are made with, the same on every instance",
+            ))
+        }
+        (_, false) => {}
     }
     Ok(options)
 }

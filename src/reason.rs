@@ -73,6 +73,9 @@ reasons! {
     DpopRequired => "dpop_required", 401, Some(INVALID_TOKEN), TOKEN_INVALID;
     /// The DPoP proof fails a check of RFC 9449 §4.3 (the audit record's `detail` says which).
     DpopProofInvalid => "dpop_proof_invalid", 401, Some("invalid_dpop_proof"), "the DPoP proof is invalid";
+    /// The gate wants server nonces (`dpop.use_dpop_nonce`) and the proof carries no current
+    /// one: the answer brings a fresh `DPoP-Nonce` to retry with (RFC 9449 §9).
+    DpopNonceRequired => "dpop_nonce_required", 401, Some("use_dpop_nonce"), "a DPoP nonce is required";
     /// A DPoP proof presented again.
     DpopReplayed => "dpop_replayed", 401, Some("invalid_dpop_proof"), "the DPoP proof is invalid";
     /// The rule wants a valid Txn-Token (with its scopes and claims) alongside, and there is
@@ -148,9 +151,11 @@ impl Reason {
     /// proof-of-possession failures, Bearer (RFC 6750) otherwise.
     pub const fn scheme(self) -> &'static str {
         match self {
-            Reason::DpopRequired | Reason::DpopProofInvalid | Reason::DpopReplayed | Reason::DpopBindingMismatch => {
-                "DPoP"
-            }
+            Reason::DpopRequired
+            | Reason::DpopProofInvalid
+            | Reason::DpopNonceRequired
+            | Reason::DpopReplayed
+            | Reason::DpopBindingMismatch => "DPoP",
             _ => "Bearer",
         }
     }

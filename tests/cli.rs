@@ -305,3 +305,88 @@ fn a_verbatim_copy_of_the_idps_jwks_loads_like_a_fetched_one_with_a_warning() {
     let fetched = agentgate::jwks::parse_jwks(document.to_string().as_bytes(), &[agentgate::keys::Alg::Es256]);
     assert_eq!(fetched.map(|keys| keys.len()), Ok(1));
 }
+
+/// A DPoP proof checked offline: `--url` gives the scheme and host its `htu` names.
+#[test]
+fn eval_checks_a_dpop_proof_against_the_full_url() {
+    use agentgate::dpop::{ath, jwk_thumbprint};
+    let (issuer, client) = (Signer::es256("k", 1), Signer::es256("client", 11));
+    let mut jwk = client.jwk();
+    for member in ["kid", "alg", "use"] {
+        jwk.as_object_mut().unwrap().remove(member);
+    }
+    let mut claims = agent_claims("agent-7", "invoices:read", NOW);
+    claims["cnf"] = json!({"jkt": jwk_thumbprint(&jwk).unwrap()});
+    let token = issuer.sign(&claims);
+    let url = "https://api.example.com/invoices/42";
+    let proof = |jti: &str| {
+        let header = json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk});
+        let claims = json!({"jti": jti, "htm": "GET", "htu": url, "iat": NOW, "ath": ath(&token)});
+        client.sign_with_header(&header, &claims)
+    };
+    let config = write_policy("dpop.json", &policy(&issuer.jwks(), &read_invoice_rule(), "enforce"));
+    let config = config.to_string_lossy().to_string();
+    let (now, auth) = (NOW.to_string(), format!("Authorization: DPoP {token}"));
+    let run = |target: &[&str], jti: &str| {
+        let dpop = format!("DPoP: {}", proof(jti));
+        let mut args = vec!["eval", "--config", &config, "--now", &now, "--header", &auth, "--header", &dpop];
+        args.extend(target);
+        let (code, stdout, stderr) = agentgate(&args);
+        (code, serde_json::from_str::<Value>(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout} {stderr}")))
+    };
+    // The query is no part of htu; scheme and host are compared after normalization.
+    let (code, out) = run(&["--url", "https://API.example.com/invoices/42?page=2#top"], "c-1");
+    assert_eq!((code, &out["decision"]), (0, &json!("allow")), "{out}");
+    assert!(out["remove_headers"].as_array().unwrap().contains(&json!("dpop")), "{out}");
+    for (target, detail) in [
+        ("http://api.example.com/invoices/42", "dpop_htu_mismatch"),
+        ("https://api.example.com:8443/invoices/42", "dpop_htu_mismatch"),
+        ("https://other.example.com/invoices/42", "dpop_htu_mismatch"),
+    ] {
+        let (code, out) = run(&["--url", target], "c-2");
+        assert_eq!((code, &out["reason"], &out["audit"]["detail"]), (1, &json!("dpop_proof_invalid"), &json!(detail)));
+        assert!(out["headers"]["www-authenticate"].as_str().unwrap().starts_with("DPoP error=\"invalid_dpop_proof\""));
+    }
+    // --path alone has no scheme or host to hold the proof against (a host would give them).
+    let (code, out) = run(&["--path", "/invoices/42"], "c-3");
+    assert_eq!((code, &out["audit"]["detail"]), (1, &json!("dpop_htu_mismatch")), "{out}");
+    // Usage errors: both, neither, a URL that is not one.
+    for bad in [
+        &["--url", url, "--path", "/invoices/42"][..],
+        &[][..],
+        &["--url", "/invoices/42"][..],
+        &["--url", "ftp://api.example.com/x"][..],
+        &["--url", "https:///x"][..],
+    ] {
+        let mut args = vec!["eval", "--config", &config];
+        args.extend(bad);
+        assert_eq!(agentgate(&args).0, 2, "{bad:?}");
+    }
+}
+
+/// A certificate-bound token offline: the certificate's SHA-256 as Envoy gives it (hex).
+#[test]
+fn eval_checks_a_certificate_bound_token_with_the_peer_certificate_digest() {
+    use base64ct::Encoding;
+    let issuer = Signer::es256("k", 1);
+    let digest = [0x5au8; 32];
+    let mut claims = agent_claims("agent-7", "invoices:read", NOW);
+    claims["cnf"] = json!({"x5t#S256": base64ct::Base64UrlUnpadded::encode_string(&digest)});
+    let token = issuer.sign(&claims);
+    let mut p: Value = serde_json::from_str(&policy(&issuer.jwks(), &read_invoice_rule(), "enforce")).unwrap();
+    p["providers"][0]["certificate_bound"] = json!(true);
+    let config = write_policy("mtls.json", &p.to_string()).to_string_lossy().to_string();
+    let (now, auth) = (NOW.to_string(), format!("Authorization: Bearer {token}"));
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["eval", "--config", &config, "--now", &now, "--header", &auth, "--path", "/invoices/42"];
+        args.extend(extra);
+        let (code, stdout, _) = agentgate(&args);
+        (code, serde_json::from_str::<Value>(&stdout).unwrap_or(Value::Null))
+    };
+    assert_eq!(run(&["--peer-certificate-sha256", &hex]).0, 0);
+    let (code, out) = run(&[]);
+    assert_eq!((code, &out["audit"]["detail"]), (1, &json!("no_client_certificate")));
+    let (code, out) = run(&["--peer-certificate-sha256", &"00".repeat(32)]);
+    assert_eq!((code, &out["audit"]["detail"]), (1, &json!("certificate_thumbprint_mismatch")));
+}

@@ -46,7 +46,7 @@ fn every_policy_example_behaves_as_documented() {
         }
         checked += 1;
     }
-    assert_eq!(checked, 15);
+    assert_eq!(checked, 17);
 }
 
 #[test]

@@ -5,9 +5,14 @@
 //
 // Usage: node client.mjs '<json request>'; prints one JSON line:
 //   request:  {issuer, client_id?, client_secret, resource?, scope?, authorization_details?,
-//              dpop?: "ES256" | "Ed25519" | "PS256" | "RS256", proofs?: [{htm, htu, access_token?}]}
+//              dpop?: "ES256" | "Ed25519" | "PS256" | "RS256", proofs?: [{htm, htu, access_token?}],
+//              requests?: [{method, url}], nonce?}
 //            (a proof's access_token: another token than the one just issued, as a thief would)
-//   answer:   {status, token: <token endpoint answer>, jkt?, proofs: [<proof JWS>...]}
+//   answer:   {status, token: <token endpoint answer>, jkt?, proofs: [<proof JWS>...],
+//              responses: [{status, retried, nonce, body}], nonce}
+// `requests` are made with the token and a fresh proof each, as a DPoP client does: the
+// resource server's DPoP-Nonce is kept and put in later proofs, and a 401 use_dpop_nonce is
+// retried once with the nonce it brought (RFC 9449 §9).
 
 import { calculateThumbprint, generateKeyPair, generateProof } from 'dpop';
 
@@ -54,4 +59,23 @@ if (keypair) {
     answer.proofs.push(await generateProof(keypair, htu, htm, undefined, token));
   }
 }
+answer.responses = [];
+let nonce = request.nonce ?? undefined;
+for (const { method, url } of request.requests ?? []) {
+  const send = async () => {
+    const headers = { authorization: `DPoP ${body.access_token}` };
+    headers.dpop = await generateProof(keypair, url, method, nonce, body.access_token);
+    const response = await fetch(url, { method, headers });
+    if (response.headers.get('dpop-nonce')) nonce = response.headers.get('dpop-nonce');
+    return response;
+  };
+  let response = await send();
+  let retried = false;
+  if (response.status === 401 && /error="use_dpop_nonce"/.test(response.headers.get('www-authenticate') ?? '')) {
+    retried = true;
+    response = await send();
+  }
+  answer.responses.push({ status: response.status, retried, nonce: response.headers.get('dpop-nonce'), body: await response.text() });
+}
+answer.nonce = nonce;
 console.log(JSON.stringify(answer));

@@ -506,6 +506,7 @@ impl Host {
             let state = self.store.data_mut();
             state.request_headers = held;
             state.local_response = None;
+            state.response_headers.clear();
             state.filter_state.clear();
             state.request_body.clear();
             state.ngx_vars.insert("wasm_process_req_body".into(), Vec::new());
@@ -558,6 +559,12 @@ impl Host {
             (Some(answer), Outcome::Continued { .. }) => Some(self.response(context, answer)?),
             _ => None,
         };
+        if let (None, Outcome::Continued { .. }) = (&delivered, &outcome) {
+            // The upstream answers with no headers of its own: they pass the filter, which
+            // may add some (`response_headers`).
+            self.enter(Callback::ResponseHeaders, context);
+            self.call::<(i32, i32, i32), i32>("proxy_on_response_headers", (context, 1, 0))?;
+        }
         self.finish(context)?;
         Ok((outcome, delivered))
     }
@@ -873,6 +880,11 @@ impl Host {
         self.enter(Callback::RequestHeaders, 9999);
         self.call::<(i32, i32, i32), i32>("proxy_on_request_headers", (9999, 0, 1))?;
         Ok(self.store.data_mut().local_response.take().map(|(status, _, _)| status))
+    }
+
+    /// The headers the filter added to the upstream's response of the last request it forwarded.
+    pub fn response_headers(&self) -> Headers {
+        self.store.data().response_headers.clone()
     }
 
     /// Moves the VM's clock forward.
@@ -1475,6 +1487,16 @@ fn define_proxy_wasm(linker: &mut Linker<State>, profile: Profile) -> wasmtime::
                   -> wasmtime::Result<i32> {
                 if let Some(status) = imposed(&mut c, name)? {
                     return Ok(status);
+                }
+                if map == MAP_RESPONSE_HEADERS && c.data().phase == Callback::ResponseHeaders {
+                    let key = read_string(&mut c, kptr, klen)?;
+                    let value = read_string(&mut c, vptr, vlen)?;
+                    let added = &mut c.data_mut().response_headers;
+                    if replace {
+                        added.retain(|(n, _)| !n.eq_ignore_ascii_case(&key));
+                    }
+                    added.push((key, value));
+                    return Ok(OK);
                 }
                 if map != MAP_REQUEST_HEADERS || !current_request(&c)? {
                     return Ok(BAD_ARGUMENT);

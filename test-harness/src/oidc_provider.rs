@@ -23,6 +23,20 @@ pub fn node_dir() -> PathBuf {
     workspace_root().join("test-harness/idp-node")
 }
 
+/// Runs `script` of `test-harness/idp-node` with `request` (JSON) as its argument; its one
+/// line of JSON output.
+pub fn node_script(script: &str, request: &Value) -> Value {
+    let out = Command::new("node")
+        .arg(script)
+        .arg(request.to_string())
+        .current_dir(node_dir())
+        .output()
+        .unwrap_or_else(|e| panic!("run node {script} (Node 20 is needed): {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|_| panic!("{script} failed: {stdout}{}", String::from_utf8_lossy(&out.stderr)))
+}
+
 fn check_installed() {
     let module = node_dir().join("node_modules/oidc-provider");
     assert!(module.exists(), "{} is missing: run `make idp-node` (or use `make test`)", module.display());

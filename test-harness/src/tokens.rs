@@ -111,6 +111,48 @@ impl Signer {
     }
 }
 
+/// DPoP (RFC 9449) client side, with jwt-compact's RFC 7638 thumbprint and sha2: not the
+/// core's code.
+impl Signer {
+    /// The public key as a DPoP proof's header carries it (no `kid`, `alg` or `use`).
+    pub fn public_jwk(&self) -> Value {
+        let mut jwk = self.jwk();
+        if let Some(members) = jwk.as_object_mut() {
+            for name in ["kid", "alg", "use"] {
+                members.remove(name);
+            }
+        }
+        jwk
+    }
+
+    /// The key's RFC 7638 thumbprint: a bound token's `cnf.jkt`.
+    pub fn jkt(&self) -> String {
+        use sha2::Sha256;
+        let thumbprint = match &self.key {
+            SigningKey::Es256(k) => JsonWebKey::from(k.verifying_key()).thumbprint::<Sha256>(),
+            SigningKey::Rsa(_, k) => JsonWebKey::from(&k.to_public_key()).thumbprint::<Sha256>(),
+            SigningKey::Ed25519(k) => JsonWebKey::from(&k.verifying_key()).thumbprint::<Sha256>(),
+        };
+        b64(&thumbprint)
+    }
+
+    /// A DPoP proof by this key for `htm` `htu` with `token`, at `iat`, with a server nonce.
+    pub fn dpop_proof(&self, token: &str, htm: &str, htu: &str, jti: &str, iat: i64, nonce: Option<&str>) -> String {
+        let header = json!({"typ": "dpop+jwt", "alg": self.alg, "jwk": self.public_jwk()});
+        let mut claims = json!({"jti": jti, "htm": htm, "htu": htu, "iat": iat, "ath": ath(token)});
+        if let Some(nonce) = nonce {
+            claims["nonce"] = json!(nonce);
+        }
+        self.sign_with_header(&header, &claims)
+    }
+}
+
+/// base64url(SHA-256(token)): a DPoP proof's `ath`.
+pub fn ath(token: &str) -> String {
+    use sha2::Digest;
+    b64(&sha2::Sha256::digest(token.as_bytes()))
+}
+
 pub fn b64(bytes: &[u8]) -> String {
     Base64UrlUnpadded::encode_string(bytes)
 }

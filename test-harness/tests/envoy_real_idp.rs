@@ -189,3 +189,114 @@ fn a_dpop_bound_token_from_oidc_provider_is_useless_without_its_key_in_envoy() {
         ]
     );
 }
+
+/// RFC 9449 server nonces in Envoy, with npm `dpop` making every proof: the client's first
+/// request is refused with `use_dpop_nonce` and a nonce, its retry passes; in a later slot the
+/// nonce it holds still passes and the response brings the new one.
+#[test]
+fn the_dpop_nonce_round_trip_with_oidc_provider_and_npm_dpop_in_envoy() {
+    let idp = OidcProvider::start();
+    let upstream = Upstream::start();
+    let mut policy: Value = serde_json::from_str(&policy(&idp.issuer)).unwrap_or_default();
+    let lifetime = 10;
+    policy["dpop"] = json!({"use_dpop_nonce": true, "nonce_key": "e2e nonce key, 32 bytes or more!!", "nonce_lifetime_seconds": lifetime});
+    let envoy =
+        Envoy::start_with_idp(&policy.to_string(), upstream.port, Some(idp.port)).unwrap_or_else(|e| panic!("{e}"));
+    let url = format!("http://127.0.0.1:{}/invoices/42", envoy.port);
+    let client = |nonce: Option<&str>| {
+        idp.client(&json!({
+            "client_id": DPOP_AGENT.0, "client_secret": DPOP_AGENT.1, "resource": RESOURCE,
+            "scope": "invoices:read", "dpop": "ES256", "nonce": nonce,
+            "requests": [{"method": "GET", "url": url}, {"method": "GET", "url": url}],
+        }))
+    };
+    let first = client(None);
+    let responses = &first["responses"];
+    assert_eq!(responses[0]["status"], 200, "{first}\n{}", envoy.logs());
+    assert_eq!(responses[0]["retried"], true, "the first proof had no nonce");
+    assert_eq!((&responses[1]["status"], &responses[1]["retried"]), (&json!(200), &json!(false)), "{first}");
+    assert_eq!(
+        responses[1]["body"].as_str().map(|b| b.contains("\"dpop\"")),
+        Some(false),
+        "the proof stays at the gate"
+    );
+    let nonce = first["nonce"].as_str().unwrap_or_default().to_string();
+    let details: Vec<Value> = envoy.audit_records().iter().map(|r| r["detail"].clone()).collect();
+    assert_eq!(details, [json!("dpop_use_nonce"), Value::Null, Value::Null]);
+
+    // Wait into the next slot: the nonce held is a slot old, still good, and rotated.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let into_next = lifetime - now.as_secs() % lifetime;
+    std::thread::sleep(Duration::from_secs(into_next) + Duration::from_millis(300));
+    let later = client(Some(&nonce));
+    assert_eq!((&later["responses"][0]["status"], &later["responses"][0]["retried"]), (&json!(200), &json!(false)));
+    let rotated = later["responses"][0]["nonce"].as_str().unwrap_or_default();
+    assert!(!rotated.is_empty() && rotated != nonce, "{later}");
+    assert_eq!(later["responses"][1]["nonce"], Value::Null, "the new nonce is current");
+}
+
+/// A Txn-Token (draft-ietf-oauth-transaction-tokens) alongside oidc-provider's access token in
+/// Envoy: the pay rule wants one from the trust domain's token service, with the context it
+/// names; the audit record carries its `txn`, and it goes on to the upstream (the next hop).
+#[test]
+fn a_txn_token_alongside_a_real_access_token_in_envoy() {
+    use agentgate_test_harness::tokens::Signer;
+    let tts = Signer::es256("tts-1", 41);
+    let idp = OidcProvider::start();
+    let upstream = Upstream::start();
+    let mut policy: Value = serde_json::from_str(&policy(&idp.issuer)).unwrap_or_default();
+    if let Some(providers) = policy["providers"].as_array_mut() {
+        providers.push(json!({"name": "tts", "issuer": "https://tts.corp.example", "audiences": ["corp.example"],
+                              "algorithms": ["ES256"], "transaction_tokens": true, "jwks": tts.jwks()}));
+    }
+    policy["rules"][1]["require"]["transaction_token"] =
+        json!({"scopes": ["invoices:pay"], "claims": [{"path": "tctx.amount", "lte": 500}]});
+    let envoy =
+        Envoy::start_with_idp(&policy.to_string(), upstream.port, Some(idp.port)).unwrap_or_else(|e| panic!("{e}"));
+    let token = idp.token(AGENT, RESOURCE, "invoices:read invoices:pay", Some(pay_42()));
+    let now = agentgate_test_harness::tokens::now();
+    let txn_id = "97053963-771d-49cc-a4e3-20aad399c312";
+    let txn_token = |typ: &str, amount: u32| {
+        let claims = json!({"iss": "https://tts.corp.example", "aud": "corp.example", "iat": now, "exp": now + 60,
+                            "sub": AGENT.0, "txn": txn_id, "scope": "invoices:pay", "req_wl": "checkout-service",
+                            "tctx": {"amount": amount}});
+        tts.sign_with_header(&json!({"alg": "ES256", "typ": typ, "kid": "tts-1"}), &claims)
+    };
+    let pay = |txn: Option<&str>| {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        let mut request = agent
+            .post(&format!("http://127.0.0.1:{}/invoices/42/pay", envoy.port))
+            .header("authorization", &format!("Bearer {token}"));
+        if let Some(txn) = txn {
+            request = request.header("txn-token", txn);
+        }
+        match request.send("{}") {
+            Ok(mut r) => (r.status().as_u16(), r.body_mut().read_to_string().unwrap_or_default()),
+            Err(e) => (0, e.to_string()),
+        }
+    };
+
+    let (status, body) = pay(Some(&txn_token("txntoken+jwt", 120)));
+    assert_eq!(status, 200, "{body}\n{}", envoy.logs());
+    let echoed: Value = serde_json::from_str(&body).unwrap_or_default();
+    assert!(echoed["headers"]["txn-token"].is_string(), "the Txn-Token goes on to the next hop: {echoed}");
+    let record = envoy.audit_records().last().cloned().unwrap_or_default();
+    assert_eq!(
+        (&record["decision"], &record["txn"], &record["agent"]),
+        (&json!("allow"), &json!(txn_id), &json!(AGENT.0))
+    );
+
+    // Missing, the wrong typ, the context over the limit: the pay rule refuses each.
+    for txn in [None, Some(txn_token("JWT", 120)), Some(txn_token("txntoken+jwt", 900))] {
+        let (status, body) = pay(txn.as_deref());
+        assert_eq!(status, 403, "{body}");
+        assert_eq!(last_reason(&envoy), "transaction_token_required");
+    }
+    // A Txn-Token is never an access token.
+    assert_eq!(get(&envoy, "/invoices/42", &txn_token("txntoken+jwt", 120)).status, 401);
+    assert_eq!(last_reason(&envoy), "type_not_allowed");
+}

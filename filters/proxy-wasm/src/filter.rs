@@ -33,6 +33,8 @@ pub struct Context<'a> {
     pub kind: HostKind,
     /// Whether the host keeps filter state; cleared at the first write it refuses.
     pub filter_state: &'a Cell<bool>,
+    /// Headers the decision adds to the upstream's response (a rotated `DPoP-Nonce`).
+    pub response_headers: &'a std::cell::RefCell<Vec<(String, String)>>,
 }
 
 const REQUEST_ID: &str = "x-request-id";
@@ -152,6 +154,7 @@ pub fn decide(host: &dyn Host, shared: &Shared, context: &Context<'_>, body: Opt
     {
         metrics.count_tool(host, tool, decision.rule_index.is_some(), decision.allowed);
     }
+    context.response_headers.replace(decision.response_headers);
     match (decision.list_filter, &decision.action) {
         (Some(list), Action::Continue { remove, set }) => {
             if context.kind == HostKind::WasmNginxModule {

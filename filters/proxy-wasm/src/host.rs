@@ -80,6 +80,8 @@ pub trait Host {
     /// Replaces the `held` bytes of response body the host holds now with `body` (call only
     /// from `on_response_body`).
     fn set_response_body(&self, held: usize, body: &[u8]) -> bool;
+    /// Adds a header to the upstream's response (call only from `on_response_headers`).
+    fn add_response_header(&self, name: &str, value: &str) -> bool;
     fn send_response(&self, status: u16, headers: &[(String, String)], body: &str) -> bool;
     /// Makes request `context` the current one (Envoy answers every callout on the root
     /// context; Kong answers a request's callout with that request current and ignores this).
@@ -182,6 +184,13 @@ mod raw {
         ) -> u32;
         fn proxy_get_header_map_pairs(map_type: u32, data: *mut *mut u8, size: *mut usize) -> u32;
         fn proxy_replace_header_map_value(
+            map_type: u32,
+            key_data: *const u8,
+            key_size: usize,
+            value_data: *const u8,
+            value_size: usize,
+        ) -> u32;
+        fn proxy_add_header_map_value(
             map_type: u32,
             key_data: *const u8,
             key_size: usize,
@@ -405,6 +414,11 @@ mod raw {
             let size = held.max(body.len());
             // SAFETY: the body outlives the call; the host only reads it.
             unsafe { proxy_set_buffer_bytes(RESPONSE_BODY, 0, size, body.as_ptr(), body.len()) == OK }
+        }
+
+        fn add_response_header(&self, name: &str, value: &str) -> bool {
+            // SAFETY: both buffers outlive the call; the host only reads them. 2: response headers.
+            unsafe { proxy_add_header_map_value(2, name.as_ptr(), name.len(), value.as_ptr(), value.len()) == OK }
         }
 
         fn send_response(&self, status: u16, headers: &[(String, String)], body: &str) -> bool {

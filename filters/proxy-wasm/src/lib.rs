@@ -71,6 +71,8 @@ struct Stream {
     list: Option<Rc<ListResponse>>,
     /// The decision was applied (forwarded or answered): later body chunks pass.
     decided: bool,
+    /// Headers for the upstream's response, from the decision.
+    response_headers: Rc<RefCell<Vec<(String, String)>>>,
 }
 
 /// Which proxy-wasm host this is, told apart at the first request by properties that are
@@ -165,6 +167,7 @@ impl<H: Host> Vm<H> {
             body: None,
             list: None,
             decided: false,
+            response_headers: Rc::default(),
         };
         self.streams.borrow_mut().insert(id, stream);
     }
@@ -364,7 +367,12 @@ impl<H: Host> Vm<H> {
         if !shared.crypto_settled.get() {
             self.settle_crypto(shared, kind);
         }
-        let context = filter::Context { announced: stream.announced, kind, filter_state: &self.filter_state };
+        let context = filter::Context {
+            announced: stream.announced,
+            kind,
+            filter_state: &self.filter_state,
+            response_headers: &stream.response_headers,
+        };
         match filter::decide(host, shared, &context, stream.body.as_deref(), may_wait) {
             filter::Step::Wait { provider, fetch, wait_ms, now } => {
                 if self.dispatch(Owner::Stream(id), shared, provider, &fetch, Some(wait_ms), now) {
@@ -500,7 +508,14 @@ impl<H: Host> Vm<H> {
         self.streams.borrow().get(&id).and_then(|s| s.list.clone())
     }
 
+    /// The upstream's response headers: the headers the decision asked for are added, and
+    /// an allowed list call's response is prepared for filtering (a request answered
+    /// locally never gets here).
     pub fn on_response_headers(&self, id: u32, end_of_stream: bool) -> u32 {
+        let headers = self.streams.borrow().get(&id).map(|s| s.response_headers.take()).unwrap_or_default();
+        for (name, value) in &headers {
+            self.host.add_response_header(name, value);
+        }
         if let Some(list) = self.list(id) {
             list.on_headers(&self.host, end_of_stream);
         }

@@ -25,6 +25,8 @@ pub struct State {
     /// Header changes in order: (name, Some(value)) replaced, (name, None) removed.
     pub changes: Vec<(String, Option<String>)>,
     pub response: Option<(u16, Headers, String)>,
+    /// Headers added to the upstream's response.
+    pub added_response_headers: Headers,
     pub continued: usize,
     /// The contexts the filter made current, in order.
     pub effective: Vec<u32>,
@@ -127,6 +129,10 @@ impl Host for Mock {
         let mut state = self.state();
         let rest = state.response_body.as_deref().unwrap_or_default().get(held..).unwrap_or_default().to_vec();
         state.response_body = Some([body, &rest].concat());
+        true
+    }
+    fn add_response_header(&self, name: &str, value: &str) -> bool {
+        self.state().added_response_headers.push((name.to_string(), value.to_string()));
         true
     }
     fn send_response(&self, status: u16, headers: &[(String, String)], body: &str) -> bool {

@@ -8,6 +8,7 @@
 //! part: BENCH_ALGS (default `ES256,RS256,EdDSA`), BENCH_PATTERNS (default `hot,cold,mcp`;
 //! `mcp`: a hot MCP `tools/call` POST with a 1 KiB body, through the no-op filter and
 //! through agentgate reading the body and checking an argument).
+//! BENCH_DPOP=no skips the DPoP row (ES256 hot token, a new proof per request).
 
 use agentgate_test_harness::envoy::{envoy_binary, filter_wasm, workspace_root};
 use agentgate_test_harness::tokens::{Signer, AUDIENCE, ISSUER};
@@ -32,6 +33,9 @@ enum Config {
     /// agentgate with every signature verified in wasm: the same module, its foreign
     /// function's name altered so that Envoy does not know it (see `wasm_crypto_module`).
     AgentgateWasmCrypto,
+    /// agentgate with a DPoP-bound token (reused) and a new ES256 proof on every request:
+    /// what proof of possession costs (a proof signature, its checks, a replay-store write).
+    AgentgateDpop,
 }
 
 impl Config {
@@ -45,6 +49,7 @@ impl Config {
             Config::NoopWasmMcp => "no-op wasm+buffer, MCP call",
             Config::AgentgateMcp => "agentgate, MCP call",
             Config::AgentgateWasmCrypto => "agentgate, crypto in wasm",
+            Config::AgentgateDpop => "agentgate+DPoP",
         }
     }
 }
@@ -144,6 +149,14 @@ fn run() -> Result<(), String> {
                     }
                     results.entry((config, signer.alg, pattern)).or_default().push(sample);
                 }
+                if signer.alg == "ES256" && pattern == Pattern::Hot && selected("BENCH_DPOP", "yes") {
+                    // Proofs are single-use and recent: minted afresh for every run.
+                    let script = dpop_script(&dir, signer, cold_count)?;
+                    let config = Config::AgentgateDpop;
+                    let sample = measure(&dir, &envoy_config(config, &jwks, &noop), &script, seconds)?;
+                    report(config, signer.alg, pattern, &sample);
+                    results.entry((config, signer.alg, pattern)).or_default().push(sample);
+                }
             }
         }
     }
@@ -234,6 +247,60 @@ end
     Ok(script)
 }
 
+/// A wrk script whose every request carries one DPoP-bound ES256 token and the next of
+/// `count` proofs made now by the client's key (`Host: api.example.com`, which the proofs'
+/// `htu` names, whatever port Envoy listens on).
+fn dpop_script(dir: &Path, signer: &Signer, count: usize) -> Result<PathBuf, String> {
+    let now = i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).map_err(|e| e.to_string())?.as_secs())
+        .unwrap_or(i64::MAX);
+    let client = Signer::es256("bench-dpop-client", 9);
+    let mut bound = claims("agent-dpop", now);
+    bound["cnf"] = json!({"jkt": client.jkt()});
+    let token = signer.sign(&bound);
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let per = count.div_ceil(cores);
+    let (token_ref, client_ref) = (&token, &client);
+    let proofs: Vec<String> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..cores)
+            .map(|core| {
+                scope.spawn(move || {
+                    (core * per..((core + 1) * per).min(count))
+                        .map(|i| {
+                            let jti = format!("bench-{now}-{i}");
+                            client_ref.dpop_proof(
+                                token_ref,
+                                "GET",
+                                "http://api.example.com/invoices/42",
+                                &jti,
+                                now,
+                                None,
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().unwrap_or_default()).collect()
+    });
+    let file = dir.join("dpop-proofs.txt");
+    std::fs::write(&file, proofs.join("\n") + "\n").map_err(|e| e.to_string())?;
+    let script = dir.join("dpop-ES256.lua");
+    let lua = format!(
+        r#"local proofs = {{}}
+for line in io.lines("{}") do proofs[#proofs + 1] = line end
+local i = 0
+request = function()
+  i = i + 1
+  if i > #proofs then i = 1 end
+  return wrk.format("GET", "/invoices/42", {{["Host"] = "api.example.com", ["Authorization"] = "DPoP {token}", ["DPoP"] = proofs[i]}})
+end
+"#,
+        file.display()
+    );
+    std::fs::write(&script, lua).map_err(|e| e.to_string())?;
+    Ok(script)
+}
+
 /// The Envoy configuration for one measurement: one listener, the filters of `config`, and a
 /// direct response (no upstream), so only the gateway's own work is measured.
 fn envoy_config(config: Config, jwks: &Value, noop: &Path) -> String {
@@ -256,7 +323,9 @@ fn envoy_config(config: Config, jwks: &Value, noop: &Path) -> String {
     let mut filters = match config {
         Config::Passthrough => vec![],
         Config::NoopWasm => vec![wasm("noop", noop, "")],
-        Config::Agentgate => vec![wasm("agentgate", &filter_wasm(), &agentgate_policy(jwks).to_string())],
+        Config::Agentgate | Config::AgentgateDpop => {
+            vec![wasm("agentgate", &filter_wasm(), &agentgate_policy(jwks).to_string())]
+        }
         Config::AgentgateQuarantine => {
             let mut policy = agentgate_policy(jwks);
             policy["quarantine"] = json!({"window_seconds": 60, "max_denials": 5, "cool_off_seconds": 900});
@@ -496,10 +565,12 @@ fn table(results: &BTreeMap<(Config, &str, Pattern), Vec<Sample>>, rounds: u64, 
             }
             let guarded = med(&(Config::AgentgateQuarantine, alg, pattern));
             let in_wasm = med(&(Config::AgentgateWasmCrypto, alg, pattern));
+            let dpop = med(&(Config::AgentgateDpop, alg, pattern));
             for (config, row) in [
                 (Config::Agentgate, ours),
                 (Config::AgentgateWasmCrypto, in_wasm),
                 (Config::AgentgateQuarantine, guarded),
+                (Config::AgentgateDpop, dpop),
             ] {
                 let Some((rps, p99)) = row else { continue };
                 let vs_native = native.map_or(String::new(), |n| format!("{:.2}×", rps / n.0));
