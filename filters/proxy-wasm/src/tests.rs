@@ -312,3 +312,19 @@ fn filter_state_stops_at_the_first_write_the_host_refuses() {
     let warned = mock.state().logs.iter().filter(|(_, l)| l.contains("keeps no filter state")).count();
     assert_eq!(warned, 1);
 }
+
+/// Hot requests (one cached token) in a loop, for an instruction profile of the filter's
+/// stages natively (BENCHMARKS.md): `cargo test --release -p agentgate-proxy-wasm --lib
+/// hot_path_profile -- --ignored` under `valgrind --tool=callgrind`.
+#[test]
+#[ignore = "a profiling workload, not a test"]
+fn hot_path_profile() {
+    let (vm, mock) = started(&inline_policy());
+    let token = format!("Bearer {}", token());
+    let sent = headers(&[("authorization", &token), ("x-request-id", "7f3c9a2e-5b1d-4e8a-9c6f-2d4b8e1a3f5c")]);
+    for id in 2..2002 {
+        mock.state().logs.clear();
+        assert_eq!(request(&vm, &mock, id, sent.clone()), CONTINUE);
+        vm.on_delete(id);
+    }
+}
