@@ -178,7 +178,61 @@ pub struct ListFilter {
 /// Verified tokens by their text: a reused token costs a lookup, not a signature check nor
 /// a hash of the token. Bounded (least recently used entries go first); the time checks run
 /// on every hit, so an entry is never used past `exp`.
-type TokenCache = Mutex<Option<LruCache<Box<str>, Seen>>>;
+type TokenCache = Mutex<Option<LruCache<TokenKey, Seen, TailHash>>>;
+
+/// A cached token's text, compared eight bytes at a time: every hit compares the whole
+/// token, and wasm's `memcmp` goes byte by byte.
+#[derive(Debug, Clone)]
+struct TokenKey(Box<str>);
+
+impl PartialEq for TokenKey {
+    fn eq(&self, other: &TokenKey) -> bool {
+        let (a, b) = (self.0.as_bytes(), other.0.as_bytes());
+        let word = |chunk: &[u8]| <[u8; 8]>::try_from(chunk).map_or(0, u64::from_ne_bytes);
+        a.len() == b.len()
+            && a.chunks_exact(8).zip(b.chunks_exact(8)).all(|(x, y)| word(x) == word(y))
+            && a.chunks_exact(8).remainder() == b.chunks_exact(8).remainder()
+    }
+}
+
+impl Eq for TokenKey {}
+
+impl std::hash::Hash for TokenKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
+/// How many bytes of a token place it in the cache's table: the end of its signature.
+const TAIL_BYTES: usize = 32;
+
+/// Hashes a token by its last [`TAIL_BYTES`] (and its length) rather than all of it: each
+/// hit hashed the whole token before. Only the bucket depends on the tail; a hit needs the
+/// whole text equal. Only verified tokens enter the cache, so nobody can fill one bucket:
+/// the signatures of distinct tokens end differently.
+#[derive(Debug, Clone, Copy, Default)]
+struct TailHash;
+
+struct TailHasher(std::hash::DefaultHasher);
+
+impl std::hash::BuildHasher for TailHash {
+    type Hasher = TailHasher;
+
+    fn build_hasher(&self) -> TailHasher {
+        TailHasher(std::hash::DefaultHasher::new())
+    }
+}
+
+impl std::hash::Hasher for TailHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.write(bytes.get(bytes.len().saturating_sub(TAIL_BYTES)..).unwrap_or(bytes));
+        self.0.write_usize(bytes.len());
+    }
+
+    fn finish(&self) -> u64 {
+        self.0.finish()
+    }
+}
 
 /// A verified token with its fingerprint for the audit record.
 #[derive(Debug, Clone)]
@@ -302,7 +356,7 @@ impl Gate {
     }
 
     pub fn new(policy: Policy) -> Gate {
-        let cache = NonZeroUsize::new(policy.token_cache_entries).map(LruCache::new);
+        let cache = NonZeroUsize::new(policy.token_cache_entries).map(|n| LruCache::with_hasher(n, TailHash));
         let memory = MemoryState {
             replay: MemoryGuard::new(policy.single_use_entries),
             limits: MemoryLimiter::new(policy.single_use_entries),
@@ -342,7 +396,7 @@ impl Gate {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .as_mut()
-            .and_then(|c| c.get(token).cloned());
+            .and_then(|c| c.get(&TokenKey(token.into())).cloned());
         if let Some(seen) = seen {
             let verified = check_time_in(&self.policy, &seen.token, now).map(|()| seen.token);
             return Lookup { verified, fingerprint: seen.fingerprint, cache_hit: true, shared_cache_hit: false };
@@ -356,7 +410,10 @@ impl Gate {
         let verified = verify_untimed_as(&self.policy, token, signature).map(Arc::new);
         if let Ok(verified) = &verified {
             if let Some(cache) = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).as_mut() {
-                cache.put(token.into(), Seen { token: Arc::clone(verified), fingerprint: Arc::clone(&fingerprint) });
+                cache.put(
+                    TokenKey(token.into()),
+                    Seen { token: Arc::clone(verified), fingerprint: Arc::clone(&fingerprint) },
+                );
             }
             if !shared_cache_hit {
                 state.record_verified(&id, stamp);
