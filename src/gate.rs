@@ -178,7 +178,7 @@ pub struct ListFilter {
 /// Verified tokens by their text: a reused token costs a lookup, not a signature check nor
 /// a hash of the token. Bounded (least recently used entries go first); the time checks run
 /// on every hit, so an entry is never used past `exp`.
-type TokenCache = Mutex<Option<LruCache<TokenKey, Seen, TailHash>>>;
+type TokenCache = Mutex<Option<LruCache<TokenKey, Seen>>>;
 
 /// A cached token's text, compared eight bytes at a time: every hit compares the whole
 /// token, and wasm's `memcmp` goes byte by byte.
@@ -200,37 +200,6 @@ impl Eq for TokenKey {}
 impl std::hash::Hash for TokenKey {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         self.0.hash(state);
-    }
-}
-
-/// How many bytes of a token place it in the cache's table: the end of its signature.
-const TAIL_BYTES: usize = 32;
-
-/// Hashes a token by its last [`TAIL_BYTES`] (and its length) rather than all of it: each
-/// hit hashed the whole token before. Only the bucket depends on the tail; a hit needs the
-/// whole text equal. Only verified tokens enter the cache, so nobody can fill one bucket:
-/// the signatures of distinct tokens end differently.
-#[derive(Debug, Clone, Copy, Default)]
-struct TailHash;
-
-struct TailHasher(std::hash::DefaultHasher);
-
-impl std::hash::BuildHasher for TailHash {
-    type Hasher = TailHasher;
-
-    fn build_hasher(&self) -> TailHasher {
-        TailHasher(std::hash::DefaultHasher::new())
-    }
-}
-
-impl std::hash::Hasher for TailHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        self.0.write(bytes.get(bytes.len().saturating_sub(TAIL_BYTES)..).unwrap_or(bytes));
-        self.0.write_usize(bytes.len());
-    }
-
-    fn finish(&self) -> u64 {
-        self.0.finish()
     }
 }
 
@@ -356,7 +325,7 @@ impl Gate {
     }
 
     pub fn new(policy: Policy) -> Gate {
-        let cache = NonZeroUsize::new(policy.token_cache_entries).map(|n| LruCache::with_hasher(n, TailHash));
+        let cache = NonZeroUsize::new(policy.token_cache_entries).map(LruCache::new);
         let memory = MemoryState {
             replay: MemoryGuard::new(policy.single_use_entries),
             limits: MemoryLimiter::new(policy.single_use_entries),

@@ -1,11 +1,15 @@
 //! `make bench`: the same Envoy 1.40 (one worker, pinned to core 0) in turn with no filter,
 //! a no-op wasm filter, Envoy's native jwt_authn + RBAC, and agentgate, each driven by wrk
 //! (pinned to core 1) with ES256, RS256 and EdDSA tokens, hot (one token reused) and cold
-//! (every token new). Configurations alternate over rounds; the table shows medians.
+//! (every token new); and with two workers (`--concurrency 2`, both on core 0) native and
+//! agentgate on replayed tokens (every new token sent twice in a row, so the second copy
+//! often lands on the other worker: agentgate's shared verified-token cache, counted by
+//! `agentgate.token_cache.shared_hit`). Configurations alternate over rounds; the table
+//! shows medians.
 //!
 //! Environment: BENCH_ROUNDS (default 3), BENCH_SECONDS per run (default 4),
 //! BENCH_OUT (a markdown copy of the table, default target/bench/results.md), and to rerun a
-//! part: BENCH_ALGS (default `ES256,RS256,EdDSA`), BENCH_PATTERNS (default `hot,cold`).
+//! part: BENCH_ALGS (default `ES256,RS256,EdDSA`), BENCH_PATTERNS (default `hot,cold,replay`).
 
 use agentgate_test_harness::envoy::{envoy_binary, filter_wasm, workspace_root};
 use agentgate_test_harness::tokens::{Signer, AUDIENCE, ISSUER};
@@ -23,6 +27,10 @@ enum Config {
     Agentgate,
     /// agentgate with a quarantine configured: what watching conduct costs a well-behaved agent.
     AgentgateQuarantine,
+    /// Native with two workers.
+    NativeTwo,
+    /// agentgate with two workers: the shared verified-token cache.
+    AgentgateTwo,
 }
 
 impl Config {
@@ -33,6 +41,15 @@ impl Config {
             Config::Native => "jwt_authn+RBAC",
             Config::Agentgate => "agentgate",
             Config::AgentgateQuarantine => "agentgate+quarantine",
+            Config::NativeTwo => "jwt_authn+RBAC ×2 workers",
+            Config::AgentgateTwo => "agentgate ×2 workers",
+        }
+    }
+
+    fn workers(self) -> u32 {
+        match self {
+            Config::NativeTwo | Config::AgentgateTwo => 2,
+            _ => 1,
         }
     }
 }
@@ -41,12 +58,16 @@ impl Config {
 enum Pattern {
     Hot,
     Cold,
+    /// Every new token sent twice in a row (two workers).
+    Replay,
 }
 
 struct Sample {
     rps: f64,
     p99_ms: f64,
     requests: u64,
+    /// agentgate's token-cache counters after the run: (local misses, shared hits).
+    cache: Option<(u64, u64)>,
 }
 
 /// Above any cold rate seen here (native RS256 reached 16k/s); a run that goes faster
@@ -77,7 +98,7 @@ fn run() -> Result<(), String> {
     let all = [Signer::es256("bench-es", 1), Signer::rs256("bench-rs", 2), Signer::eddsa("bench-ed", 3)];
     let jwks = json!({"keys": all.iter().map(Signer::jwk).collect::<Vec<_>>()});
     let signers: Vec<&Signer> = all.iter().filter(|s| selected("BENCH_ALGS", s.alg)).collect();
-    let patterns: Vec<Pattern> = [(Pattern::Hot, "hot"), (Pattern::Cold, "cold")]
+    let patterns: Vec<Pattern> = [(Pattern::Hot, "hot"), (Pattern::Cold, "cold"), (Pattern::Replay, "replay")]
         .into_iter()
         .filter(|(_, n)| selected("BENCH_PATTERNS", n))
         .map(|(p, _)| p)
@@ -96,10 +117,15 @@ fn run() -> Result<(), String> {
         std::fs::write(&hot_script, format!("wrk.headers[\"Authorization\"] = \"Bearer {hot}\"\n"))
             .map_err(|e| e.to_string())?;
         scripts.insert((signer.alg, Pattern::Hot), hot_script);
-        if patterns.contains(&Pattern::Cold) {
+        if patterns.contains(&Pattern::Cold) || patterns.contains(&Pattern::Replay) {
             let tokens = dir.join(format!("cold-{}.txt", signer.alg));
-            mint(signer, now, cold_count, &tokens)?;
-            scripts.insert((signer.alg, Pattern::Cold), cold_script(&dir, signer.alg, &tokens)?);
+            let lines = mint(signer, now, cold_count, &tokens)?;
+            scripts.insert((signer.alg, Pattern::Cold), cold_script(&dir, signer.alg, "cold", &tokens)?);
+            // The same tokens, each twice in a row (half as many distinct ones).
+            let replayed = dir.join(format!("replay-{}.txt", signer.alg));
+            let twice: Vec<&str> = lines.iter().take(cold_count / 2).flat_map(|t| [t.as_str(), t.as_str()]).collect();
+            std::fs::write(&replayed, twice.join("\n") + "\n").map_err(|e| e.to_string())?;
+            scripts.insert((signer.alg, Pattern::Replay), cold_script(&dir, signer.alg, "replay", &replayed)?);
         }
     }
     println!("minted {cold_count} cold tokens per algorithm in {:.0?}", started.elapsed());
@@ -118,16 +144,18 @@ fn run() -> Result<(), String> {
         for signer in &signers {
             for &pattern in &patterns {
                 let script = scripts.get(&(signer.alg, pattern)).cloned().unwrap_or_default();
-                // Alternate which of the two goes first, so neither always runs on a warmer machine.
-                let order = if round % 2 == 0 {
-                    [Config::Agentgate, Config::AgentgateQuarantine, Config::Native]
-                } else {
-                    [Config::Native, Config::AgentgateQuarantine, Config::Agentgate]
+                // Alternate which goes first, so none always runs on a warmer machine.
+                let order: &[Config] = match (pattern, round % 2 == 0) {
+                    (Pattern::Replay, true) => &[Config::AgentgateTwo, Config::NativeTwo],
+                    (Pattern::Replay, false) => &[Config::NativeTwo, Config::AgentgateTwo],
+                    (_, true) => &[Config::Agentgate, Config::AgentgateQuarantine, Config::Native],
+                    (_, false) => &[Config::Native, Config::AgentgateQuarantine, Config::Agentgate],
                 };
-                for config in order {
-                    let sample = measure(&dir, &envoy_config(config, &jwks, &noop), &script, seconds)?;
+                for &config in order {
+                    let sample =
+                        measure(&dir, &envoy_config(config, &jwks, &noop), &script, seconds, config.workers())?;
                     report(config, signer.alg, pattern, &sample);
-                    if pattern == Pattern::Cold && sample.requests > cold_count as u64 {
+                    if pattern != Pattern::Hot && sample.requests > cold_count as u64 {
                         println!("    (more requests than cold tokens: some were reused)");
                     }
                     results.entry((config, signer.alg, pattern)).or_default().push(sample);
@@ -152,7 +180,7 @@ fn claims(sub: &str, now: i64) -> Value {
 }
 
 /// `count` distinct tokens (distinct `sub` and `jti`), one per line, minted on every core.
-fn mint(signer: &Signer, now: i64, count: usize, file: &Path) -> Result<(), String> {
+fn mint(signer: &Signer, now: i64, count: usize, file: &Path) -> Result<Vec<String>, String> {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let per = count.div_ceil(cores);
     let lines: Vec<String> = std::thread::scope(|scope| {
@@ -167,12 +195,13 @@ fn mint(signer: &Signer, now: i64, count: usize, file: &Path) -> Result<(), Stri
             .collect();
         workers.into_iter().flat_map(|w| w.join().unwrap_or_default()).collect()
     });
-    std::fs::write(file, lines.join("\n") + "\n").map_err(|e| e.to_string())
+    std::fs::write(file, lines.join("\n") + "\n").map_err(|e| e.to_string())?;
+    Ok(lines)
 }
 
 /// A wrk script that gives every request the next token of `tokens`.
-fn cold_script(dir: &Path, alg: &str, tokens: &Path) -> Result<PathBuf, String> {
-    let script = dir.join(format!("cold-{alg}.lua"));
+fn cold_script(dir: &Path, alg: &str, name: &str, tokens: &Path) -> Result<PathBuf, String> {
+    let script = dir.join(format!("{name}-{alg}.lua"));
     let lua = format!(
         r#"local tokens = {{}}
 for line in io.lines("{}") do tokens[#tokens + 1] = line end
@@ -209,13 +238,15 @@ fn envoy_config(config: Config, jwks: &Value, noop: &Path) -> String {
     let mut filters = match config {
         Config::Passthrough => vec![],
         Config::NoopWasm => vec![wasm("noop", noop, "")],
-        Config::Agentgate => vec![wasm("agentgate", &filter_wasm(), &agentgate_policy(jwks).to_string())],
+        Config::Agentgate | Config::AgentgateTwo => {
+            vec![wasm("agentgate", &filter_wasm(), &agentgate_policy(jwks).to_string())]
+        }
         Config::AgentgateQuarantine => {
             let mut policy = agentgate_policy(jwks);
             policy["quarantine"] = json!({"window_seconds": 60, "max_denials": 5, "cool_off_seconds": 900});
             vec![wasm("agentgate", &filter_wasm(), &policy.to_string())]
         }
-        Config::Native => native_filters(jwks),
+        Config::Native | Config::NativeTwo => native_filters(jwks),
     };
     filters.push(json!({"name": "envoy.filters.http.router",
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}));
@@ -292,9 +323,9 @@ fn native_filters(jwks: &Value) -> Vec<Value> {
     ]
 }
 
-/// Starts Envoy with `config` on core 0, checks that a request with the script's first token
-/// is allowed, runs wrk on core 1, and stops Envoy.
-fn measure(dir: &Path, config: &str, script: &Path, seconds: u64) -> Result<Sample, String> {
+/// Starts Envoy with `config` and `workers` worker threads on core 0, runs wrk on core 1,
+/// reads agentgate's token-cache counters, and stops Envoy.
+fn measure(dir: &Path, config: &str, script: &Path, seconds: u64, workers: u32) -> Result<Sample, String> {
     let config_file = dir.join("envoy.json");
     std::fs::write(&config_file, config).map_err(|e| e.to_string())?;
     let admin_file = dir.join("admin-address");
@@ -305,7 +336,7 @@ fn measure(dir: &Path, config: &str, script: &Path, seconds: u64) -> Result<Samp
         .arg(envoy_binary())
         .arg("-c")
         .arg(&config_file)
-        .args(["--concurrency", "1", "--disable-hot-restart", "-l", "error", "--admin-address-path"])
+        .args(["--concurrency", &workers.to_string(), "--disable-hot-restart", "-l", "error", "--admin-address-path"])
         .arg(&admin_file)
         .stdout(Stdio::null())
         .stderr(log)
@@ -320,9 +351,27 @@ fn measure(dir: &Path, config: &str, script: &Path, seconds: u64) -> Result<Samp
         .arg(&url)
         .output()
         .map_err(|e| format!("cannot run wrk (make bench installs it): {e}"))?;
+    let cache = cache_counters(&admin_file);
     drop(envoy);
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    parse_wrk(&text).ok_or_else(|| format!("unexpected wrk output:\n{text}"))
+    let sample = parse_wrk(&text).ok_or_else(|| format!("unexpected wrk output:\n{text}"))?;
+    Ok(Sample { cache, ..sample })
+}
+
+/// agentgate's `token_cache.miss` and `token_cache.shared_hit` counters (all workers), when
+/// the filter defined them.
+fn cache_counters(admin_file: &Path) -> Option<(u64, u64)> {
+    let admin = std::fs::read_to_string(admin_file).ok()?;
+    let stats = ureq_get(&format!("http://{}/stats?filter=agentgate.token_cache", admin.trim()))?;
+    // Custom wasm stats may carry Envoy's `wasmcustom.` prefix.
+    let counter = |name: &str| {
+        stats.lines().find_map(|line| {
+            let (stat, value) = line.trim().split_once(": ")?;
+            let stat = stat.strip_prefix("wasmcustom.").unwrap_or(stat);
+            (stat == name).then(|| value.trim().parse().ok()).flatten()
+        })
+    };
+    Some((counter("agentgate.token_cache.miss")?, counter("agentgate.token_cache.shared_hit")?))
 }
 
 struct Running(Child);
@@ -373,7 +422,7 @@ fn parse_wrk(text: &str) -> Option<Sample> {
     } else {
         p99.strip_suffix('s')?.parse::<f64>().ok()? * 1000.0
     };
-    Some(Sample { rps, p99_ms, requests })
+    Some(Sample { rps, p99_ms, requests, cache: None })
 }
 
 fn report(config: Config, alg: &str, pattern: Pattern, sample: &Sample) {
@@ -405,7 +454,8 @@ fn table(results: &BTreeMap<(Config, &str, Pattern), Vec<Sample>>, rounds: u64, 
     };
     let noop = med(&(Config::NoopWasm, "-", Pattern::Hot)).map_or(0.0, |m| m.0);
     let mut out = format!(
-        "Medians of {rounds} rounds of {seconds} s; Envoy 1.40 with one worker on core 0, wrk -t1 -c16 on core 1; \
+        "Medians of {rounds} rounds of {seconds} s; Envoy 1.40 with one worker on core 0 (×2 workers: two \
+         workers, both on core 0), wrk -t1 -c16 on core 1; \
          direct response, no upstream. dist/agentgate.wasm: {} bytes.\n\n\
          | configuration | token | pattern | req/s | p99 ms | agentgate / native | agentgate / no-op |\n\
          |---|---|---|---:|---:|---:|---:|\n",
@@ -416,25 +466,49 @@ fn table(results: &BTreeMap<(Config, &str, Pattern), Vec<Sample>>, rounds: u64, 
             out.push_str(&format!("| {} | - | - | {rps:.0} | {p99:.2} | | |\n", config.label()));
         }
     }
+    let mut notes = String::new();
     for alg in ["ES256", "RS256", "EdDSA"] {
-        for pattern in [Pattern::Hot, Pattern::Cold] {
-            let native = med(&(Config::Native, alg, pattern));
-            let ours = med(&(Config::Agentgate, alg, pattern));
+        for pattern in [Pattern::Hot, Pattern::Cold, Pattern::Replay] {
+            let (native_config, ours_config) = match pattern {
+                Pattern::Replay => (Config::NativeTwo, Config::AgentgateTwo),
+                _ => (Config::Native, Config::Agentgate),
+            };
+            let native = med(&(native_config, alg, pattern));
+            let ours = med(&(ours_config, alg, pattern));
             let name = format!("{pattern:?}").to_lowercase();
             if let Some((rps, p99)) = native {
-                out.push_str(&format!("| {} | {alg} | {name} | {rps:.0} | {p99:.2} | | |\n", Config::Native.label()));
+                out.push_str(&format!("| {} | {alg} | {name} | {rps:.0} | {p99:.2} | | |\n", native_config.label()));
             }
             let guarded = med(&(Config::AgentgateQuarantine, alg, pattern));
-            for (config, row) in [(Config::Agentgate, ours), (Config::AgentgateQuarantine, guarded)] {
+            for (config, row) in [(ours_config, ours), (Config::AgentgateQuarantine, guarded)] {
                 let Some((rps, p99)) = row else { continue };
                 let vs_native = native.map_or(String::new(), |n| format!("{:.2}×", rps / n.0));
-                let vs_noop = if noop > 0.0 { format!("{:.2}×", rps / noop) } else { String::new() };
+                // The no-op floor was measured with one worker: no ratio for two.
+                let vs_noop =
+                    if noop > 0.0 && config.workers() == 1 { format!("{:.2}×", rps / noop) } else { String::new() };
                 out.push_str(&format!(
                     "| **{}** | {alg} | {name} | {rps:.0} | {p99:.2} | {vs_native} | {vs_noop} |\n",
                     config.label()
                 ));
             }
+            if pattern == Pattern::Replay {
+                let counted: Vec<(u64, u64)> =
+                    results.get(&(ours_config, alg, pattern)).into_iter().flatten().filter_map(|s| s.cache).collect();
+                if !counted.is_empty() {
+                    let misses: u64 = counted.iter().map(|c| c.0).sum();
+                    let shared: u64 = counted.iter().map(|c| c.1).sum();
+                    notes.push_str(&format!(
+                        "- {alg} replay, agentgate ×2 workers: {shared} of {misses} local cache misses were shared hits \
+                         (verified by the other worker: no signature check), over {} rounds.\n",
+                        counted.len()
+                    ));
+                }
+            }
         }
+    }
+    if !notes.is_empty() {
+        out.push('\n');
+        out.push_str(&notes);
     }
     out
 }
