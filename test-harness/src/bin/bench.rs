@@ -137,7 +137,7 @@ fn run() -> Result<(), String> {
         // The filterless and no-op runs do not depend on the token; they use the hot ES256 script.
         let es_hot = scripts.values().next().cloned().unwrap_or_default();
         for config in [Config::Passthrough, Config::NoopWasm] {
-            let sample = measure(&dir, &envoy_config(config, &jwks, &noop), &es_hot, seconds)?;
+            let sample = measure(&dir, &envoy_config(config, &jwks, &noop), &es_hot, seconds, 1)?;
             report(config, "-", Pattern::Hot, &sample);
             results.entry((config, "-", Pattern::Hot)).or_default().push(sample);
         }
