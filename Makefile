@@ -173,6 +173,7 @@ bench: build venv wrk
 	cargo run --release --quiet -p agentgate-test-harness --no-default-features --bin bench
 	cargo bench -p agentgate --bench core -- --warm-up-time 1 --measurement-time 3
 	cargo run --release --quiet -p agentgate-test-harness --bin filter-cost
+	cargo run --release --quiet -p agentgate-test-harness --bin filter-cost -- instructions
 
 clean:
 	cargo clean
