@@ -186,7 +186,80 @@ impl AuditRecord {
     }
 
     pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_default()
+        let mut out = String::new();
+        self.write_json(&mut out);
+        out
+    }
+
+    /// Appends the record as JSON to `out`: exactly what serde_json makes of it (the tests
+    /// compare the two), written directly, as this runs for every request.
+    pub fn write_json(&self, out: &mut String) {
+        out.reserve(512);
+        let _ = write!(out, "{{\"time\":{},\"audit_id\":", self.time);
+        json_opt(out, self.audit_id.as_deref());
+        out.push_str(",\"decision\":");
+        json_str(out, self.decision);
+        out.push_str(",\"reason\":");
+        json_opt(out, self.reason);
+        if let Some(detail) = self.detail {
+            out.push_str(",\"detail\":");
+            json_str(out, detail);
+        }
+        let fields =
+            [(",\"rule\":", &self.rule), (",\"agent\":", &self.agent), (",\"on_behalf_of\":", &self.on_behalf_of)];
+        for (name, value) in fields {
+            out.push_str(name);
+            json_opt(out, value.as_deref());
+        }
+        out.push_str(",\"actors\":[");
+        for (i, actor) in self.actors.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            json_str(out, actor);
+        }
+        out.push(']');
+        let fields = [
+            (",\"task_type\":", &self.task_type),
+            (",\"task_identifier\":", &self.task_identifier),
+            (",\"issuer\":", &self.issuer),
+        ];
+        for (name, value) in fields {
+            out.push_str(name);
+            json_opt(out, value.as_deref());
+        }
+        if let Some(txn) = &self.txn {
+            out.push_str(",\"txn\":");
+            json_str(out, txn);
+        }
+        out.push_str(",\"jti\":");
+        json_opt(out, self.jti.as_deref());
+        out.push_str(",\"token_fingerprint\":");
+        json_opt(out, self.token_fingerprint.as_deref());
+        out.push_str(",\"method\":");
+        json_str(out, &self.method);
+        out.push_str(",\"path\":");
+        json_str(out, &self.path);
+        out.push_str(",\"source\":");
+        json_opt(out, self.source.as_deref());
+        out.push_str(if self.dry_run { ",\"dry_run\":true,\"status\":" } else { ",\"dry_run\":false,\"status\":" });
+        match self.status {
+            Some(status) => {
+                let _ = write!(out, "{status}");
+            }
+            None => out.push_str("null"),
+        }
+        for (name, value) in [(",\"mcp_method\":", &self.mcp_method), (",\"mcp_tool\":", &self.mcp_tool)] {
+            if let Some(value) = value {
+                out.push_str(name);
+                json_str(out, value);
+            }
+        }
+        if let Some(arguments) = &self.mcp_arguments {
+            out.push_str(",\"mcp_arguments\":");
+            out.push_str(&serde_json::to_string(arguments).unwrap_or_default());
+        }
+        out.push('}');
     }
 
     /// The headers that tell the upstream who called, for what, under which rule.
@@ -234,6 +307,43 @@ impl AuditRecord {
     }
 }
 
+/// `value` as a JSON string, or `null`.
+fn json_opt(out: &mut String, value: Option<&str>) {
+    match value {
+        Some(value) => json_str(out, value),
+        None => out.push_str("null"),
+    }
+}
+
+/// `value` as a JSON string, escaped as serde_json escapes: `"`, `\\` and control
+/// characters; runs of other text are copied whole.
+fn json_str(out: &mut String, value: &str) {
+    out.push('"');
+    let mut start = 0;
+    for (i, byte) in value.bytes().enumerate() {
+        let escape = match byte {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(value.get(start..i).unwrap_or_default());
+        if escape.is_empty() {
+            let _ = write!(out, "\\u{byte:04x}");
+        } else {
+            out.push_str(escape);
+        }
+        start = i + 1;
+    }
+    out.push_str(value.get(start..).unwrap_or_default());
+    out.push('"');
+}
+
 /// The short, one-way token fingerprint kept in audit records.
 pub fn fingerprint(digest: &[u8; 32]) -> String {
     hex(digest.get(..8).unwrap_or_default())
@@ -250,12 +360,17 @@ fn hex(bytes: &[u8]) -> String {
 /// Makes a claim value safe as an HTTP header value: visible ASCII and spaces pass, anything
 /// else (control characters that could split headers, non-ASCII) is percent-encoded.
 pub fn header_value(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
+    let safe = |byte: u8| (b' '..=b'~').contains(&byte) && byte != b'%';
+    // Claims are nearly always safe already: one copy.
+    if value.bytes().all(safe) {
+        return value.to_string();
+    }
+    let mut out = String::with_capacity(value.len() + 8);
     for byte in value.bytes() {
-        if (b' '..=b'~').contains(&byte) && byte != b'%' {
+        if safe(byte) {
             out.push(char::from(byte));
         } else {
-            out.push_str(&format!("%{byte:02X}"));
+            let _ = write!(out, "%{byte:02X}");
         }
     }
     out
@@ -264,6 +379,42 @@ pub fn header_value(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_record_is_written_exactly_as_serde_json_writes_it() {
+        let odd = "a\"b\\c\n\r\t\u{8}\u{c}\u{1}\u{1f}\u{7f}é/<>\u{2028}";
+        let mut arguments = serde_json::Map::new();
+        arguments.insert("to".into(), serde_json::json!({"x": [1, "\u{0}"], "a": null}));
+        let full = AuditRecord {
+            time: -3,
+            audit_id: Some(odd.into()),
+            decision: "deny",
+            reason: Some("insufficient_scope"),
+            detail: Some("dpop_htu_mismatch"),
+            rule: Some(odd.into()),
+            agent: Some("agent-7".into()),
+            on_behalf_of: Some(String::new()),
+            actors: vec!["a".into(), odd.into()],
+            task_type: Some("t".into()),
+            task_identifier: Some("42".into()),
+            issuer: Some("https://idp".into()),
+            txn: Some("txn-1".into()),
+            jti: Some(odd.into()),
+            token_fingerprint: Some("00ff".into()),
+            method: "GET".into(),
+            path: odd.into(),
+            source: Some("10.0.0.1:5".into()),
+            dry_run: true,
+            status: Some(403),
+            mcp_method: Some("tools/call".into()),
+            mcp_tool: Some(odd.into()),
+            mcp_arguments: Some(arguments),
+        };
+        let sparse = AuditRecord { decision: "allow", actors: vec!["only".into()], ..AuditRecord::default() };
+        for record in [full, sparse, AuditRecord::default()] {
+            assert_eq!(record.to_json(), serde_json::to_string(&record).unwrap_or_default());
+        }
+    }
 
     #[test]
     fn header_values_cannot_split_headers() {

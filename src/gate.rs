@@ -181,7 +181,30 @@ pub struct ListFilter {
 /// Verified tokens by their text: a reused token costs a lookup, not a signature check nor
 /// a hash of the token. Bounded (least recently used entries go first); the time checks run
 /// on every hit, so an entry is never used past `exp`.
-type TokenCache = Mutex<Option<LruCache<Box<str>, Seen>>>;
+type TokenCache = Mutex<Option<LruCache<TokenKey, Seen>>>;
+
+/// A cached token's text, compared eight bytes at a time: every hit compares the whole
+/// token, and wasm's `memcmp` goes byte by byte.
+#[derive(Debug, Clone)]
+struct TokenKey(Box<str>);
+
+impl PartialEq for TokenKey {
+    fn eq(&self, other: &TokenKey) -> bool {
+        let (a, b) = (self.0.as_bytes(), other.0.as_bytes());
+        let word = |chunk: &[u8]| <[u8; 8]>::try_from(chunk).map_or(0, u64::from_ne_bytes);
+        a.len() == b.len()
+            && a.chunks_exact(8).zip(b.chunks_exact(8)).all(|(x, y)| word(x) == word(y))
+            && a.chunks_exact(8).remainder() == b.chunks_exact(8).remainder()
+    }
+}
+
+impl Eq for TokenKey {}
+
+impl std::hash::Hash for TokenKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
 
 /// A verified token with its fingerprint for the audit record.
 #[derive(Debug, Clone)]
@@ -352,7 +375,7 @@ impl Gate {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .as_mut()
-            .and_then(|c| c.get(token).cloned());
+            .and_then(|c| c.get(&TokenKey(token.into())).cloned());
         if let Some(seen) = seen {
             let verified = check_time_in(&self.policy, &seen.token, now).map(|()| seen.token);
             return Lookup { verified, fingerprint: seen.fingerprint, cache_hit: true, shared_cache_hit: false };
@@ -366,7 +389,10 @@ impl Gate {
         let verified = verify_untimed_as(&self.policy, token, signature).map(Arc::new);
         if let Ok(verified) = &verified {
             if let Some(cache) = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).as_mut() {
-                cache.put(token.into(), Seen { token: Arc::clone(verified), fingerprint: Arc::clone(&fingerprint) });
+                cache.put(
+                    TokenKey(token.into()),
+                    Seen { token: Arc::clone(verified), fingerprint: Arc::clone(&fingerprint) },
+                );
             }
             if !shared_cache_hit {
                 state.record_verified(&id, stamp);

@@ -9,6 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use wasmtime::{Caller, Engine, Extern, Instance, Linker, Memory, Module, Store, TypedFunc};
@@ -268,13 +269,32 @@ struct State {
     foreign_answer: Option<Vec<u8>>,
     /// How many foreign-function calls the filter made.
     foreign_calls: usize,
+    /// With [`count_instructions`]: each host call since [`Host::start_trace`], with the
+    /// wasm instructions (fuel) the filter ran since the previous one.
+    trace: Option<Vec<(&'static str, u64)>>,
+    /// Fuel left at the previous host call.
+    fuel_mark: u64,
+}
+
+/// Fuel the harness gives a VM: more than any test spends.
+const FUEL: u64 = u64::MAX / 4;
+
+static FUEL_ON: AtomicBool = AtomicBool::new(false);
+
+/// Makes every VM of this process count the wasm instructions it runs (wasmtime fuel: about
+/// one unit per wasm instruction), for [`Host::start_trace`]. Call before the first VM: the
+/// engine is shared and compiled once.
+pub fn count_instructions() {
+    FUEL_ON.store(true, Ordering::SeqCst);
 }
 
 fn engine_and_module() -> Result<&'static (Engine, Module), HostError> {
     static LOADED: OnceLock<Result<(Engine, Module), String>> = OnceLock::new();
     LOADED
         .get_or_init(|| {
-            let engine = Engine::default();
+            let mut config = wasmtime::Config::new();
+            config.consume_fuel(FUEL_ON.load(Ordering::SeqCst));
+            let engine = Engine::new(&config).map_err(|e| e.to_string())?;
             let path = filter_wasm();
             let module =
                 Module::from_file(&engine, &path).map_err(|e| format!("{}: {e} (run `make build`)", path.display()))?;
@@ -404,8 +424,13 @@ impl Host {
             reset: false,
             foreign_answer: None,
             foreign_calls: 0,
+            trace: None,
+            fuel_mark: FUEL,
         };
         let mut store = Store::new(engine, state);
+        if FUEL_ON.load(Ordering::SeqCst) {
+            store.set_fuel(FUEL).map_err(|e| HostError::Setup(e.to_string()))?;
+        }
         let mut linker = Linker::new(engine);
         define_proxy_wasm(&mut linker, profile).map_err(|e| HostError::Setup(e.to_string()))?;
         define_wasi(&mut linker).map_err(|e| HostError::Setup(e.to_string()))?;
@@ -991,6 +1016,22 @@ impl Host {
         self.memory.data_size(&self.store)
     }
 
+    /// Starts recording host calls (see [`count_instructions`]).
+    pub fn start_trace(&mut self) {
+        let fuel = self.store.get_fuel().unwrap_or(0);
+        let state = self.store.data_mut();
+        state.trace = Some(Vec::new());
+        state.fuel_mark = fuel;
+    }
+
+    /// The host calls since [`Host::start_trace`], each with the wasm instructions run before
+    /// it, and the instructions after the last one; recording stops.
+    pub fn take_trace(&mut self) -> (Vec<(&'static str, u64)>, u64) {
+        let fuel = self.store.get_fuel().unwrap_or(0);
+        let state = self.store.data_mut();
+        (state.trace.take().unwrap_or_default(), state.fuel_mark.saturating_sub(fuel))
+    }
+
     /// Mean wall time per request of sending each of `requests` once through the filter,
     /// after one warm-up request. The same token in every request measures the hot path; a
     /// new token in each, the cold one.
@@ -1055,6 +1096,7 @@ fn return_bytes(caller: &mut Caller<'_, State>, data: &[u8], ptr_out: i32, size_
 
 /// What the test imposes on `import`: a trap, a status, or garbage in what it returns.
 fn imposed(c: &mut Caller<'_, State>, import: &'static str) -> wasmtime::Result<Option<i32>> {
+    traced(c, import);
     let state = c.data_mut();
     state.garbage = None;
     if state.trap_next == Some(import) {
@@ -1068,6 +1110,20 @@ fn imposed(c: &mut Caller<'_, State>, import: &'static str) -> wasmtime::Result<
             Ok(None)
         }
         None => Ok(None),
+    }
+}
+
+/// Records host call `import` when tracing (with the filter's instructions since the last one).
+fn traced(c: &mut Caller<'_, State>, import: &'static str) {
+    if c.data().trace.is_none() {
+        return;
+    }
+    let fuel = c.get_fuel().unwrap_or(0);
+    let state = c.data_mut();
+    let spent = state.fuel_mark.saturating_sub(fuel);
+    state.fuel_mark = fuel;
+    if let Some(trace) = &mut state.trace {
+        trace.push((import, spent));
     }
 }
 
@@ -1312,6 +1368,7 @@ fn define_proxy_wasm(linker: &mut Linker<State>, profile: Profile) -> wasmtime::
             "proxy_get_log_level",
             |mut c: Caller<'_, State>, out: i32| -> wasmtime::Result<i32> {
                 kong_nyi(&c, "proxy_get_log_level")?;
+                traced(&mut c, "proxy_get_log_level");
                 write(&mut c, out, &0i32.to_le_bytes())?;
                 Ok(OK)
             },

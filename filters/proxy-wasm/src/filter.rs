@@ -42,9 +42,11 @@ const REQUEST_ID: &str = "x-request-id";
 /// The request's headers as the core wants them: names in lower case; the Host header as
 /// `:authority` when the host sent both (nginx derives `:authority` from its server name);
 /// an `x-request-id` generated when the host gave none, so every record has an audit id.
-pub fn normalized(host: &dyn Host, headers: &[(String, String)]) -> Vec<(String, String)> {
-    let mut seen: Vec<(String, String)> =
-        headers.iter().map(|(name, value)| (name.to_ascii_lowercase(), value.clone())).collect();
+/// Works in place: the headers are the host's copy, already this VM's.
+pub fn normalized(host: &dyn Host, mut seen: Vec<(String, String)>) -> Vec<(String, String)> {
+    for (name, _) in &mut seen {
+        name.make_ascii_lowercase();
+    }
     if let Some(host_header) = seen.iter().find(|(name, _)| name == "host").map(|(_, v)| v.clone()) {
         seen.retain(|(name, _)| name != ":authority");
         seen.push((":authority".to_string(), host_header));
@@ -86,7 +88,7 @@ pub fn decide(host: &dyn Host, shared: &Shared, context: &Context<'_>, body: Opt
             return Step::Done(refuse_request(host, metrics, Reason::TooManyHeaders));
         }
     }
-    let seen = normalized(host, &headers);
+    let seen = normalized(host, headers);
     let pseudo = |name: &str| seen.iter().find(|(n, _)| n == name).map_or("", |(_, v)| v.as_str());
     if body.is_none() {
         if let Some(limit) = gate.body_limit(pseudo(":method"), pseudo(":path")) {
@@ -127,8 +129,9 @@ pub fn decide(host: &dyn Host, shared: &Shared, context: &Context<'_>, body: Opt
     }
     if let (true, Action::Continue { remove, .. }) = (nginx, &decision.action) {
         // nginx cannot strip a repeated header (only its first copy is replaced in place).
+        // (Counted in the normalized headers: names in lower case, the Host header kept.)
         if let Some(name) =
-            remove.iter().find(|name| headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).count() > 1)
+            remove.iter().find(|name| seen.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).count() > 1)
         {
             host.log(
                 Level::Error,
@@ -137,7 +140,9 @@ pub fn decide(host: &dyn Host, shared: &Shared, context: &Context<'_>, body: Opt
             return Step::Done(refuse_request(host, metrics, Reason::RepeatedHeader));
         }
     }
-    host.log(policy.audit.log_level.into(), &format!("agentgate audit {}", decision.audit.to_json()));
+    let mut line = String::from("agentgate audit ");
+    decision.audit.write_json(&mut line);
+    host.log(policy.audit.log_level.into(), &line);
     if let Some(event) = &decision.quarantine {
         host.log(Level::Warn, &format!("agentgate quarantine {}", event.to_json()));
         metrics.count_quarantine(host);
@@ -180,6 +185,17 @@ pub fn decide(host: &dyn Host, shared: &Shared, context: &Context<'_>, body: Opt
     }
 }
 
+/// The filter-state names of the audit record's fields (`AuditRecord::log_fields`),
+/// spelled out once rather than formatted per request.
+const PROPERTIES: [(&str, &str); 6] = [
+    ("decision", "agentgate.decision"),
+    ("reason", "agentgate.reason"),
+    ("rule", "agentgate.rule"),
+    ("agent", "agentgate.agent"),
+    ("on_behalf_of", "agentgate.on_behalf_of"),
+    ("task_identifier", "agentgate.task_identifier"),
+];
+
 /// Writes the decision as filter state where the host keeps it. APISIX's properties are
 /// nginx variables, which a filter cannot declare: each write fails with an error line of
 /// the host's own, so none is tried there, and on any host writes stop at the first refusal.
@@ -188,7 +204,9 @@ fn set_filter_state<V: AsRef<str>>(host: &dyn Host, context: &Context<'_>, field
         return;
     }
     for (field, value) in fields {
-        if !host.set_property(&format!("agentgate.{field}"), value.as_ref().as_bytes()) {
+        let path = PROPERTIES.iter().find(|(f, _)| f == field).map(|&(_, path)| path);
+        let path = path.map_or_else(|| format!("agentgate.{field}").into(), std::borrow::Cow::Borrowed);
+        if !host.set_property(&path, value.as_ref().as_bytes()) {
             context.filter_state.set(false);
             host.log(Level::Warn, "agentgate: this host keeps no filter state (audit.filter_state): not written again");
             return;

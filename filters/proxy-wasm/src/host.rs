@@ -118,6 +118,9 @@ pub fn now_ms(host: &dyn Host) -> Option<u64> {
 /// name and value followed by a NUL. Bytes that are not UTF-8 become U+FFFD.
 #[cfg_attr(not(any(target_arch = "wasm32", test)), allow(dead_code))]
 pub fn parse_map(bytes: &[u8]) -> Option<Vec<(String, String)>> {
+    // `from_utf8` checks ASCII a word at a time; the lossy decoder goes byte by byte.
+    let text =
+        |b: &[u8]| std::str::from_utf8(b).map_or_else(|_| String::from_utf8_lossy(b).into_owned(), str::to_owned);
     if bytes.is_empty() {
         return Some(Vec::new());
     }
@@ -135,7 +138,7 @@ pub fn parse_map(bytes: &[u8]) -> Option<Vec<(String, String)>> {
         at = at.checked_add(name_len)?.checked_add(1)?;
         let value = bytes.get(at..at.checked_add(value_len)?)?;
         at = at.checked_add(value_len)?.checked_add(1)?;
-        pairs.push((String::from_utf8_lossy(name).into_owned(), String::from_utf8_lossy(value).into_owned()));
+        pairs.push((text(name), text(value)));
     }
     Some(pairs)
 }

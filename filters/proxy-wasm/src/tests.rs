@@ -416,3 +416,19 @@ fn a_host_whose_crypto_fails_its_probe_keeps_wasm_and_one_that_fails_later_denie
         assert!(logs.iter().any(|l| l.contains(why) && l.contains("crypto_unavailable")), "{logs:?}");
     }
 }
+
+/// Hot requests (one cached token) in a loop, for an instruction profile of the filter's
+/// stages natively (BENCHMARKS.md): `cargo test --release -p agentgate-proxy-wasm --lib
+/// hot_path_profile -- --ignored` under `valgrind --tool=callgrind`.
+#[test]
+#[ignore = "a profiling workload, not a test"]
+fn hot_path_profile() {
+    let (vm, mock) = started(&inline_policy());
+    let token = format!("Bearer {}", token());
+    let sent = headers(&[("authorization", &token), ("x-request-id", "7f3c9a2e-5b1d-4e8a-9c6f-2d4b8e1a3f5c")]);
+    for id in 2..2002 {
+        mock.state().logs.clear();
+        assert_eq!(request(&vm, &mock, id, sent.clone()), CONTINUE);
+        vm.on_delete(id);
+    }
+}

@@ -1,11 +1,16 @@
 //! `make bench`: the same Envoy 1.40 (one worker, pinned to core 0) in turn with no filter,
 //! a no-op wasm filter, Envoy's native jwt_authn + RBAC, and agentgate, each driven by wrk
 //! (pinned to core 1) with ES256, RS256 and EdDSA tokens, hot (one token reused) and cold
-//! (every token new). Configurations alternate over rounds; the table shows medians.
+//! (every token new); and with two workers (`--concurrency 2`, both on core 0) native and
+//! agentgate on replayed tokens (every new token sent twice in a row, so the second copy
+//! often lands on the other worker: agentgate's shared verified-token cache, counted by
+//! `agentgate.token_cache.shared_hit`). Configurations alternate over rounds; the table
+//! shows medians.
 //!
 //! Environment: BENCH_ROUNDS (default 3), BENCH_SECONDS per run (default 4),
 //! BENCH_OUT (a markdown copy of the table, default target/bench/results.md), and to rerun a
-//! part: BENCH_ALGS (default `ES256,RS256,EdDSA`), BENCH_PATTERNS (default `hot,cold,mcp`;
+//! part: BENCH_ALGS (default `ES256,RS256,EdDSA`), BENCH_PATTERNS (default `hot,cold,replay,mcp`;
+//! `replay`: each new token sent twice, with two workers, for the shared verified-token cache;
 //! `mcp`: a hot MCP `tools/call` POST with a 1 KiB body, through the no-op filter and
 //! through agentgate reading the body and checking an argument).
 //! BENCH_DPOP=no skips the DPoP row (ES256 hot token, a new proof per request).
@@ -36,6 +41,10 @@ enum Config {
     /// agentgate with a DPoP-bound token (reused) and a new ES256 proof on every request:
     /// what proof of possession costs (a proof signature, its checks, a replay-store write).
     AgentgateDpop,
+    /// Native with two workers.
+    NativeTwo,
+    /// agentgate with two workers: the shared verified-token cache.
+    AgentgateTwo,
 }
 
 impl Config {
@@ -50,6 +59,15 @@ impl Config {
             Config::AgentgateMcp => "agentgate, MCP call",
             Config::AgentgateWasmCrypto => "agentgate, crypto in wasm",
             Config::AgentgateDpop => "agentgate+DPoP",
+            Config::NativeTwo => "jwt_authn+RBAC ×2 workers",
+            Config::AgentgateTwo => "agentgate ×2 workers",
+        }
+    }
+
+    fn workers(self) -> u32 {
+        match self {
+            Config::NativeTwo | Config::AgentgateTwo => 2,
+            _ => 1,
         }
     }
 }
@@ -58,12 +76,16 @@ impl Config {
 enum Pattern {
     Hot,
     Cold,
+    /// Every new token sent twice in a row (two workers).
+    Replay,
 }
 
 struct Sample {
     rps: f64,
     p99_ms: f64,
     requests: u64,
+    /// agentgate's token-cache counters after the run: (local misses, shared hits).
+    cache: Option<(u64, u64)>,
 }
 
 /// Above any cold rate seen here (native RS256 reached 16k/s); a run that goes faster
@@ -94,7 +116,7 @@ fn run() -> Result<(), String> {
     let all = [Signer::es256("bench-es", 1), Signer::rs256("bench-rs", 2), Signer::eddsa("bench-ed", 3)];
     let jwks = json!({"keys": all.iter().map(Signer::jwk).collect::<Vec<_>>()});
     let signers: Vec<&Signer> = all.iter().filter(|s| selected("BENCH_ALGS", s.alg)).collect();
-    let patterns: Vec<Pattern> = [(Pattern::Hot, "hot"), (Pattern::Cold, "cold")]
+    let patterns: Vec<Pattern> = [(Pattern::Hot, "hot"), (Pattern::Cold, "cold"), (Pattern::Replay, "replay")]
         .into_iter()
         .filter(|(_, n)| selected("BENCH_PATTERNS", n))
         .map(|(p, _)| p)
@@ -113,10 +135,15 @@ fn run() -> Result<(), String> {
         std::fs::write(&hot_script, format!("wrk.headers[\"Authorization\"] = \"Bearer {hot}\"\n"))
             .map_err(|e| e.to_string())?;
         scripts.insert((signer.alg, Pattern::Hot), hot_script);
-        if patterns.contains(&Pattern::Cold) {
+        if patterns.contains(&Pattern::Cold) || patterns.contains(&Pattern::Replay) {
             let tokens = dir.join(format!("cold-{}.txt", signer.alg));
-            mint(signer, now, cold_count, &tokens)?;
-            scripts.insert((signer.alg, Pattern::Cold), cold_script(&dir, signer.alg, &tokens)?);
+            let lines = mint(signer, now, cold_count, &tokens)?;
+            scripts.insert((signer.alg, Pattern::Cold), cold_script(&dir, signer.alg, "cold", &tokens)?);
+            // The same tokens, each twice in a row (half as many distinct ones).
+            let replayed = dir.join(format!("replay-{}.txt", signer.alg));
+            let twice: Vec<&str> = lines.iter().take(cold_count / 2).flat_map(|t| [t.as_str(), t.as_str()]).collect();
+            std::fs::write(&replayed, twice.join("\n") + "\n").map_err(|e| e.to_string())?;
+            scripts.insert((signer.alg, Pattern::Replay), cold_script(&dir, signer.alg, "replay", &replayed)?);
         }
     }
     println!("minted {cold_count} cold tokens per algorithm in {:.0?}", started.elapsed());
@@ -128,23 +155,28 @@ fn run() -> Result<(), String> {
         // The filterless and no-op runs do not depend on the token; they use the hot ES256 script.
         let es_hot = scripts.values().next().cloned().unwrap_or_default();
         for config in [Config::Passthrough, Config::NoopWasm] {
-            let sample = measure(&dir, &envoy_config(config, &jwks, &noop), &es_hot, seconds)?;
+            let sample = measure(&dir, &envoy_config(config, &jwks, &noop), &es_hot, seconds, 1)?;
             report(config, "-", Pattern::Hot, &sample);
             results.entry((config, "-", Pattern::Hot)).or_default().push(sample);
         }
         for signer in &signers {
             for &pattern in &patterns {
                 let script = scripts.get(&(signer.alg, pattern)).cloned().unwrap_or_default();
-                // Alternate which of the two goes first, so neither always runs on a warmer machine.
-                let order = if round % 2 == 0 {
-                    [Config::Agentgate, Config::AgentgateWasmCrypto, Config::AgentgateQuarantine, Config::Native]
-                } else {
-                    [Config::Native, Config::AgentgateQuarantine, Config::AgentgateWasmCrypto, Config::Agentgate]
+                // Alternate which goes first, so none always runs on a warmer machine.
+                let order: &[Config] = match (pattern, round % 2 == 0) {
+                    (Pattern::Replay, true) => &[Config::AgentgateTwo, Config::NativeTwo],
+                    (Pattern::Replay, false) => &[Config::NativeTwo, Config::AgentgateTwo],
+                    (_, true) => &[Config::Agentgate, Config::AgentgateWasmCrypto, Config::AgentgateQuarantine, Config::Native],
+                    (_, false) => &[Config::Native, Config::AgentgateQuarantine, Config::AgentgateWasmCrypto, Config::Agentgate],
                 };
-                for config in order {
-                    let sample = measure(&dir, &envoy_config(config, &jwks, &noop), &script, seconds)?;
+                // Crypto in wasm differs from agentgate only where a signature is checked
+                // by the host: cold ES256 and RS256.
+                let host_crypto = pattern == Pattern::Cold && signer.alg != "EdDSA";
+                for &config in order.iter().filter(|&&c| c != Config::AgentgateWasmCrypto || host_crypto) {
+                    let sample =
+                        measure(&dir, &envoy_config(config, &jwks, &noop), &script, seconds, config.workers())?;
                     report(config, signer.alg, pattern, &sample);
-                    if pattern == Pattern::Cold && sample.requests > cold_count as u64 {
+                    if pattern != Pattern::Hot && sample.requests > cold_count as u64 {
                         println!("    (more requests than cold tokens: some were reused)");
                     }
                     results.entry((config, signer.alg, pattern)).or_default().push(sample);
@@ -153,7 +185,7 @@ fn run() -> Result<(), String> {
                     // Proofs are single-use and recent: minted afresh for every run.
                     let script = dpop_script(&dir, signer, cold_count)?;
                     let config = Config::AgentgateDpop;
-                    let sample = measure(&dir, &envoy_config(config, &jwks, &noop), &script, seconds)?;
+                    let sample = measure(&dir, &envoy_config(config, &jwks, &noop), &script, seconds, config.workers())?;
                     report(config, signer.alg, pattern, &sample);
                     results.entry((config, signer.alg, pattern)).or_default().push(sample);
                 }
@@ -171,7 +203,7 @@ fn run() -> Result<(), String> {
                     [Config::NoopWasmMcp, Config::AgentgateMcp]
                 };
                 for config in order {
-                    let sample = measure(&dir, &envoy_config(config, &jwks, &noop), &script, seconds)?;
+                    let sample = measure(&dir, &envoy_config(config, &jwks, &noop), &script, seconds, config.workers())?;
                     report(config, signer.alg, Pattern::Hot, &sample);
                     results.entry((config, signer.alg, Pattern::Hot)).or_default().push(sample);
                 }
@@ -195,7 +227,7 @@ fn claims(sub: &str, now: i64) -> Value {
 }
 
 /// `count` distinct tokens (distinct `sub` and `jti`), one per line, minted on every core.
-fn mint(signer: &Signer, now: i64, count: usize, file: &Path) -> Result<(), String> {
+fn mint(signer: &Signer, now: i64, count: usize, file: &Path) -> Result<Vec<String>, String> {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let per = count.div_ceil(cores);
     let lines: Vec<String> = std::thread::scope(|scope| {
@@ -210,7 +242,8 @@ fn mint(signer: &Signer, now: i64, count: usize, file: &Path) -> Result<(), Stri
             .collect();
         workers.into_iter().flat_map(|w| w.join().unwrap_or_default()).collect()
     });
-    std::fs::write(file, lines.join("\n") + "\n").map_err(|e| e.to_string())
+    std::fs::write(file, lines.join("\n") + "\n").map_err(|e| e.to_string())?;
+    Ok(lines)
 }
 
 /// A wrk script POSTing one MCP tools/call of about 1 KiB to /mcp with a hot `token`.
@@ -229,8 +262,8 @@ fn mcp_script(dir: &Path, token: &str) -> Result<PathBuf, String> {
 }
 
 /// A wrk script that gives every request the next token of `tokens`.
-fn cold_script(dir: &Path, alg: &str, tokens: &Path) -> Result<PathBuf, String> {
-    let script = dir.join(format!("cold-{alg}.lua"));
+fn cold_script(dir: &Path, alg: &str, name: &str, tokens: &Path) -> Result<PathBuf, String> {
+    let script = dir.join(format!("{name}-{alg}.lua"));
     let lua = format!(
         r#"local tokens = {{}}
 for line in io.lines("{}") do tokens[#tokens + 1] = line end
@@ -323,7 +356,7 @@ fn envoy_config(config: Config, jwks: &Value, noop: &Path) -> String {
     let mut filters = match config {
         Config::Passthrough => vec![],
         Config::NoopWasm => vec![wasm("noop", noop, "")],
-        Config::Agentgate | Config::AgentgateDpop => {
+        Config::Agentgate | Config::AgentgateDpop | Config::AgentgateTwo => {
             vec![wasm("agentgate", &filter_wasm(), &agentgate_policy(jwks).to_string())]
         }
         Config::AgentgateQuarantine => {
@@ -334,7 +367,7 @@ fn envoy_config(config: Config, jwks: &Value, noop: &Path) -> String {
         Config::AgentgateWasmCrypto => {
             vec![wasm("agentgate", &wasm_crypto_module(), &agentgate_policy(jwks).to_string())]
         }
-        Config::Native => native_filters(jwks),
+        Config::Native | Config::NativeTwo => native_filters(jwks),
         // Envoy's buffer filter reads the body before the route answers, as agentgate does:
         // a direct response before the body is read closes the connection, which would make
         // the baseline pay for new connections.
@@ -431,9 +464,9 @@ fn native_filters(jwks: &Value) -> Vec<Value> {
     ]
 }
 
-/// Starts Envoy with `config` on core 0, checks that a request with the script's first token
-/// is allowed, runs wrk on core 1, and stops Envoy.
-fn measure(dir: &Path, config: &str, script: &Path, seconds: u64) -> Result<Sample, String> {
+/// Starts Envoy with `config` and `workers` worker threads on core 0, runs wrk on core 1,
+/// reads agentgate's token-cache counters, and stops Envoy.
+fn measure(dir: &Path, config: &str, script: &Path, seconds: u64, workers: u32) -> Result<Sample, String> {
     let config_file = dir.join("envoy.json");
     std::fs::write(&config_file, config).map_err(|e| e.to_string())?;
     let admin_file = dir.join("admin-address");
@@ -444,7 +477,7 @@ fn measure(dir: &Path, config: &str, script: &Path, seconds: u64) -> Result<Samp
         .arg(envoy_binary())
         .arg("-c")
         .arg(&config_file)
-        .args(["--concurrency", "1", "--disable-hot-restart", "-l", "error", "--admin-address-path"])
+        .args(["--concurrency", &workers.to_string(), "--disable-hot-restart", "-l", "error", "--admin-address-path"])
         .arg(&admin_file)
         .stdout(Stdio::null())
         .stderr(log)
@@ -459,9 +492,27 @@ fn measure(dir: &Path, config: &str, script: &Path, seconds: u64) -> Result<Samp
         .arg(&url)
         .output()
         .map_err(|e| format!("cannot run wrk (make bench installs it): {e}"))?;
+    let cache = cache_counters(&admin_file);
     drop(envoy);
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    parse_wrk(&text).ok_or_else(|| format!("unexpected wrk output:\n{text}"))
+    let sample = parse_wrk(&text).ok_or_else(|| format!("unexpected wrk output:\n{text}"))?;
+    Ok(Sample { cache, ..sample })
+}
+
+/// agentgate's `token_cache.miss` and `token_cache.shared_hit` counters (all workers), when
+/// the filter defined them.
+fn cache_counters(admin_file: &Path) -> Option<(u64, u64)> {
+    let admin = std::fs::read_to_string(admin_file).ok()?;
+    let stats = ureq_get(&format!("http://{}/stats?filter=agentgate.token_cache", admin.trim()))?;
+    // Custom wasm stats may carry Envoy's `wasmcustom.` prefix.
+    let counter = |name: &str| {
+        stats.lines().find_map(|line| {
+            let (stat, value) = line.trim().split_once(": ")?;
+            let stat = stat.strip_prefix("wasmcustom.").unwrap_or(stat);
+            (stat == name).then(|| value.trim().parse().ok()).flatten()
+        })
+    };
+    Some((counter("agentgate.token_cache.miss")?, counter("agentgate.token_cache.shared_hit")?))
 }
 
 struct Running(Child);
@@ -512,7 +563,7 @@ fn parse_wrk(text: &str) -> Option<Sample> {
     } else {
         p99.strip_suffix('s')?.parse::<f64>().ok()? * 1000.0
     };
-    Some(Sample { rps, p99_ms, requests })
+    Some(Sample { rps, p99_ms, requests, cache: None })
 }
 
 fn report(config: Config, alg: &str, pattern: Pattern, sample: &Sample) {
@@ -544,7 +595,8 @@ fn table(results: &BTreeMap<(Config, &str, Pattern), Vec<Sample>>, rounds: u64, 
     };
     let noop = med(&(Config::NoopWasm, "-", Pattern::Hot)).map_or(0.0, |m| m.0);
     let mut out = format!(
-        "Medians of {rounds} rounds of {seconds} s; Envoy 1.40 with one worker on core 0, wrk -t1 -c16 on core 1; \
+        "Medians of {rounds} rounds of {seconds} s; Envoy 1.40 with one worker on core 0 (×2 workers: two \
+         workers, both on core 0), wrk -t1 -c16 on core 1; \
          direct response, no upstream. dist/agentgate.wasm: {} bytes.\n\n\
          | configuration | token | pattern | req/s | p99 ms | agentgate / native | agentgate / no-op |\n\
          |---|---|---|---:|---:|---:|---:|\n",
@@ -555,30 +607,50 @@ fn table(results: &BTreeMap<(Config, &str, Pattern), Vec<Sample>>, rounds: u64, 
             out.push_str(&format!("| {} | - | - | {rps:.0} | {p99:.2} | | |\n", config.label()));
         }
     }
+    let mut notes = String::new();
     for alg in ["ES256", "RS256", "EdDSA"] {
-        for pattern in [Pattern::Hot, Pattern::Cold] {
-            let native = med(&(Config::Native, alg, pattern));
-            let ours = med(&(Config::Agentgate, alg, pattern));
+        for pattern in [Pattern::Hot, Pattern::Cold, Pattern::Replay] {
+            let (native_config, ours_config) = match pattern {
+                Pattern::Replay => (Config::NativeTwo, Config::AgentgateTwo),
+                _ => (Config::Native, Config::Agentgate),
+            };
+            let native = med(&(native_config, alg, pattern));
+            let ours = med(&(ours_config, alg, pattern));
             let name = format!("{pattern:?}").to_lowercase();
             if let Some((rps, p99)) = native {
-                out.push_str(&format!("| {} | {alg} | {name} | {rps:.0} | {p99:.2} | | |\n", Config::Native.label()));
+                out.push_str(&format!("| {} | {alg} | {name} | {rps:.0} | {p99:.2} | | |\n", native_config.label()));
             }
             let guarded = med(&(Config::AgentgateQuarantine, alg, pattern));
             let in_wasm = med(&(Config::AgentgateWasmCrypto, alg, pattern));
             let dpop = med(&(Config::AgentgateDpop, alg, pattern));
             for (config, row) in [
-                (Config::Agentgate, ours),
+                (ours_config, ours),
                 (Config::AgentgateWasmCrypto, in_wasm),
                 (Config::AgentgateQuarantine, guarded),
                 (Config::AgentgateDpop, dpop),
             ] {
                 let Some((rps, p99)) = row else { continue };
                 let vs_native = native.map_or(String::new(), |n| format!("{:.2}×", rps / n.0));
-                let vs_noop = if noop > 0.0 { format!("{:.2}×", rps / noop) } else { String::new() };
+                // The no-op floor was measured with one worker: no ratio for two.
+                let vs_noop =
+                    if noop > 0.0 && config.workers() == 1 { format!("{:.2}×", rps / noop) } else { String::new() };
                 out.push_str(&format!(
                     "| **{}** | {alg} | {name} | {rps:.0} | {p99:.2} | {vs_native} | {vs_noop} |\n",
                     config.label()
                 ));
+            }
+            if pattern == Pattern::Replay {
+                let counted: Vec<(u64, u64)> =
+                    results.get(&(ours_config, alg, pattern)).into_iter().flatten().filter_map(|s| s.cache).collect();
+                if !counted.is_empty() {
+                    let misses: u64 = counted.iter().map(|c| c.0).sum();
+                    let shared: u64 = counted.iter().map(|c| c.1).sum();
+                    notes.push_str(&format!(
+                        "- {alg} replay, agentgate ×2 workers: {shared} of {misses} local cache misses were shared hits \
+                         (verified by the other worker: no signature check), over {} rounds.\n",
+                        counted.len()
+                    ));
+                }
             }
         }
     }
@@ -591,6 +663,10 @@ fn table(results: &BTreeMap<(Config, &str, Pattern), Vec<Sample>>, rounds: u64, 
             String::new()
         };
         out.push_str(&format!("| {} | {} | hot, 1 KiB body | {rps:.0} | {p99:.2} | | {vs_noop} |\n", key.0.label(), key.1));
+    }
+    if !notes.is_empty() {
+        out.push('\n');
+        out.push_str(&notes);
     }
     out
 }
