@@ -215,6 +215,20 @@ fn workers_of_one_proxy_fetch_once_and_share_the_keys() {
 }
 
 #[test]
+fn a_request_adopts_the_keys_another_worker_fetched_before_its_own_tick() {
+    let process = Process::new();
+    let mut first = Host::in_process(&policy(), &process).unwrap_or_else(|e| panic!("{e}"));
+    let mut second = Host::in_process(&policy(), &process).unwrap_or_else(|e| panic!("{e}"));
+    tick(&mut second);
+    let call = only_call(&second);
+    second.respond(call.token, 200, &jwks(&[&key_a()])).unwrap_or_else(|e| panic!("{e}"));
+    // The first worker has not ticked since: its request takes the keys from shared data,
+    // neither refused nor held for a fetch of its own.
+    assert_eq!(get(&mut first, &key_a()).status(), 200);
+    assert!(first.pending_http_calls().is_empty(), "no fetch of its own");
+}
+
+#[test]
 fn a_request_waits_no_longer_than_wait_ms() {
     let mut host = Host::new(&policy()).unwrap_or_else(|e| panic!("{e}"));
     let Outcome::Paused { context } = get(&mut host, &key_a()) else { panic!("not held") };

@@ -117,11 +117,21 @@ pub fn decide(host: &dyn Host, shared: &Shared, context: &Context<'_>, body: Opt
         body,
     };
     // Without shared data, single-use and rate-limit state lives in this VM (logged at configure).
-    let decision = if shared.caps.shared_data {
-        gate.evaluate_with(&request, &SharedDataGuard(host))
-    } else {
-        gate.evaluate(&request)
+    let evaluate = || {
+        if shared.caps.shared_data {
+            gate.evaluate_with(&request, &SharedDataGuard(host))
+        } else {
+            gate.evaluate(&request)
+        }
     };
+    let mut decision = evaluate();
+    // Another worker may have fetched these keys since this one's last tick: adopt them from
+    // shared data and decide again (nothing was counted or logged for the first decision).
+    if let Some(provider) = decision.awaiting_keys {
+        if shared.caps.shared_data && keys::sync(host, gate, provider) {
+            decision = evaluate();
+        }
+    }
     if let (Some(provider), true) = (decision.awaiting_keys, may_wait) {
         if let Some((fetch, wait_ms)) = keys::for_request(host, shared, provider, now) {
             return Step::Wait { provider, fetch, wait_ms, now };
