@@ -6,6 +6,7 @@
 //! useless without the private key.
 
 use crate::canonical::canonical_host;
+use crate::host_crypto::{verify_with_host, HostCrypto};
 use crate::keys::{parse_jwk, Alg};
 use crate::replay::{token_id, TokenId};
 use base64ct::{Base64UrlUnpadded, Encoding};
@@ -49,6 +50,8 @@ pub enum DpopError {
     TokenNotBound,
     /// The proof's key is not the one the access token is bound to.
     KeyMismatch,
+    /// The host's crypto, found sound at load, failed to answer for the proof's signature.
+    CryptoUnavailable,
 }
 
 impl DpopError {
@@ -72,6 +75,7 @@ impl DpopError {
             DpopError::UseNonce => "dpop_use_nonce",
             DpopError::TokenNotBound => "dpop_token_not_bound",
             DpopError::KeyMismatch => "dpop_key_mismatch",
+            DpopError::CryptoUnavailable => "dpop_crypto_unavailable",
         }
     }
 
@@ -201,7 +205,21 @@ pub fn check(
     options: &DpopOptions,
     now: i64,
 ) -> Result<VerifiedProof, DpopError> {
-    let proof = check_proof(proofs, request, access_token, options, now)?;
+    check_with(proofs, request, access_token, cnf_jkt, options, now, None)
+}
+
+/// [`check`], with the proof's signature checked by the host's crypto where it takes the
+/// algorithm.
+pub fn check_with(
+    proofs: &[&str],
+    request: &DpopRequest<'_>,
+    access_token: &str,
+    cnf_jkt: Option<&str>,
+    options: &DpopOptions,
+    now: i64,
+    host: Option<&HostCrypto>,
+) -> Result<VerifiedProof, DpopError> {
+    let proof = check_proof_with(proofs, request, access_token, options, now, host)?;
     match cnf_jkt {
         None => Err(DpopError::TokenNotBound),
         Some(jkt) if jkt == proof.jkt => Ok(proof),
@@ -216,6 +234,19 @@ pub fn check_proof(
     access_token: &str,
     options: &DpopOptions,
     now: i64,
+) -> Result<VerifiedProof, DpopError> {
+    check_proof_with(proofs, request, access_token, options, now, None)
+}
+
+/// [`check_proof`], with the proof's signature checked by the host's crypto where it takes
+/// the algorithm (every proof is new, so this is the cost of DPoP on a hot token).
+fn check_proof_with(
+    proofs: &[&str],
+    request: &DpopRequest<'_>,
+    access_token: &str,
+    options: &DpopOptions,
+    now: i64,
+    host: Option<&HostCrypto>,
 ) -> Result<VerifiedProof, DpopError> {
     let proof = match proofs {
         [] => return Err(DpopError::ProofMissing),
@@ -259,7 +290,13 @@ pub fn check_proof(
     };
     let signature = decode(signature_b64)?;
     let signed = proof.get(..header_b64.len() + 1 + claims_b64.len()).ok_or(DpopError::ProofInvalid)?;
-    if !key.material.verify(alg, signed.as_bytes(), &signature) {
+    let verified = match (host.filter(|h| h.takes(alg)), key.spki.as_deref()) {
+        // A host that cannot answer refuses the proof: it never falls back to allowing.
+        (Some(host), Some(spki)) => verify_with_host(host.verifier.as_ref(), alg, spki, signed.as_bytes(), &signature)
+            .map_err(|_| DpopError::CryptoUnavailable)?,
+        _ => key.material.verify(alg, signed.as_bytes(), &signature),
+    };
+    if !verified {
         return Err(DpopError::BadSignature);
     }
 
@@ -620,6 +657,44 @@ mod tests {
         assert_eq!(run(&signer.sign_with_header(&header, &claims())), Err(DpopError::PrivateKey));
         header["jwk"] = Value::Null;
         assert_eq!(run(&signer.sign_with_header(&header, &claims())), Err(DpopError::BadKey));
+    }
+
+    /// A host's P-256 verifier (SPKI DER ends with the 65-byte point), counting its calls,
+    /// or one that cannot answer.
+    struct HostP256(std::sync::Arc<std::sync::atomic::AtomicUsize>, bool);
+
+    impl crate::host_crypto::HostVerifier for HostP256 {
+        fn verify(&self, _: crate::host_crypto::HashFunction, spki: &[u8], der: &[u8], text: &[u8]) -> Result<bool, String> {
+            use p256::ecdsa::signature::Verifier;
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if !self.1 {
+                return Err("status 10".into());
+            }
+            let point = spki.get(spki.len().saturating_sub(65)..).unwrap_or_default();
+            let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(point).map_err(|e| e.to_string())?;
+            let signature = p256::ecdsa::DerSignature::from_bytes(der).map_err(|e| e.to_string())?;
+            Ok(key.verify(text, &signature).is_ok())
+        }
+    }
+
+    #[test]
+    fn the_proof_signature_goes_to_the_host_crypto_which_never_allows_when_it_fails() {
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let host = |answers| HostCrypto {
+            verifier: Box::new(HostP256(std::sync::Arc::clone(&calls), answers)),
+            algorithms: vec![Alg::Es256],
+        };
+        let (sound, failing) = (host(true), host(false));
+        let opts = DpopOptions::default();
+        let good = proof(&es256(), &claims());
+        let check = |p: &str, host: &HostCrypto| check_proof_with(&[p], &request(), TOKEN, &opts, NOW, Some(host));
+        assert!(check(&good, &sound).is_ok());
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1, "verified by the host");
+        let (signed, _) = good.rsplit_once('.').unwrap_or_default();
+        let other = proof(&Signer::es256("client", 12), &claims());
+        let forged = format!("{signed}.{}", other.rsplit_once('.').unwrap_or_default().1);
+        assert_eq!(check(&forged, &sound).err(), Some(DpopError::BadSignature));
+        assert_eq!(check(&good, &failing).err(), Some(DpopError::CryptoUnavailable));
     }
 
     #[test]

@@ -618,13 +618,22 @@ impl Gate {
             path: request.path,
         };
         let options = &self.policy.dpop;
-        let proof = crate::dpop::check(&dpop_proofs(request.headers), &target, raw, Some(jkt), options, request.now)
+        let proof = crate::dpop::check_with(
+            &dpop_proofs(request.headers),
+            &target,
+            raw,
+            Some(jkt),
+            options,
+            request.now,
+            self.host_crypto(),
+        )
             .map_err(|e| {
                 let reason = match e {
                     crate::dpop::DpopError::TokenNotBound | crate::dpop::DpopError::KeyMismatch => {
                         Reason::DpopBindingMismatch
                     }
                     crate::dpop::DpopError::UseNonce => Reason::DpopNonceRequired,
+                    crate::dpop::DpopError::CryptoUnavailable => Reason::CryptoUnavailable,
                     _ => Reason::DpopProofInvalid,
                 };
                 (reason, e.code())
