@@ -6,7 +6,7 @@
 //! useless without the private key.
 
 use crate::canonical::canonical_host;
-use crate::host_crypto::{verify_with_host, HostCrypto};
+use crate::host_crypto::{verify_key, HostCrypto};
 use crate::keys::{parse_jwk, Alg};
 use crate::replay::{token_id, TokenId};
 use base64ct::{Base64UrlUnpadded, Encoding};
@@ -290,12 +290,9 @@ fn check_proof_with(
     };
     let signature = decode(signature_b64)?;
     let signed = proof.get(..header_b64.len() + 1 + claims_b64.len()).ok_or(DpopError::ProofInvalid)?;
-    let verified = match (host.filter(|h| h.takes(alg)), key.spki.as_deref()) {
-        // A host that cannot answer refuses the proof: it never falls back to allowing.
-        (Some(host), Some(spki)) => verify_with_host(host.verifier.as_ref(), alg, spki, signed.as_bytes(), &signature)
-            .map_err(|_| DpopError::CryptoUnavailable)?,
-        _ => key.material.verify(alg, signed.as_bytes(), &signature),
-    };
+    // A host that cannot answer refuses the proof: it never falls back to allowing.
+    let verified =
+        verify_key(host, &key, alg, signed.as_bytes(), &signature).map_err(|_| DpopError::CryptoUnavailable)?;
     if !verified {
         return Err(DpopError::BadSignature);
     }
@@ -664,7 +661,13 @@ mod tests {
     struct HostP256(std::sync::Arc<std::sync::atomic::AtomicUsize>, bool);
 
     impl crate::host_crypto::HostVerifier for HostP256 {
-        fn verify(&self, _: crate::host_crypto::HashFunction, spki: &[u8], der: &[u8], text: &[u8]) -> Result<bool, String> {
+        fn verify(
+            &self,
+            _: crate::host_crypto::HashFunction,
+            spki: &[u8],
+            der: &[u8],
+            text: &[u8],
+        ) -> Result<bool, String> {
             use p256::ecdsa::signature::Verifier;
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             if !self.1 {
@@ -900,6 +903,7 @@ mod tests {
             UseNonce,
             TokenNotBound,
             KeyMismatch,
+            CryptoUnavailable,
         ];
         let codes: std::collections::HashSet<_> = all.iter().map(|e| e.code()).collect();
         assert_eq!(codes.len(), all.len());

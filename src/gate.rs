@@ -627,17 +627,17 @@ impl Gate {
             request.now,
             self.host_crypto(),
         )
-            .map_err(|e| {
-                let reason = match e {
-                    crate::dpop::DpopError::TokenNotBound | crate::dpop::DpopError::KeyMismatch => {
-                        Reason::DpopBindingMismatch
-                    }
-                    crate::dpop::DpopError::UseNonce => Reason::DpopNonceRequired,
-                    crate::dpop::DpopError::CryptoUnavailable => Reason::CryptoUnavailable,
-                    _ => Reason::DpopProofInvalid,
-                };
-                (reason, e.code())
-            })?;
+        .map_err(|e| {
+            let reason = match e {
+                crate::dpop::DpopError::TokenNotBound | crate::dpop::DpopError::KeyMismatch => {
+                    Reason::DpopBindingMismatch
+                }
+                crate::dpop::DpopError::UseNonce => Reason::DpopNonceRequired,
+                crate::dpop::DpopError::CryptoUnavailable => Reason::CryptoUnavailable,
+                _ => Reason::DpopProofInvalid,
+            };
+            (reason, e.code())
+        })?;
         let scope = ReplayScope { provider: DPOP_REPLAY_SCOPE, ring: crate::replay::RING };
         match state.first_use(scope, &proof.replay_id(), proof.remember_until(options), request.now) {
             Ok(true) => Ok(Some(proof)),

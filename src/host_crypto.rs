@@ -5,7 +5,7 @@
 //! known answers, which algorithms go to it; everything else stays with the pure-Rust
 //! verifiers in [`crate::keys`]. A host that fails to answer denies the token, never allows.
 
-use crate::keys::Alg;
+use crate::keys::{Alg, Key};
 use std::fmt;
 
 /// The hash a host verifies with, by the name Envoy takes.
@@ -62,6 +62,22 @@ pub fn verify_with_host(
             None => Ok(false),
         },
         None => host.verify(hash, spki_der, signature, signed),
+    }
+}
+
+/// Checks `signature` over `signed` by `key`: with the host's crypto where it takes `alg`
+/// (and the key has its SPKI), else in wasm. `Err` when the host could not answer: the
+/// caller refuses, it never falls back to allowing.
+pub fn verify_key(
+    host: Option<&HostCrypto>,
+    key: &Key,
+    alg: Alg,
+    signed: &[u8],
+    signature: &[u8],
+) -> Result<bool, String> {
+    match (host.filter(|h| h.takes(alg)), key.spki.as_deref()) {
+        (Some(host), Some(spki)) => verify_with_host(host.verifier.as_ref(), alg, spki, signed, signature),
+        _ => Ok(key.material.verify(alg, signed, signature)),
     }
 }
 

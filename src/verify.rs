@@ -1,7 +1,7 @@
 //! Stage 2: verify the token: parse (with limits), issuer → provider, key selection and
 //! signature, then the claims (time, audience, lifetime, type, subject).
 
-use crate::host_crypto::{verify_with_host, HostCrypto};
+use crate::host_crypto::{verify_key, HostCrypto};
 use crate::jws::{self, Actor, Claims, Header, Limits, Parsed};
 use crate::keys::{Alg, Key};
 use crate::policy::{normalize_type, Policy, Provider};
@@ -238,13 +238,9 @@ fn check_signature(provider: &Provider, parsed: &Parsed<'_>, host: Option<&HostC
         return Err(Reason::UnknownKid);
     }
     let signed = parsed.signed.as_bytes();
-    let host = host.filter(|h| h.takes(alg));
-    let verifies = |key: &Key| match (host, key.spki.as_deref()) {
-        // A host that cannot answer denies the token: it never falls back to allowing.
-        (Some(host), Some(spki)) => verify_with_host(host.verifier.as_ref(), alg, spki, signed, &parsed.signature)
-            .map_err(|_| Reason::CryptoUnavailable),
-        _ => Ok(key.material.verify(alg, signed, &parsed.signature)),
-    };
+    // A host that cannot answer denies the token: it never falls back to allowing.
+    let verifies =
+        |key: &Key| verify_key(host, key, alg, signed, &parsed.signature).map_err(|_| Reason::CryptoUnavailable);
     for key in fitting {
         if verifies(key)? {
             return Ok(());
